@@ -1,0 +1,47 @@
+# PEFT-VL Workbench. `make lab` to explore, `make test` to check everything.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
+PYTEST_NBVAL := --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg --nbval-cell-timeout 900
+
+.PHONY: setup lab test test-unit test-notebooks reproduce bench pretrain clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Re-install when the dependency list changes; torch first so nothing pulls a CUDA build.
+$(STAMP): pyproject.toml | $(PY)
+	bash tools/install_torch.sh $(PY)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create/update the virtual environment
+
+lab: setup  ## open JupyterLab on notebooks/ (localhost, token authentication)
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --ServerApp.ip=localhost
+
+test: setup  ## unit tests + every notebook re-executed and compared (nbval)
+	OMP_NUM_THREADS=2 $(PY) -m pytest tests $(NOTEBOOKS) $(PYTEST_NBVAL) -p no:cacheprovider
+
+test-unit: setup
+	$(PY) -m pytest tests -p no:cacheprovider
+
+test-notebooks: setup
+	$(PY) -m pytest $(NOTEBOOKS) $(PYTEST_NBVAL) -p no:cacheprovider
+
+reproduce: setup  ## execute every notebook headless in place; refreshes figures/
+	cd notebooks && for nb in $(notdir $(NOTEBOOKS)); do \
+	  ../$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
+	    --ExecutePreprocessor.timeout=1800 $$nb || exit 1; done
+
+bench: setup  ## benchmark scripts: print speed/memory figures as ratios
+	@for b in $(sort $(wildcard tests/bench/bench_*.py)); do \
+	  echo "== $$b"; OMP_NUM_THREADS=2 $(PY) $$b || exit 1; done
+
+pretrain: setup  ## rebuild the embedded checkpoint data/checkpoints/vlt5-tiny
+	$(PY) -m workbench.models.pretrain
+
+clean:
+	rm -rf $(VENV) .cache runs

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install PyTorch into the given Python environment without ever pulling a CUDA build onto a
+# machine that has no NVIDIA GPU.
+#   - torch already importable (a GPU user's own build, or a previous install): keep it.
+#   - an NVIDIA GPU (nvidia-smi works): the default PyPI build, which ships CUDA.
+#   - otherwise: the CPU build of $TORCH_VERSION, from a local wheel folder if pip is set up
+#     with one (--no-index never touches the network), else from PyTorch's CPU index.
+set -euo pipefail
+PY=${1:?usage: install_torch.sh PYTHON}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+
+if "$PY" -c "import torch" 2>/dev/null; then
+  echo "install_torch: keeping torch $("$PY" -c 'import torch; print(torch.__version__)')"
+  exit 0
+fi
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+  echo "install_torch: NVIDIA GPU found, installing the CUDA build of torch"
+  "$PY" -m pip install "torch"
+  exit 0
+fi
+echo "install_torch: no GPU, installing the CPU build torch==$TORCH_VERSION"
+"$PY" -m pip install --no-index "torch==$TORCH_VERSION" 2>/dev/null \
+  || "$PY" -m pip install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
+  || "$PY" -m pip install "torch==$TORCH_VERSION"
