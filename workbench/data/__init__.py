@@ -1,6 +1,8 @@
 """Data layer: ShapesWorld, task loaders, low-resource splits, real-dataset readers, feature stores."""
 
 from .example import Example
+from .features import FeatureStore
+from .readers import load_coco_captions, load_gqa, load_okvqa, load_vqa_v2
 from .shapesworld import (
     ANSWER_VOCAB,
     COLORS,
@@ -18,6 +20,11 @@ __all__ = [
     "ANSWER_VOCAB",
     "COLORS",
     "Example",
+    "FeatureStore",
+    "load_coco_captions",
+    "load_gqa",
+    "load_okvqa",
+    "load_vqa_v2",
     "QUESTION_TYPES",
     "SEEDS",
     "SHAPES",
