@@ -19,6 +19,12 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
   exit 0
 fi
 echo "install_torch: no GPU, installing the CPU build torch==$TORCH_VERSION"
-"$PY" -m pip install --no-index "torch==$TORCH_VERSION" 2>/dev/null \
-  || "$PY" -m pip install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
-  || "$PY" -m pip install "torch==$TORCH_VERSION"
+# A local wheel folder (pip's find-links) may hold the CPU wheel: take it without touching any
+# index, then let pip resolve its small dependencies as configured. Otherwise use PyTorch's CPU
+# index (PyPI's Linux build would pull several GB of CUDA libraries).
+if "$PY" -m pip install -q --no-index --no-deps "torch==$TORCH_VERSION" 2>/dev/null; then
+  "$PY" -m pip install -q "torch==$TORCH_VERSION"
+else
+  "$PY" -m pip install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
+    --extra-index-url https://pypi.org/simple
+fi
