@@ -1,0 +1,165 @@
+"""One factory for every backbone: ``load_backbone(name_or_path, **options) -> VLModel``.
+
+Like timm's ``create_model``: names are registered with ``@register_backbone(name)``; anything else
+is read as a local directory. Nothing is ever downloaded (``local_files_only=True`` everywhere).
+
+A directory may hold
+
+- a workbench checkpoint written by ``VLModel.save_pretrained`` (``workbench_config.json``,
+  ``model.safetensors``, tokenizer files): loaded as saved;
+- any Hugging Face T5 or BART checkpoint (``config.json``, ``model.safetensors`` or
+  ``pytorch_model.bin``, tokenizer files): wrapped with a fresh visual projector, which needs
+  ``feat_dim=`` (and takes ``seed=`` for its initialisation).
+
+Options: ``feat_dim`` (int), ``seed`` (int, default 0; fresh projector / visual encoder only),
+``device`` (``"cpu"``, ``"cuda"``, ``"auto"`` = :func:`workbench.utils.pick_device`; default: CPU),
+``visual_encoder`` (HF checkpoints only: ``True`` for a default :class:`VisualEncoder`, a dict of its
+arguments, or an instance), ``name`` (a label stored in the config).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from workbench.utils import pick_device, repo_root
+
+from .families import family_for_model_type
+from .vl_model import CONFIG_NAME, VLModel
+
+_REGISTRY: dict[str, Callable[..., VLModel]] = {}
+_OPTIONS = {"feat_dim", "seed", "device", "visual_encoder", "name"}
+
+HF_WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
+)
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "vocab.json")
+
+
+def register_backbone(name: str):
+    """Decorator: register ``fn(**options) -> VLModel`` under ``name`` for :func:`load_backbone`."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a backbone name must be a non-empty string, got {name!r}")
+
+    def deco(fn):
+        if name in _REGISTRY and _REGISTRY[name] is not fn:
+            raise ValueError(f"backbone {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def list_backbones() -> list[str]:
+    """The registered backbone names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def load_backbone(name_or_path, **options) -> VLModel:
+    """Build a :class:`VLModel` from a registered name or a local directory (see module docstring)."""
+    unknown = set(options) - _OPTIONS
+    if unknown:
+        raise TypeError(f"unknown option(s) {sorted(unknown)}; load_backbone accepts {sorted(_OPTIONS)}")
+    if isinstance(name_or_path, str) and name_or_path in _REGISTRY:
+        return _REGISTRY[name_or_path](**options)
+    if not isinstance(name_or_path, (str, Path)):
+        raise TypeError(f"name_or_path must be a str or Path, got {type(name_or_path).__name__}")
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return load_directory(path, **options)
+    text = str(name_or_path)
+    looks_like_path = (
+        isinstance(name_or_path, Path) or "/" in text or "\\" in text or text.startswith((".", "~")) or path.exists()
+    )
+    if looks_like_path:
+        raise FileNotFoundError(
+            f"{path} is not a directory. Put a backbone there: either a Hugging Face T5/BART checkpoint "
+            f"(config.json, model.safetensors or pytorch_model.bin, tokenizer.json or spiece.model / "
+            f"vocab.json + merges.txt) or a directory written by VLModel.save_pretrained. Nothing is downloaded."
+        )
+    raise ValueError(
+        f"unknown backbone {text!r}; known names: {list_backbones()}, or pass a local directory holding a "
+        "T5/BART checkpoint (nothing is downloaded: e.g. 'data/models/t5-base/')"
+    )
+
+
+def load_directory(path, feat_dim: int | None = None, seed: int = 0, device=None, visual_encoder=None,
+                   name: str | None = None) -> VLModel:
+    """Load a workbench checkpoint or wrap an HF T5/BART checkpoint found in ``path``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory")
+    device = _device(device)
+    if (path / CONFIG_NAME).is_file():
+        if visual_encoder is not None:
+            raise ValueError("visual_encoder= only applies when wrapping a plain HF checkpoint; "
+                             f"{path} is a workbench checkpoint with its own")
+        model = VLModel.from_pretrained(path, feat_dim=feat_dim, device=device)
+        if name is not None:
+            model.config.name = name
+        return model
+    if (path / "config.json").is_file():
+        return _wrap_hf_directory(path, feat_dim, seed, device, visual_encoder, name)
+    raise FileNotFoundError(
+        f"{path} holds neither {CONFIG_NAME} (a workbench checkpoint) nor config.json (a Hugging Face "
+        f"checkpoint). Put the model's config.json, weights ({' or '.join(HF_WEIGHT_FILES[::2])}) and "
+        "tokenizer files in that directory."
+    )
+
+
+def _device(device):
+    if device is None:
+        return None
+    return pick_device() if device == "auto" else torch.device(device)
+
+
+def _wrap_hf_directory(path: Path, feat_dim, seed, device, visual_encoder, name) -> VLModel:
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path / 'config.json'} is not valid JSON: {e}") from e
+    fam = family_for_model_type(model_type)  # names the supported model types otherwise
+    if not any((path / f).is_file() for f in HF_WEIGHT_FILES):
+        raise FileNotFoundError(f"no weights in {path}: put one of {list(HF_WEIGHT_FILES)} there (beside config.json)")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"no tokenizer in {path}: put tokenizer.json + tokenizer_config.json there (or spiece.model for T5, "
+            "vocab.json + merges.txt for BART)"
+        )
+    if feat_dim is None:
+        raise ValueError(f"feat_dim= is required to wrap the HF checkpoint {path} (the last dimension of your "
+                         "visual features; the projector maps it to d_model)")
+    from transformers import AutoTokenizer
+
+    from .visual import VisualEncoder
+
+    lm = fam.lm_class().from_pretrained(str(path), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if len(tokenizer) > lm.config.vocab_size:
+        raise ValueError(f"the tokenizer in {path} has {len(tokenizer)} tokens but the model's vocab_size is "
+                         f"{lm.config.vocab_size}")
+    if visual_encoder is True:
+        visual_encoder = {"feat_dim": feat_dim}
+    if isinstance(visual_encoder, dict):
+        with torch.random.fork_rng(devices=[]):  # seeded, without moving the caller's RNG
+            torch.manual_seed(seed)
+            visual_encoder = VisualEncoder(**visual_encoder)
+    model = VLModel(lm, tokenizer, feat_dim, visual_encoder=visual_encoder, seed=seed, name=name)
+    if device is not None:
+        model.to(device)
+    return model
+
+
+@register_backbone("vlt5-tiny")
+def vlt5_tiny(**options) -> VLModel:
+    """The embedded backbone: a small T5 with its own CNN, pre-trained on ShapesWorld captions."""
+    path = repo_root() / "data" / "checkpoints" / "vlt5-tiny"
+    if not (path / CONFIG_NAME).is_file():
+        raise FileNotFoundError(
+            f"the embedded checkpoint {path} does not exist yet: run `make pretrain` to build it "
+            "(it pre-trains vlt5-tiny on ShapesWorld captions and saves it there)"
+        )
+    return load_directory(path, **options)
