@@ -137,3 +137,19 @@ def test_bad_arguments(kwargs, match):
 def test_unknown_split_lists_known():
     with pytest.raises(ValueError, match="pretrain"):
         ShapesWorld(0).scene("validation", 0)
+
+
+def test_caption_checker_accepts_true_and_rejects_wrong_captions():
+    from workbench.data.shapesworld import caption_correctness, parse_caption
+
+    world = ShapesWorld(0)
+    for scene in world.scenes("caption-test", 30):
+        for t in range(3):
+            assert all(caption_correctness(world.caption(scene, t), scene).values())
+        o = scene.objects[0]
+        other = next(c for c in COLORS if c != o.color)
+        wrong = world.caption(scene, 0).replace(f"{o.size} {o.color} {o.shape}", f"{o.size} {other} {o.shape}", 1)
+        assert not caption_correctness(wrong, scene)["color_shape"]
+        dropped = world.caption(scene, 0).split(" and ")[0] if len(scene.objects) > 1 else ""
+        assert not caption_correctness(dropped, scene)["color_shape"]
+    assert parse_caption("a small red circle at the top right.") == [("small", "red", "circle", "top right")]

@@ -15,6 +15,7 @@ its stream is frozen by NumPy's compatibility policy, unlike ``Generator``'s.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -406,3 +407,36 @@ _ASKERS = {
     "compare": _ask_compare,
     "logic": _ask_logic,
 }
+
+
+# --------------------------------------------------------------------------- caption checking
+_PHRASE = re.compile(
+    r"(small|large) (" + "|".join(COLORS) + r") (" + "|".join(SHAPES) + r") at the ("
+    + "|".join(sorted(POSITIONS.values(), key=len, reverse=True)) + r")\b"
+)
+
+
+def parse_caption(text: str) -> list[tuple[str, str, str, str]]:
+    """The ``(size, colour, shape, position)`` object phrases a caption mentions, in order."""
+    return [m.groups() for m in _PHRASE.finditer(text.lower())]
+
+
+def caption_correctness(text: str, scene: Scene) -> dict:
+    """Does a generated caption describe ``scene``? Booleans at three levels of detail.
+
+    * ``color_shape``: the multiset of (colour, shape) pairs equals the scene's (every object's
+      colour and shape named, nothing invented);
+    * ``attributes``: the same with sizes;
+    * ``full``: the same with sizes and positions.
+    """
+    found = parse_caption(text)
+    objs = [(o.size, o.color, o.shape, o.position) for o in scene.objects]
+
+    def same(key):
+        return sorted(key(f) for f in found) == sorted(key(o) for o in objs)
+
+    return {
+        "color_shape": same(lambda t: (t[1], t[2])),
+        "attributes": same(lambda t: t[:3]),
+        "full": same(lambda t: t),
+    }
