@@ -1,0 +1,124 @@
+"""The trainer: protocol, determinism, gradients, the run store's reuse and atomicity, failures."""
+
+import json
+
+import pytest
+import torch
+
+from workbench.train import NonFiniteLossError, RunConfig, RunStore, load_results, run
+
+
+def test_run_writes_a_finished_run_and_reuses_it(small_config):
+    result = run(small_config)
+    assert not result.reused
+    files = {p.name for p in result.path.iterdir()}
+    assert {"config.json", "metrics.json", "history.json", "params.json", "timings.json", "method.safetensors",
+            "DONE"} <= files
+    m = result.metrics
+    assert 0.0 <= m["test"]["overall"] <= 1.0 and set(m["test"]["per_type"]) <= {
+        "exist", "count", "query_color", "query_shape", "query_size", "relate", "compare", "logic"}
+    assert m["steps"] == 4 * 2  # 16 examples / batch 8 x 4 epochs
+    assert [h["epoch"] for h in result.history if "dev" in h] == [2, 4]
+    assert result.timings["samples_per_s"] > 0 and result.timings["peak_memory_mb"] > 0
+    again = run(small_config)
+    assert again.reused and again.metrics == json.loads(json.dumps(m))
+    forced = run(small_config, force=True)
+    assert not forced.reused
+
+
+def test_same_config_twice_gives_identical_metrics(small_config, tmp_path):
+    a = run(small_config, store=tmp_path / "a")
+    b = run(small_config, store=tmp_path / "b")
+    assert a.metrics == b.metrics and a.history == b.history
+    assert a.predictions == b.predictions
+
+
+def test_config_hash_is_stable_and_sensitive(small_config):
+    assert small_config.hash == RunConfig.from_dict(small_config.to_dict()).hash
+    assert small_config.hash != small_config.replace(seed=21).hash
+    assert small_config.hash == small_config.replace(quiet=False).hash  # display only
+
+
+@pytest.mark.parametrize("method, expected", [("lora", ("lora_", "projector.")), ("full", None)])
+def test_only_intended_parameters_get_gradients(small_config, method, expected):
+    from workbench import methods
+    from workbench.models import load_backbone
+
+    model = load_backbone(small_config.backbone)
+    methods.apply(model, method)
+    model.train()
+    feats = torch.randn(2, model.visual_encoder.n_visual, model.config.feat_dim)
+    ids, mask = model.encode_prompts(["vqa: is there a red square?", "vqa: how many circles are there?"])
+    model(feats, ids, mask, labels=model.encode_targets(["yes", "2"])).loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    if expected is None:  # full fine-tuning: the LM and the projector, never the frozen CNN
+        assert any(n.startswith("lm.") for n in with_grad) and not any("visual_encoder" in n for n in with_grad)
+    else:
+        assert with_grad and all(n.startswith(expected[1]) or expected[0] in n for n in with_grad)
+        assert any(expected[0] in n for n in with_grad)
+
+
+def test_interrupted_run_never_looks_finished(small_config, monkeypatch, tmp_path):
+    import workbench.train.loop as loop
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "predict", boom)  # dies at the first dev evaluation
+    store = RunStore(tmp_path / "runs")
+    with pytest.raises(KeyboardInterrupt):
+        run(small_config, store=store)
+    assert not store.is_finished(small_config.hash)
+    assert store.finished() == []
+    assert not any(p.name == small_config.hash for p in store.root.iterdir()) if store.root.exists() else True
+
+
+def test_store_write_is_atomic(tmp_path, monkeypatch):
+    store = RunStore(tmp_path)
+
+    class Unserialisable:
+        def __repr__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        store.write("abc", {"config": {"x": 1}, "metrics": {"bad": Unserialisable()}})
+    assert not store.is_finished("abc") and list(tmp_path.iterdir()) == []
+
+
+def test_non_finite_loss_stops_and_is_recorded(small_config, tmp_path, monkeypatch):
+    from workbench.methods import base
+    from workbench.methods.full import FullConfig, apply_full
+
+    class Exploding(base.MethodHandle):  # a method whose extra loss turns NaN at the 3rd step
+        calls = 0
+
+        def extra_losses(self):
+            Exploding.calls += 1
+            return {"boom": torch.tensor(float("nan") if Exploding.calls >= 3 else 0.0)}
+
+    monkeypatch.setitem(base._REGISTRY, "exploding", (FullConfig, lambda m, c: Exploding(m, c)))
+    store = RunStore(tmp_path / "runs")
+    cfg = small_config.replace(method="exploding")
+    with pytest.raises(NonFiniteLossError, match="at step 2"):
+        run(cfg, store=store)
+    assert not store.is_finished(cfg.hash) and store.finished() == []
+    failure = json.loads((store.root / f"{cfg.hash}.failed" / "failure.json").read_text())
+    assert failure["step"] == 2 and "nan" in failure["reason"]
+    # a failed run is not reused: running again retrains (and fails again)
+    with pytest.raises(NonFiniteLossError):
+        run(cfg, store=store)
+
+
+def test_load_results_is_one_dataframe(small_config, tmp_path):
+    store = RunStore(tmp_path / "runs")
+    run(small_config, store=store)
+    run(small_config.replace(seed=21), store=store)
+    df = load_results(store)
+    assert len(df) == 2 and {"test_acc", "dev_best", "trainable_pct", "method", "n_shots", "seed"} <= set(df.columns)
+    assert set(df.seed) == {13, 21}
+
+
+@pytest.mark.parametrize("field, value", [("n_shots", 0), ("task", "vqa-v3"), ("lr", -1.0), ("seed", -2)])
+def test_bad_config(field, value):
+    with pytest.raises(ValueError, match=field if field != "task" else "unknown"):
+        RunConfig(**{field: value})
