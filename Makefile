@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml | $(PY)
 
 setup: $(STAMP)  ## create/update the virtual environment
 
+# Jupyter refuses to run as root unless told; containers often are root.
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
+
 lab: setup  ## open JupyterLab on notebooks/ (localhost, token authentication)
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --ServerApp.ip=localhost
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --ServerApp.ip=localhost $(ROOT_FLAG)
 
 test: setup  ## unit tests + every notebook re-executed and compared (nbval)
 	OMP_NUM_THREADS=2 $(PY) -m pytest tests $(NOTEBOOKS) $(PYTEST_NBVAL) -p no:cacheprovider
