@@ -1,6 +1,12 @@
-"""PEFT methods: one module per method, a dataclass config and a registry entry each."""
+"""PEFT methods: one module per method, a dataclass config and a registry entry each.
 
-from . import full, lora  # noqa: F401  (registration)
+Every module in this package registers its method(s) when imported; this file imports them all,
+so adding a method is adding a module (like HF peft's tuners folder).
+"""
+
+import importlib
+import pkgutil
+
 from .base import (
     MethodConfig,
     MethodHandle,
@@ -11,6 +17,10 @@ from .base import (
     list_methods,
     register_method,
 )
+
+for _info in pkgutil.iter_modules(__path__):
+    if not _info.name.startswith("_") and _info.name != "base":
+        importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = [
     "MethodConfig",
