@@ -14,8 +14,12 @@ from .base import (
     count_parameters,
     freeze_backbone,
     get_config,
+    handle_of,
     list_methods,
+    load_method,
+    merge,
     register_method,
+    save_method,
 )
 
 for _info in pkgutil.iter_modules(__path__):
@@ -29,6 +33,10 @@ __all__ = [
     "count_parameters",
     "freeze_backbone",
     "get_config",
+    "handle_of",
     "list_methods",
+    "load_method",
+    "merge",
     "register_method",
+    "save_method",
 ]

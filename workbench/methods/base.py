@@ -98,6 +98,10 @@ class MethodHandle:
         """The trainable tensors, by their name in the model."""
         return {n: p.detach().clone() for n, p in self.trainable_parameters()}
 
+    def merge(self) -> None:
+        """Fold the method into the backbone weights (methods that allow it override this)."""
+        raise NotImplementedError(f"method {self.name!r} cannot be merged into the backbone")
+
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         params = dict(self.model.named_parameters())
         missing = [n for n in state if n not in params]
@@ -140,7 +144,61 @@ def apply(model: nn.Module, name_or_config, **overrides) -> MethodHandle:
         cfg, name = get_config(name_or_config, **overrides), name_or_config
     _, fn = _lookup(name)
     mark_applied(model, name)
-    return fn(model, cfg)
+    handle = fn(model, cfg)
+    model._peft_handle = handle  # save_method / load_method / merge find it here
+    return handle
+
+
+def handle_of(model: nn.Module) -> MethodHandle:
+    """The handle of the method applied to ``model`` (ValueError if none)."""
+    handle = getattr(model, "_peft_handle", None)
+    if handle is None:
+        raise ValueError("no method has been applied to this model: call workbench.methods.apply first")
+    return handle
+
+
+def save_method(model: nn.Module, path) -> None:
+    """Save the applied method's trainable weights and config to ``path`` (safetensors + JSON sidecar)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from ..utils import atomic_path
+
+    handle = handle_of(model)
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in handle.state_dict().items()}
+    meta = {"method": handle.name, "config": json.dumps(handle.config.to_dict(), default=str)}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+
+
+def load_method(model: nn.Module, path) -> MethodHandle:
+    """Load weights saved by :func:`save_method`; applies the method first if the model has none."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    if "method" not in meta:
+        raise ValueError(f"{path} was not written by workbench.methods.save_method (no method metadata)")
+    handle = getattr(model, "_peft_handle", None)
+    if handle is None:
+        cls, _ = _lookup(meta["method"])
+        handle = apply(model, cls(**json.loads(meta["config"])))
+    elif handle.name != meta["method"]:
+        raise ValueError(f"{path} holds {meta['method']!r} weights but the model has {handle.name!r} applied")
+    handle.load_state_dict(state)
+    return handle
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Merge the applied method into the backbone for inference, where the method allows it."""
+    handle_of(model).merge()
+    return model
 
 
 def count_parameters(model: nn.Module) -> dict:
@@ -173,7 +231,9 @@ def count_parameters(model: nn.Module) -> dict:
     }
 
 
-_METHOD_MARKERS = ("peft_mods", "lora_", "ia3_", "hada_", "lokr_", "vera_", "input_modifiers", "prefix")
+# Where method parameters live: sub-layer/projection sites (``peft_mods``), shared tensors a method
+# attaches to the model (``peft_shared``), input modifiers (prompt tuning), and peft's tuner layers.
+_METHOD_MARKERS = ("peft_", "lora_", "ia3_", "hada_", "lokr_", "vera_", "input_modifiers")
 
 
 def _is_method_param(name: str) -> bool:
