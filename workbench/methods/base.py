@@ -120,14 +120,13 @@ def freeze_backbone(model: nn.Module) -> None:
         p.requires_grad_(True)
 
 
-def mark_applied(model: nn.Module, name: str) -> None:
+def check_not_applied(model: nn.Module, name: str) -> None:
     """Refuse a second method on the same model (stacking is not a supported experiment)."""
     current = getattr(model, "_peft_method", None)
     if current is not None:
         raise ValueError(
             f"this model already has the method {current!r} applied; load a fresh backbone to apply {name!r}"
         )
-    model._peft_method = name
 
 
 def apply(model: nn.Module, name_or_config, **overrides) -> MethodHandle:
@@ -143,8 +142,9 @@ def apply(model: nn.Module, name_or_config, **overrides) -> MethodHandle:
     else:
         cfg, name = get_config(name_or_config, **overrides), name_or_config
     _, fn = _lookup(name)
-    mark_applied(model, name)
-    handle = fn(model, cfg)
+    check_not_applied(model, name)
+    handle = fn(model, cfg)  # apply functions validate against the model before changing it
+    model._peft_method = name
     model._peft_handle = handle  # save_method / load_method / merge find it here
     return handle
 
