@@ -1,0 +1,389 @@
+"""VL-PET: gate shapes per granularity, small's padding mask, family defaults, what zero-init implies
+at step 0, the BART-base parameter counts of spec/methods.md, bad configs, and the "+G + LW" transfer.
+
+Uses the ``tiny_model`` / ``tiny_batch`` fixtures of ``tests/methods/conftest.py`` (d_model 96,
+2 + 2 layers); the parameter counts use a BART-base-shaped model built on the meta device.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workbench import methods
+from workbench.methods import base as methods_base
+from workbench.methods.vlpet import (
+    GRANULARITIES,
+    DecoderValueAdapter,
+    GatedModification,
+    LargeGate,
+    MiddleXGate,
+    MiddleYGate,
+    MultiHeadModification,
+    SmallGate,
+    VlpetConfig,
+)
+
+torch.set_num_threads(1)
+
+
+def _randomise(handle, seed=0, std=0.5):
+    """Give every method parameter a non-trivial value (zero-init would hide the gates' effect)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in handle.modules.values():
+            for p in mod.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def _encode(model, batch, **kw):
+    enc, _ = model.encode(batch["visual_feats"], batch["input_ids"], batch["attention_mask"], **kw)
+    return enc
+
+
+# ------------------------------------------------------------------------------ gates
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_gate_shapes_per_granularity(tiny_model, tiny_batch, granularity):
+    model = tiny_model("bart")
+    batch = tiny_batch(model)
+    handle = methods.apply(model, "vlpet", granularity=granularity)
+    _randomise(handle, std=0.05)
+    with torch.no_grad(), handle.record_gates() as gated:
+        enc = _encode(model, batch)
+    b, n, d = enc.last_hidden_state.shape
+    expected = {"large": (b, n, d), "middleX": (b, n, 1), "middleY": (d,), "small": (b, 1, 1)}[granularity]
+    assert len(gated) == 2 * model.config.n_enc_layers  # every encoder layer, attention and FFN
+    for name, mod in gated.items():
+        assert tuple(mod.last_gate.shape) == expected, name
+        if granularity != "middleY":  # sigmoid gates lie in [0, 1] and vary with the input
+            assert 0 <= float(mod.last_gate.min()) and float(mod.last_gate.max()) <= 1
+            if granularity != "small":
+                assert float(mod.last_gate.std()) > 0
+
+
+def test_gate_formulas_match_the_spec():
+    torch.manual_seed(0)
+    d, r, nh, b, n = 16, 8, 4, 2, 5
+    x, h = torch.randn(b, n, d), torch.randn(b, n, d)
+    mh = MultiHeadModification(d, r, nh)
+    z = torch.cat([lin(h) for lin in mh.down], dim=-1)  # concat_i(H W_down,i + b_i)
+    h_tilde = h + mh.up(torch.nn.functional.gelu(z, approximate="tanh"))
+    assert torch.allclose(mh(x, h), h_tilde, atol=1e-6)
+    assert [lin.out_features for lin in mh.down] == [r // nh] * nh
+
+    large = LargeGate(d, 6)
+    g = torch.sigmoid(large.up(torch.nn.functional.gelu(large.down(x), approximate="tanh")))
+    assert torch.allclose(large(x, h_tilde), g)
+    mx = MiddleXGate(d)
+    assert torch.allclose(mx(x, h_tilde), torch.sigmoid(mx.linear(x + h_tilde)))
+    my = MiddleYGate(d)
+    with torch.no_grad():
+        my.z.normal_()
+    assert torch.allclose(my(x, h_tilde), 1 + my.z)
+    my.form = "one_plus_sigmoid"
+    assert torch.allclose(my(x, h_tilde), 1 + torch.sigmoid(my.z))
+    small = SmallGate(d, mask_padding=False)
+    s = torch.sigmoid(small.linear(torch.cat([x, h_tilde], -1))).mean(dim=1, keepdim=True)
+    assert torch.allclose(small(x, h_tilde), s)
+
+    wrapped = GatedModification(mh, large, scale=0.3)
+    assert torch.allclose(wrapped(x, h), 0.3 * large(x, h_tilde) * h_tilde, atol=1e-6)
+
+
+def test_small_gate_masks_padding_official_averages_it():
+    torch.manual_seed(0)
+    d = 8
+    x, h = torch.randn(2, 6, d), torch.randn(2, 6, d)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    gate = SmallGate(d, mask_padding=True)
+    per_token = gate.token_gates(x, h)
+    masked = gate(x, h, mask=mask)
+    official = SmallGate(d, mask_padding=False)
+    official.load_state_dict(gate.state_dict())
+    assert torch.allclose(masked[0], per_token[0].mean(0, keepdim=True))  # no padding: the same
+    assert torch.allclose(masked[1], per_token[1, :3].mean(0, keepdim=True))  # valid tokens only
+    assert torch.allclose(official(x, h, mask=mask)[1], per_token[1].mean(0, keepdim=True))  # padding too
+    assert not torch.allclose(masked[1], official(x, h)[1])
+
+
+def test_small_gate_masked_is_padding_invariant_in_the_model(tiny_model, tiny_batch, family):
+    """With the mask (default), a padded example encodes as it does alone; the official mean does not."""
+    outs = {}
+    for mask_padding in (True, False):
+        model = tiny_model(family)
+        batch = tiny_batch(model)
+        handle = methods.apply(model, "vlpet", granularity="small", small_mask_padding=mask_padding)
+        _randomise(handle, std=0.3)
+        short = int(batch["attention_mask"].sum(1).argmin())
+        n_valid = int(batch["attention_mask"][short].sum())
+        assert n_valid < batch["attention_mask"].shape[1]  # the batch has padding
+        with torch.no_grad():
+            together = _encode(model, batch).last_hidden_state[short]
+            alone = model.encode(batch["visual_feats"][short:short + 1],
+                                 batch["input_ids"][short:short + 1, :n_valid],
+                                 batch["attention_mask"][short:short + 1, :n_valid])[0].last_hidden_state[0]
+        n_tok = alone.shape[0]
+        outs[mask_padding] = torch.allclose(together[:n_tok], alone, atol=1e-5)
+    assert outs[True] and not outs[False]
+
+
+# ------------------------------------------------------------------------------ defaults and init
+
+
+@pytest.mark.parametrize("family,expected", [
+    ("bart", dict(r=96, n_heads=4, r_gate=96, scale=1.0, lr=1e-3, zero_init=False, decoder_r=96)),
+    ("t5", dict(r=192, n_heads=4, r_gate=192, scale=0.3, lr=3e-4, zero_init=True, decoder_r=96)),
+])
+def test_family_defaults(tiny_model, family, expected):
+    cfg = methods.get_config("vlpet")
+    assert cfg.r is None and cfg.lr is None and cfg.granularity == "large"  # resolved at apply time
+    model = tiny_model(family)
+    handle = methods.apply(model, "vlpet")
+    for k, v in expected.items():
+        assert getattr(handle.config, k) == v, k
+    gm = next(iter(handle.gated_modules().values()))
+    assert gm.scale == expected["scale"]
+    assert sum(lin.out_features for lin in gm.inner.down) == expected["r"]
+    assert len(gm.inner.down) == expected["n_heads"]
+    assert gm.gate.down.out_features == expected["r_gate"]
+    for ad in handle.decoder_adapters().values():
+        assert ad.down.out_features == 96
+    # explicit values win over the family defaults
+    other = methods.apply(tiny_model(family), "vlpet", r=8, n_heads=2, scale=0.5, lr=1e-2)
+    assert (other.config.r, other.config.n_heads, other.config.scale, other.config.lr) == (8, 2, 0.5, 1e-2)
+
+
+def test_encoder_layernorms_train_and_only_method_parts_get_gradients(tiny_model, tiny_batch, family):
+    model = tiny_model(family)
+    batch = tiny_batch(model)
+    handle = methods.apply(model, "vlpet")
+    _randomise(handle, std=0.1)
+    model.train()
+    model(**batch).loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any(".peft_mods.ffn.vlpet." in n for n in with_grad)
+    assert any(".peft_mods.cross_attn_v.vlpet_lw." in n for n in with_grad)
+    assert any(n.startswith("projector.") for n in with_grad)
+    enc_ln = [n for n in with_grad if "encoder" in n and ("layer_norm" in n or "layernorm" in n)]
+    assert enc_ln
+    for n in with_grad:
+        assert n.startswith("projector.") or ".peft_mods." in n or n in enc_ln, n
+    trainable = {n for n, _ in handle.trainable_parameters()}
+    assert not any("decoder" in n and "layer_norm" in n and "peft_mods" not in n for n in trainable)
+    model.eval()
+    out = model.generate(batch["visual_feats"], batch["input_ids"], batch["attention_mask"], max_new_tokens=4)
+    assert out.shape[0] == 2
+
+
+def test_t5_zero_init_step0_is_a_scaled_frozen_output(tiny_model):
+    """T5 defaults: up-projections and gate up are zero -> H~ = H and H_out = s * 0.5 * H = 0.15 H."""
+    model = tiny_model("t5")
+    handle = methods.apply(model, "vlpet")
+    torch.manual_seed(0)
+    x, h = torch.randn(2, 5, model.d_model), torch.randn(2, 5, model.d_model)
+    for gm in handle.gated_modules().values():
+        assert torch.equal(gm.inner(x, h), h)  # zero up-projection: H~ = H exactly
+        assert torch.allclose(gm(x, h), 0.3 * 0.5 * h)
+    y = torch.randn(2, 5, model.d_model)
+    for ad in handle.decoder_adapters().values():
+        assert torch.equal(ad(x, y), y)
+    for g, g0 in (("middleX", 0.5), ("small", 0.5), ("middleY", 1.0)):
+        h2 = methods.apply(tiny_model("t5"), "vlpet", granularity=g)
+        gm = next(iter(h2.gated_modules().values()))
+        assert torch.allclose(gm(x, h), 0.3 * g0 * h)
+
+
+def test_zero_init_middley_with_unit_scale_leaves_the_model_unchanged(tiny_model, tiny_batch, family):
+    """The only identity case: middleY (G0 = 1), s = 1, zero-init (decoder adapters then add 0)."""
+    model = tiny_model(family)
+    batch = tiny_batch(model)
+    with torch.no_grad():
+        before = model(**batch).logits
+    methods.apply(model, "vlpet", granularity="middleY", scale=1.0, zero_init=True)
+    with torch.no_grad():
+        after = model(**batch).logits
+    assert torch.allclose(before, after, atol=1e-5)
+
+
+def test_bart_default_init_is_the_official_hf_normal(tiny_model):
+    model = tiny_model("bart")
+    handle = methods.apply(model, "vlpet", granularity="middleY")
+    gm = next(iter(handle.gated_modules().values()))
+    assert gm.inner.up.weight.abs().sum() > 0 and torch.all(gm.inner.up.bias == 0)
+    assert 0.005 < float(gm.inner.up.weight.detach().std()) < 0.05  # N(0, 0.02)
+    assert gm.gate.z.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------ parameter counts
+
+
+def _meta_bart_base():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from workbench.models import VLModel, train_tokenizer
+
+    tok = train_tokenizer(["a red circle", "a blue square", "vqa: what colour?"] * 4, vocab_size=280, family="bart")
+    with torch.device("meta"):
+        lm = BartForConditionalGeneration(BartConfig(
+            d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12, decoder_attention_heads=12,
+            encoder_ffn_dim=3072, decoder_ffn_dim=3072, vocab_size=50265))
+    return VLModel(lm, tok, 2048, seed=None, name="meta-bart-base")
+
+
+@pytest.mark.parametrize("granularity,per_encoder,total", [("large", 296_640, 4_449_600),
+                                                           ("middleX", 149_089, 2_678_988)])
+def test_bart_base_parameter_counts(granularity, per_encoder, total):
+    model = _meta_bart_base()
+    handle = methods.apply(model, "vlpet", granularity=granularity, r=96, r_gate=96)
+    gated, dec = handle.gated_modules(), handle.decoder_adapters()
+    assert len(gated) == 12 and len(dec) == 6
+    assert all(sum(p.numel() for p in m.parameters()) == per_encoder for m in gated.values())
+    assert all(sum(p.numel() for p in m.parameters()) == 148_320 for m in dec.values())
+    assert handle.method_parameter_count() == total
+    counts = methods.count_parameters(model)
+    assert counts["method"] == total  # method modules only
+    assert counts["backbone"] == 6 * 2 * 2 * 768 + 2 * 768  # the trainable encoder LayerNorms (+ embedding LN)
+    assert counts["projector"] == 2048 * 768 + 768 + 2 * 768
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"granularity": "medium"}, "unknown granularity"),
+    ({"r": 10, "n_heads": 4}, "divisible"),
+    ({"r": 0}, "positive int"),
+    ({"r_gate": -1}, "positive int"),
+    ({"decoder_r": 0}, "positive int"),
+    ({"scale": 0}, "scale"),
+    ({"middley_form": "sigmoid"}, "middley_form"),
+    ({"inner": "lora"}, "inner"),
+    ({"inner_options": {"r": 4}}, "inner_options"),
+])
+def test_bad_configs_raise_before_any_change(tiny_model, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        methods.get_config("vlpet", **overrides)
+    model = tiny_model("bart")
+    with pytest.raises(ValueError, match=match):
+        methods.apply(model, VlpetConfig(**overrides))
+    assert not model.modifications() and getattr(model, "_peft_method", None) is None
+
+
+def test_family_default_r_not_divisible_by_heads_is_caught_at_apply(tiny_model):
+    model = tiny_model("t5")
+    with pytest.raises(ValueError, match="divisible"):
+        methods.apply(model, "vlpet", n_heads=5)  # T5's r = 192 resolved at apply time
+    assert not model.modifications()
+
+
+def test_missing_insertion_point_raises_before_any_change(tiny_model, monkeypatch):
+    model = tiny_model("bart")
+    points = model._points
+    monkeypatch.setattr(model, "_points", type(points)((k, v) for k, v in points.items()
+                                                        if k != "decoder.1.cross_attn.v"))
+    with pytest.raises(ValueError, match="unknown insertion point"):
+        methods.apply(model, "vlpet")
+    assert not model.modifications()
+
+
+# ------------------------------------------------------------------------------ transfer (+G + LW)
+
+
+class _DummySerial(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.w = torch.nn.Linear(d, d)
+
+    def forward(self, x, h):
+        return h + self.w(h)
+
+
+@pytest.fixture
+def dummy_inner():
+    """A throw-away serial-adapter method registered for one test (removed afterwards)."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class DummyConfig(methods.MethodConfig):
+        pass
+
+    def apply_dummy(model, cfg):
+        methods.freeze_backbone(model)
+        for p in model.insertion_points(kind="sublayer").values():
+            model.add_sublayer_modification(p.name, _DummySerial(model.d_model), name="dummy")
+        return methods.MethodHandle(model, cfg)
+
+    methods.register_method("_dummy_serial", DummyConfig)(apply_dummy)
+    try:
+        yield "_dummy_serial"
+    finally:
+        methods_base._REGISTRY.pop("_dummy_serial", None)
+
+
+def test_gate_wraps_another_sublayer_method(tiny_model, tiny_batch, dummy_inner, monkeypatch):
+    import workbench.methods.vlpet as vlpet
+
+    monkeypatch.setattr(vlpet, "INNER_METHODS", vlpet.INNER_METHODS + (dummy_inner,))
+    model = tiny_model("bart")
+    batch = tiny_batch(model)
+    handle = methods.apply(model, "vlpet", inner=dummy_inner, granularity="large")
+    mods = model.modifications()
+    enc = [n for n in mods if n.startswith("encoder.")]
+    dec = [n for n in mods if n.startswith("decoder.")]
+    assert len(enc) == 2 * model.config.n_enc_layers
+    assert all(isinstance(mods[n][0][1], GatedModification) and isinstance(mods[n][0][1].inner, _DummySerial)
+               for n in enc)
+    assert sorted(dec) == [f"decoder.{i}.cross_attn.v" for i in range(model.config.n_dec_layers)]
+    assert all(isinstance(mods[n][0][1], DecoderValueAdapter) for n in dec)
+    model.train()
+    model(**batch).loss.backward()
+    assert all(p.grad is not None for m in handle.gated_modules().values() for p in m.inner.parameters())
+
+
+@pytest.mark.parametrize("name,inner", [("houlsby+g+lw", "houlsby"), ("compacter+g+lw", "compacter")])
+def test_registered_transfer_methods(tiny_model, tiny_batch, name, inner):
+    if inner not in methods.list_methods():
+        pytest.skip(f"the {inner!r} method (workbench/methods, another engineer's module) is not registered yet")
+    assert name in methods.list_methods()
+    model = tiny_model("bart")
+    batch = tiny_batch(model)
+    opts = {"inner_options": {"reduction_factor": 12}} if inner == "compacter" else {}
+    handle = methods.apply(model, name, **opts)
+    mods = [(n, m) for n, lst in model.modifications().items() for _, m in lst]
+    assert all(isinstance(m, GatedModification) for n, m in mods if n.startswith("encoder."))
+    assert all(isinstance(m, DecoderValueAdapter) for n, m in mods if n.startswith("decoder."))
+    assert {type(m.inner).__name__ for n, m in mods if n.startswith("encoder.")} != {"MultiHeadModification"}
+    assert handle.method_parameter_count() == methods.count_parameters(model)["method"]
+    assert not any(p.requires_grad for n, p in model.lm.named_parameters()
+                   if ".peft_mods." not in n and "norm" not in n)
+    model.train()
+    loss = model(**batch).loss + sum(handle.extra_losses().values(), torch.zeros(()))
+    loss.backward()
+    model.eval()
+    assert model.generate(batch["visual_feats"], batch["input_ids"], batch["attention_mask"],
+                          max_new_tokens=3).shape[0] == 2
+
+
+def test_transfer_names_are_registered_with_their_own_configs():
+    assert {"vlpet", "houlsby+g+lw", "compacter+g+lw"} <= set(methods.list_methods())
+    assert methods.get_config("houlsby+g+lw").inner == "houlsby"
+    assert methods.get_config("compacter+g+lw").inner == "compacter"
+    with pytest.raises(ValueError, match="fixed"):
+        methods.get_config("houlsby+g+lw", inner="compacter")
+
+
+def test_save_load_round_trip(tiny_model, tiny_batch, tmp_path):
+    model = tiny_model("t5")
+    batch = tiny_batch(model)
+    handle = methods.apply(model, "vlpet", granularity="small")
+    _randomise(handle, std=0.2)
+    with torch.no_grad():
+        ref = model(**batch).logits
+    methods.save_method(model, tmp_path / "vlpet.safetensors")
+    fresh = tiny_model("t5")
+    h2 = methods.load_method(fresh, tmp_path / "vlpet.safetensors")
+    assert h2.config == handle.config
+    with torch.no_grad():
+        assert torch.allclose(fresh(**batch).logits, ref, atol=1e-6)
