@@ -605,7 +605,7 @@ class VLModel(nn.Module):
         """
         sd = OrderedDict()
         for k, v in self.state_dict().items():
-            if ".peft_mods." in k or k.startswith("input_modifiers."):
+            if ".peft_mods." in k or k.startswith(("input_modifiers.", "peft_shared.")):
                 continue
             if ".base_layer." in k or "lora_" in k:
                 raise ValueError(
