@@ -1,0 +1,211 @@
+"""Bottleneck adapters (houlsby, pfeiffer, parallel), PHM layers, Compacter / Compacter++, BitFit."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+
+from workbench import methods
+from workbench.methods._phm import PHMLinear, kron_sum
+from workbench.methods.adapters import Adapter
+
+ENC = ("encoder.0", "encoder.1")
+DEC = ("decoder.0", "decoder.1")
+
+
+def _perturb(handle, seed=0, scale=0.1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in handle.trainable_parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+# ------------------------------------------------------------------------------------ placement
+@pytest.mark.parametrize("name, expected", [
+    ("houlsby", [f"{l}.{s}" for l in ENC for s in ("attn", "ffn")]
+     + [f"{l}.{s}" for l in DEC for s in ("self_attn", "cross_attn", "ffn")]),
+    ("pfeiffer", [f"{l}.ffn" for l in ENC + DEC]),
+    ("parallel", [f"{l}.ffn" for l in ENC + DEC]),
+    ("compacter", [f"{l}.{s}" for l in ENC for s in ("attn", "ffn")]
+     + [f"{l}.{s}" for l in DEC for s in ("self_attn", "ffn")]),
+    ("compacter++", [f"{l}.ffn" for l in ENC + DEC]),
+])
+def test_placement(name, expected, family, tiny_model, method_config):
+    model = tiny_model(family)
+    handle = methods.apply(model, method_config(name))
+    assert list(handle.modules) == expected
+    assert list(model.modifications()) == expected
+
+
+def test_parallel_attention_option(tiny_model):
+    handle = methods.apply(tiny_model("t5"), "parallel", sublayers=("ffn", "attn", "self_attn"))
+    assert set(handle.modules) == {f"{l}.{s}" for l in ENC for s in ("attn", "ffn")} | {
+        f"{l}.{s}" for l in DEC for s in ("self_attn", "ffn")}
+
+
+# ------------------------------------------------------------------------------------ formulas
+def test_serial_and_parallel_formulas():
+    torch.manual_seed(0)
+    x, h = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    serial = Adapter(16, 4, "gelu", reads="h")
+    parallel = Adapter(16, 4, "gelu", reads="x", scale=4.0)
+    assert torch.equal(serial(x, h), h) and torch.equal(parallel(x, h), h)  # zero-init Up
+    for mod in (serial, parallel):
+        torch.nn.init.normal_(mod.up.weight)
+        torch.nn.init.normal_(mod.up.bias)
+    gelu = torch.nn.functional.gelu
+    torch.testing.assert_close(serial(x, h), h + serial.up(gelu(serial.down(h))))
+    torch.testing.assert_close(parallel(x, h), h + 4.0 * parallel.up(gelu(parallel.down(x))))
+
+
+def test_parallel_reads_the_sublayer_input(tiny_model, tiny_batch):
+    """The parallel adapter's input is X (the residual stream entering the FFN), not H."""
+    model = tiny_model("bart")
+    handle = methods.apply(model, "parallel")
+    mod = handle.modules["encoder.1.ffn"]
+    seen = {}
+    orig = mod.delta
+    mod.delta = lambda src: seen.setdefault("src", src) is not None and orig(src)  # noqa: E731
+    point = model.get_point("encoder.1.ffn")
+    xs = []
+    hook = model.get_submodule(point.x_path).register_forward_pre_hook(lambda m, a: xs.append(a[0]))
+    with torch.no_grad():
+        model(**tiny_batch(model))
+    hook.remove()
+    torch.testing.assert_close(seen["src"], xs[0])
+
+
+@pytest.mark.parametrize("name, per_adapter_sites", [("houlsby", 10), ("pfeiffer", 4), ("parallel", 4)])
+def test_adapter_counts_by_hand(name, per_adapter_sites, tiny_model):
+    model = tiny_model("t5")
+    methods.apply(model, name)
+    d, m = 96, 96 // 12
+    per_adapter = d * m + m + m * d + d
+    assert methods.count_parameters(model)["method"] == per_adapter_sites * per_adapter
+    model = tiny_model("t5")
+    methods.apply(model, name, bottleneck=5)
+    assert methods.count_parameters(model)["method"] == per_adapter_sites * (d * 5 + 5 + 5 * d + d)
+
+
+@pytest.mark.parametrize("overrides", [{"reduction_factor": 500}, {"sublayers": ("mlp",)}, {"activation": "nope"},
+                                       {"bottleneck": 0}, {"reduction_factor": 0}])
+def test_adapter_bad_config(overrides, tiny_model):
+    model = tiny_model("t5")
+    with pytest.raises(ValueError):
+        methods.apply(model, "houlsby", **overrides)
+    assert not model.modifications() and all(p.requires_grad for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------ PHM layers
+def test_kron_sum_is_the_sum_of_kronecker_products():
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 4, 4), torch.randn(4, 3, 5)
+    expected = sum(torch.kron(a[i], b[i]) for i in range(4))
+    torch.testing.assert_close(kron_sum(a, b), expected)
+
+
+def test_phm_linear_forward_and_rank():
+    torch.manual_seed(0)
+    layer = PHMLinear(12, 8, n=4, rank=2, rule_init_std=1.0)
+    with torch.no_grad():
+        layer.b.normal_()
+    x = torch.randn(3, 12)
+    w = sum(torch.kron(layer.phm_rule[i], layer.S[0, i] @ layer.T[0, i]) for i in range(4))
+    torch.testing.assert_close(layer(x), x @ w + layer.b[0])
+    assert torch.linalg.matrix_rank(layer.blocks()[0]) <= 2
+    assert sum(p.numel() for p in layer.parameters()) == 4 * 3 * 2 + 4 * 2 * 2 + 8 + 64
+    with pytest.raises(ValueError, match="divisible"):
+        PHMLinear(10, 8, n=4)
+    with pytest.raises(ValueError, match="divisible"):
+        PHMLinear(12, 6, n=4)
+    with pytest.raises(ValueError, match="rank"):
+        PHMLinear(12, 8, n=4, rank=0)
+
+
+# ------------------------------------------------------------------------------------ Compacter
+def test_compacter_shares_one_rule(tiny_model, method_config):
+    model = tiny_model("t5")
+    handle = methods.apply(model, method_config("compacter"))
+    rule = model.peft_shared["phm_rule"]
+    layers = [m for mod in handle.modules.values() for m in (mod.down, mod.up)]
+    assert len(layers) == 16 and all(layer.rule is rule for layer in layers)
+    assert [n for n, p in model.named_parameters() if p is rule] == ["peft_shared.phm_rule"]
+    assert 2e-5 < rule.std().item() < 3e-4  # A ~ N(0, 1e-4^2)
+    # A deep copy keeps the sharing inside the copy.
+    twin = copy.deepcopy(model)
+    twin_rule = twin.peft_shared["phm_rule"]
+    assert twin_rule is not rule
+    twin_mod = twin.get_submodule(model.get_point("decoder.1.ffn").mods_path + ".compacter")
+    assert twin_mod.up.rule is twin_rule
+
+
+def test_compacter_trains_the_shared_rule(tiny_model, tiny_batch, method_config):
+    model = tiny_model("bart")
+    handle = methods.apply(model, method_config("compacter++"))
+    _perturb(handle)
+    model.train()
+    model(**tiny_batch(model)).loss.backward()
+    assert model.peft_shared["phm_rule"].grad is not None
+    assert model.peft_shared["phm_rule"].grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name, sites", [("compacter", 8), ("compacter++", 4)])
+def test_compacter_counts_by_hand(name, sites, tiny_model):
+    model = tiny_model("t5")
+    methods.apply(model, name, reduction_factor=12)  # m = 8
+    d, m, n, r = 96, 8, 4, 1
+    down = n * (d // n) * r + n * r * (m // n) + m  # s, t, bias
+    up = n * (m // n) * r + n * r * (d // n) + d
+    assert (down, up) == (112, 200)
+    assert methods.count_parameters(model)["method"] == sites * (down + up) + n ** 3
+
+
+def test_compacter_options(tiny_model):
+    model = tiny_model("t5")
+    methods.apply(model, "compacter", reduction_factor=12, train_layer_norms=True,
+                  sublayers=("attn", "self_attn", "cross_attn", "ffn"))
+    assert "decoder.0.cross_attn" in model.modifications()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("layer_norm" in n for n in trainable)
+
+
+def test_compacter_bottleneck_not_divisible_by_n(tiny_model):
+    model = tiny_model("t5")
+    with pytest.raises(ValueError, match="not divisible by the PHM division n = 4"):
+        methods.apply(model, "compacter")  # d/32 = 3 on the tiny model
+    assert not model.modifications() and not hasattr(model, "peft_shared")
+    with pytest.raises(ValueError):
+        methods.get_config("compacter", rank=0)
+
+
+# ------------------------------------------------------------------------------------ BitFit
+def test_bitfit_on_t5_trains_layer_norms_and_says_so(tiny_model):
+    model = tiny_model("t5")
+    with pytest.warns(UserWarning, match="no bias"):
+        handle = methods.apply(model, "bitfit")
+    assert "LayerNorm" in handle.note and "no bias" in handle.note
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith("projector.")]
+    assert trainable == handle.trained
+    assert trainable and all(n.endswith("layer_norm.weight") for n in trainable)
+    assert len(trainable) == 2 * 2 + 1 + 2 * 3 + 1  # per sub-layer + final, encoder and decoder
+    handle.merge()  # nothing to do: the trained tensors are the backbone's
+    with pytest.raises(ValueError, match="no bias"):
+        methods.apply(tiny_model("t5"), "bitfit", no_bias_fallback="error")
+
+
+def test_bitfit_on_bart_trains_biases(tiny_model):
+    model = tiny_model("bart")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback, no warning
+        handle = methods.apply(model, "bitfit")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith("projector.")]
+    assert trainable and all(n.endswith(".bias") for n in trainable)
+    assert "bias" in handle.note
+    counts = methods.count_parameters(model)
+    assert counts["backbone"] == sum(p.numel() for n, p in model.named_parameters() if n in trainable)
+    assert counts["method"] == 0
+    assert math.isclose(counts["trainable_pct"], 100 * counts["trainable"] / counts["backbone_total"])

@@ -1,0 +1,378 @@
+"""MixPHM (Jiang & Zheng, CVPR 2023; official code jingjing12110/MixPHM): a mixture of PHM experts.
+
+Placement: one module in the FFN sub-layer of every encoder and decoder layer, none on attention.
+With f = FFN(LN(x)) the frozen FFN output (the sub-layer output H):
+
+    x' = x + Dropout(f + Delta(f)),    Delta(f) = Up_k(Dropout_0.5(GELU(Down(f)))),
+
+so the module is a sub-layer modification ``(x, h=f) -> f + Delta(f)``; the backbone adds the
+dropout and the residual.
+
+PHM experts (``_phm.PHMLinear``): Down (d -> m) and Up (m -> d) are factorised PHM linears,
+W = sum_i A_i kron (S_i T_i), n = 4, rank r = 8, m = d // 12. One A [n, n, n] is shared by every
+layer, both projections and all experts (global sharing, A ~ N(0, 0.01^2), at
+``model.peft_shared["phm_rule"]``); Down is shared by the experts of a module and Up has N_e = 4
+experts (local sharing: the official scripts' ``--sharing_down 1 --sharing_up 0``). S, T are
+Glorot-uniform (gain sqrt 2), biases zero; the official code builds the experts as deep copies of one
+layer, so they start identical (``expert_init="copy"``; ``"independent"`` draws each).
+Activation ``gelu_new`` (the official ``non_linearity``), lr 5e-3 (official scripts).
+
+Routing: no gate. In training each module draws one expert uniformly at random per forward call
+(the whole batch uses it), from torch's global RNG (so a seed makes it deterministic); the draws are
+counted per module (:meth:`MixPHMHandle.draw_counts`). In eval mode the experts are merged once into
+one ("expert soup", the official ``inference_level 3``): ``merge="official"`` averages each stored
+tensor separately (S, T, b), ``merge="product"`` averages the products S_i T_i (the mean of the
+experts' linear maps). The merged weights are cached and recomputed only when a weight changes
+(optimizer step, ``load_state_dict``, ``.to()``), so a merged MixPHM costs what one adapter of the
+same bottleneck costs; :meth:`MixPHMHandle.merge` precomputes them. (The adapter is non-linear, so it
+cannot be folded into the backbone's own weights.)
+
+Losses (``handle.extra_losses()``, computed from what the modules stored during the last *training*
+forward; the official code computes them in training only). Each module stores u = Delta(f) (before
+its skip) and f. Over the valid tokens of the batch:
+
+- redundancy (official ``R2Loss``): row-wise L2-normalise U and F, C = U_hat^T F_hat (d x d),
+  L_red = lambda * (1/B) * sum_{i != j} C_ij^2, lambda = 3.9e-3, B = batch size;
+- task relevance (official ``MILoss``, Jensen-Shannon / Deep InfoMax): scores s_jb = u_j . g_b with
+  g_b the mean-pooled final output of the same stack (encoder or decoder), positives b = b(j),
+  negatives the other samples: L_MI = E_neg[softplus(s) - log 2] - E_pos[log 2 - softplus(-s)]
+  (no negatives when B = 1: that term is 0, where the official code divides by zero);
+- total: ``{"redundancy": w_red * 1/2 (mean_enc L_red + mean_dec L_red),
+  "mi": w_mi * 0.2 * 1/2 (mean_enc L_MI + mean_dec L_MI)}``, w_red = w_mi = 0.2 (0 drops the term).
+
+Which tokens are valid: a recorder (``model.peft_recorder``) puts forward pre-hooks on the HF
+encoder, decoder and on ``model.lm`` itself, and forward hooks on the two stacks. The encoder's
+``attention_mask`` is the full mask the VLModel built (visual tokens + prompt + anything an input
+modifier inserted, so the mask always matches the encoder's sequence); on the decoder side, an explicit
+``decoder_attention_mask`` is used if given, otherwise the positions whose label is not -100 (the
+official code counts every decoder position: it passes no decoder mask). The stacks' final outputs
+(``last_hidden_state``) are the g of the MI term, mean-pooled over the valid tokens
+(``mi_pool="all"``: over every position, padding included, as the official ``hidden_states.mean(1)``).
+
+Parameters (T5-base, d 768, m 64): Down 6,720 + 4 x Up 7,424 = 36,416 per module, 24 modules,
++ 64 for A = 874,048.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._phm import PHMLinear, check_phm_dims, init_rule
+from .adapters import activation, bottleneck_size, lm_dtype, sublayer_points
+from .base import MethodConfig, MethodHandle, freeze_backbone, register_method
+
+LOG2 = math.log(2.0)
+
+
+# ------------------------------------------------------------------------------------ the losses
+def redundancy_loss(u: torch.Tensor, f: torch.Tensor, batch_size: int, lam: float = 3.9e-3) -> torch.Tensor:
+    """L_red = lam / B * sum_{i != j} C_ij^2, C = normalize(U)^T normalize(F), rows = valid tokens.
+
+    ``u``, ``f``: ``[N, d]`` (the valid tokens of a batch of ``batch_size`` samples).
+    """
+    u_hat = F.normalize(u.float(), dim=1)
+    f_hat = F.normalize(f.float(), dim=1)
+    c = u_hat.T @ f_hat
+    off_diagonal = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
+    return lam * off_diagonal / batch_size
+
+
+def jsd_mi_loss(u: torch.Tensor, g: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon MI lower bound as a loss: E_neg[softplus(s) - log 2] - E_pos[log 2 - softplus(-s)].
+
+    ``u``: ``[N, d]`` token representations, ``g``: ``[B, d]`` pooled sample representations,
+    ``owner``: ``[N]`` the sample of each token. s = u g^T; (j, owner[j]) are the positives.
+    """
+    s = u.float() @ g.float().T  # [N, B]
+    pos = F.one_hot(owner, g.shape[0]).bool()
+    e_pos = (LOG2 - F.softplus(-s[pos])).mean()
+    neg = s[~pos]
+    e_neg = (F.softplus(neg) - LOG2).mean() if neg.numel() else s.new_zeros(())
+    return e_neg - e_pos
+
+
+def pool(final: torch.Tensor, valid: torch.Tensor, mode: str = "masked") -> torch.Tensor:
+    """Mean over the sequence of ``final`` [B, L, d]: over the valid tokens, or every position."""
+    if mode == "all":
+        return final.mean(1)
+    w = valid.to(final.dtype).unsqueeze(-1)
+    return (final * w).sum(1) / w.sum(1).clamp(min=1.0)
+
+
+# ------------------------------------------------------------------------------------ the module
+class MixPHMModule(nn.Module):
+    """One MixPHM module, ``(x, h=f) -> f + Delta(f)`` (see the module docstring)."""
+
+    def __init__(self, d_model: int, bottleneck: int, n: int, rank: int | None, num_experts: int, shared_side: str,
+                 shared_rule: tuple, act: str = "gelu_new", dropout: float = 0.5, expert_init: str = "copy",
+                 merge: str = "official", device=None, dtype=None):
+        super().__init__()
+        kw = dict(n=n, rank=rank, shared_rule=shared_rule, expert_init=expert_init, device=device, dtype=dtype)
+        self.down = PHMLinear(d_model, bottleneck, experts=1 if shared_side == "down" else num_experts, **kw)
+        self.act = activation(act)
+        self.dropout = nn.Dropout(dropout)
+        self.up = PHMLinear(bottleneck, d_model, experts=1 if shared_side == "up" else num_experts, **kw)
+        # Draw counts: buffers so they follow .to(); not persistent (they are statistics, not weights).
+        self.register_buffer("down_draws", torch.zeros(self.down.experts, dtype=torch.long, device=device),
+                             persistent=False)
+        self.register_buffer("up_draws", torch.zeros(self.up.experts, dtype=torch.long, device=device),
+                             persistent=False)
+        self.merge_mode = merge
+        self.record = False  # the handle turns this on when a loss needs (u, f)
+        self.last = None  # (u, f) of the last training forward, when recording
+        self._soup = None  # (key, Wd, bd, Wu, bu)
+
+    # --- routing --------------------------------------------------------------------------------
+    def _draw(self, layer: PHMLinear, counts: torch.Tensor) -> int:
+        if layer.experts == 1:
+            return 0
+        k = int(torch.randint(layer.experts, (1,)))  # torch's global CPU RNG: deterministic for a seed
+        counts[k] += 1
+        return k
+
+    # --- the expert soup ------------------------------------------------------------------------
+    def _sources(self) -> list:
+        return [*self.parameters(), self.down.rule]
+
+    def soup(self) -> tuple:
+        """Merged (W_down, b_down, W_up, b_up); cached while no weight changes and no grad is needed."""
+        sources = self._sources()
+        if torch.is_grad_enabled() and any(p.requires_grad for p in sources):
+            return (*self.down.merged(self.merge_mode), *self.up.merged(self.merge_mode))
+        key = (self.merge_mode,) + tuple((p.data_ptr(), p._version, str(p.device), p.dtype) for p in sources)
+        if self._soup is None or self._soup[0] != key:
+            with torch.no_grad():
+                self._soup = (key, *self.down.merged(self.merge_mode), *self.up.merged(self.merge_mode))
+        return self._soup[1:]
+
+    def delta(self, f: torch.Tensor) -> torch.Tensor:
+        """Delta(f): a randomly drawn expert in training, the merged soup in eval."""
+        if self.training:
+            z = self.down(f, self._draw(self.down, self.down_draws))
+            z = self.dropout(self.act(z))
+            return self.up(z, self._draw(self.up, self.up_draws))
+        wd, bd, wu, bu = self.soup()
+        z = f @ wd.to(f.dtype)
+        z = self.act(z + bd.to(f.dtype) if bd is not None else z)
+        u = z @ wu.to(f.dtype)
+        return u + bu.to(f.dtype) if bu is not None else u
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        u = self.delta(h)
+        self.last = (u, h) if (self.training and self.record) else None
+        return h + u
+
+    def extra_repr(self) -> str:
+        return f"merge={self.merge_mode!r}"
+
+
+class _Recorder(nn.Module):
+    """Hooks that capture the token masks and the stacks' final outputs during a training forward.
+
+    A module (no parameters) so that ``model.train()`` / ``.eval()`` reach it and a deep copy of the
+    model copies it together with its hooks. The MixPHM modules are referenced through a tuple
+    (unregistered: they are registered where they act, in the layers).
+    """
+
+    def __init__(self, modules: list):
+        super().__init__()
+        self._mods = tuple(modules)
+        self.clear()
+
+    def clear(self):
+        self.labels = None
+        self.masks = {"encoder": None, "decoder": None}
+        self.finals = {"encoder": None, "decoder": None}
+        for m in self._mods:
+            m.last = None
+
+    # Each hook is a bound method: deepcopy rebinds it to the copied recorder.
+    def on_lm(self, module, args, kwargs):
+        if self.training:
+            self.clear()
+            self.labels = kwargs.get("labels")
+            self.masks["decoder"] = kwargs.get("decoder_attention_mask")
+
+    def on_encoder(self, module, args, kwargs):
+        if self.training:
+            self.masks["encoder"] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+    def on_decoder(self, module, args, kwargs):
+        if self.training and kwargs.get("attention_mask") is not None:
+            self.masks["decoder"] = kwargs["attention_mask"]
+
+    def after_encoder(self, module, args, kwargs, output):
+        if self.training:
+            self.finals["encoder"] = _last_hidden(output)
+
+    def after_decoder(self, module, args, kwargs, output):
+        if self.training:
+            self.finals["decoder"] = _last_hidden(output)
+
+
+def _last_hidden(output):
+    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+
+# ------------------------------------------------------------------------------------ config
+@dataclass
+class MixPHMConfig(MethodConfig):
+    num_experts: int = 4
+    n: int = 4
+    rank: int | None = 8
+    reduction_factor: int = 12  # m = d // 12 (64 for d = 768)
+    bottleneck: int | None = None  # overrides reduction_factor
+    shared_side: str = "down"  # the projection shared by the experts: "down" (official), "up", "none"
+    rule_init_std: float = 0.01
+    expert_init: str = "copy"  # "copy": experts start identical (official deepcopy); "independent"
+    activation: str = "gelu_new"
+    dropout: float = 0.5
+    merge: str = "official"  # eval-time expert soup: "official" (average S, T, b) or "product" (average S T)
+    w_red: float = 0.2
+    w_mi: float = 0.2
+    red_lambda: float = 3.9e-3
+    mi_pool: str = "masked"  # "all": the official mean over every position, padding included
+    lr: float = 5e-3
+
+    def validate(self):
+        super().validate()
+        for name in ("num_experts", "n"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"mixphm: {name} must be a positive int, got {v!r}")
+        if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
+            raise ValueError(f"mixphm: rank must be a positive int (or None for a full B_i), got {self.rank!r}")
+        if not isinstance(self.reduction_factor, int) or self.reduction_factor < 1:
+            raise ValueError(f"mixphm: reduction_factor must be a positive int, got {self.reduction_factor!r}")
+        if self.bottleneck is not None and (not isinstance(self.bottleneck, int) or self.bottleneck < 1):
+            raise ValueError(f"mixphm: bottleneck must be a positive int or None, got {self.bottleneck!r}")
+        choices = {"shared_side": ("down", "up", "none"), "expert_init": ("copy", "independent"),
+                   "merge": ("official", "product"), "mi_pool": ("masked", "all")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"mixphm: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("w_red", "w_mi", "red_lambda", "rule_init_std"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
+                raise ValueError(f"mixphm: {name} must be a number >= 0, got {v!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"mixphm: dropout must be in [0, 1), got {self.dropout!r}")
+        activation(self.activation)
+
+
+# ------------------------------------------------------------------------------------ the handle
+class MixPHMHandle(MethodHandle):
+    """The MixPHM handle: routing statistics, the expert soup, and the two auxiliary losses."""
+
+    def __init__(self, model, config: MixPHMConfig, modules: dict, recorder: _Recorder, stacks: dict):
+        super().__init__(model, config, modules)
+        self.recorder = recorder
+        self.stacks = stacks  # point name -> "encoder" | "decoder"
+
+    def draw_counts(self) -> dict[str, torch.Tensor]:
+        """How often each expert was drawn in training, per module.
+
+        Keys are the insertion points (``"encoder.0.ffn"``, ...) when one projection has experts (the
+        default: Up), ``"<point>.down"`` / ``"<point>.up"`` when both have (``shared_side="none"``).
+        """
+        out = {}
+        for point, mod in self.modules.items():
+            sides = [(s, getattr(mod, f"{s}_draws")) for s in ("down", "up") if getattr(mod, s).experts > 1]
+            for side, counts in sides:
+                out[point if len(sides) == 1 else f"{point}.{side}"] = counts.detach().cpu().clone()
+        return out
+
+    def reset_draw_counts(self) -> None:
+        for mod in self.modules.values():
+            mod.down_draws.zero_()
+            mod.up_draws.zero_()
+
+    def merge(self) -> None:
+        """Precompute the expert soup of every module (eval mode uses it; the backbone is unchanged:
+        the adapter is non-linear, so there is nothing to fold into the frozen weights)."""
+        with torch.no_grad():
+            for mod in self.modules.values():
+                mod.soup()
+
+    def _valid(self, stack: str, u: torch.Tensor) -> torch.Tensor:
+        b, length = u.shape[:2]
+        mask = self.recorder.masks[stack]
+        if mask is None and stack == "decoder":
+            labels = self.recorder.labels
+            if labels is not None and tuple(labels.shape) == (b, length):
+                mask = labels != -100
+        if mask is None or tuple(mask.shape) != (b, length):
+            return torch.ones(b, length, dtype=torch.bool, device=u.device)
+        return mask.to(u.device).bool()
+
+    def extra_losses(self) -> dict[str, torch.Tensor]:
+        """``{"redundancy": ..., "mi": ...}`` from the last training forward (``{}`` if there is none)."""
+        cfg = self.config
+        per_stack = {"encoder": {"red": [], "mi": []}, "decoder": {"red": [], "mi": []}}
+        recorded = False
+        for point, mod in self.modules.items():
+            if mod.last is None:
+                continue
+            recorded = True
+            stack = self.stacks[point]
+            u, f = mod.last
+            valid = self._valid(stack, u)
+            b = u.shape[0]
+            uu, ff = u[valid], f[valid]
+            if cfg.w_red > 0:
+                per_stack[stack]["red"].append(redundancy_loss(uu, ff, b, cfg.red_lambda))
+            final = self.recorder.finals[stack]
+            if cfg.w_mi > 0 and final is not None:
+                g = pool(final, valid, cfg.mi_pool)
+                owner = torch.arange(b, device=u.device).unsqueeze(1).expand(b, u.shape[1])[valid]
+                per_stack[stack]["mi"].append(jsd_mi_loss(uu, g, owner))
+        if not recorded:
+            return {}
+
+        def half_sum(key):
+            terms = [torch.stack(per_stack[s][key]).mean() for s in ("encoder", "decoder") if per_stack[s][key]]
+            return 0.5 * torch.stack(terms).sum() if terms else None
+
+        out = {}
+        red, mi = half_sum("red"), half_sum("mi")
+        if cfg.w_red > 0 and red is not None:
+            out["redundancy"] = cfg.w_red * red
+        if cfg.w_mi > 0 and mi is not None:
+            out["mi"] = cfg.w_mi * 0.2 * mi
+        return out
+
+
+@register_method("mixphm", MixPHMConfig)
+def apply_mixphm(model, config: MixPHMConfig) -> MethodHandle:
+    d = model.d_model
+    m = bottleneck_size(d, config.reduction_factor, config.bottleneck, "mixphm")
+    check_phm_dims(d, m, config.n, "mixphm down-projection (d_model -> bottleneck)")
+    points = sublayer_points(model, ("ffn",))
+    encoder, decoder = model.lm.get_encoder(), model.lm.get_decoder()
+    # Everything is valid: now change the model.
+    freeze_backbone(model)
+    dtype = lm_dtype(model)
+    model.peft_shared = nn.ParameterDict({"phm_rule": init_rule(config.n, config.rule_init_std, model.device, dtype)})
+    shared = (model.peft_shared, "phm_rule")
+    modules, stacks = {}, {}
+    for point in points:
+        mod = MixPHMModule(d, m, config.n, config.rank, config.num_experts, config.shared_side, shared,
+                           act=config.activation, dropout=config.dropout, expert_init=config.expert_init,
+                           merge=config.merge, device=model.device, dtype=dtype)
+        mod.record = config.w_red > 0 or config.w_mi > 0
+        model.add_sublayer_modification(point.name, mod, name="mixphm")
+        modules[point.name], stacks[point.name] = mod, point.stack
+    recorder = _Recorder(list(modules.values()))
+    recorder.train(model.training)
+    model.peft_recorder = recorder
+    model.lm.register_forward_pre_hook(recorder.on_lm, with_kwargs=True)
+    encoder.register_forward_pre_hook(recorder.on_encoder, with_kwargs=True)
+    encoder.register_forward_hook(recorder.after_encoder, with_kwargs=True)
+    decoder.register_forward_pre_hook(recorder.on_decoder, with_kwargs=True)
+    decoder.register_forward_hook(recorder.after_decoder, with_kwargs=True)
+    return MixPHMHandle(model, config, modules, recorder, stacks)
