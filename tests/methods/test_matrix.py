@@ -34,6 +34,7 @@ EXACT_IDENTITY = {
     "lora", "dora", "loha", "lokr", "vera", "randlora", "delora", "gralora",  # one factor starts at zero
     "ia3",  # scaling vectors start at one
     "houlsby", "pfeiffer", "parallel",  # Up starts at zero
+    "petal",  # p_j = 0 and zero expert up-projections
 }
 # Official init with a small random shared A: nearly unchanged (relative to the logits' scale).
 NEAR_IDENTITY = {"compacter": 1e-3, "compacter++": 1e-3, "mixphm": 2e-2}

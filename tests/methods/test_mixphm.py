@@ -210,6 +210,43 @@ def test_soup_is_computed_once_and_follows_weight_changes(tiny_model, tiny_batch
     assert mod.up.S.grad is not None
 
 
+@pytest.mark.parametrize("edit", ["normal_", "data.normal_", "load_state_dict"])
+def test_eval_is_deterministic_after_random_weights(edit, tiny_model, tiny_batch):
+    """Regression: weights randomised after apply (and after a cached eval forward) must give one
+    answer in eval, with or without grad, and it must be the soup of the *new* weights. Edits
+    through ``p.data`` do not bump ``_version``; the soup was stale until the next train()."""
+    model = tiny_model("t5")
+    batch = tiny_batch(model)
+    handle = methods.apply(model, "mixphm")
+    model.eval()
+    with torch.no_grad():
+        model(**batch)  # caches the soup of the initial weights
+    params = [p for n, p in handle.trainable_parameters() if not n.startswith("projector.")]
+    assert any(p is model.peft_shared["phm_rule"] for p in params)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        if edit == "load_state_dict":
+            handle.load_state_dict({k: torch.randn_like(v) for k, v in handle.state_dict().items()})
+        for p in params if edit != "load_state_dict" else ():
+            (p.data if edit == "data.normal_" else p).normal_(std=0.3)
+    model.eval()
+    with torch.no_grad():
+        first = model(**batch).logits
+        second = model(**batch).logits
+    with_grad = model(**batch).logits.detach()  # the differentiable soup, computed from the weights
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    torch.testing.assert_close(with_grad, first, rtol=1e-5, atol=1e-5)
+    # And the soup is the merge of the new weights.
+    mod = handle.modules["decoder.1.ffn"]
+    for cached, fresh in zip(mod.soup(), (*mod.down.merged(), *mod.up.merged())):
+        torch.testing.assert_close(cached, fresh, rtol=0, atol=0)
+    # handle.merge() always recomputes, also after a .data edit made in eval mode.
+    with torch.no_grad():
+        mod.up.S.data.mul_(2.0)
+    handle.merge()
+    torch.testing.assert_close(mod.soup()[2], mod.up.merged()[0], rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------- the losses
 def _official_redundancy(up, res, mask, lam=3.9e-3):
     """Transcribed from the official ``R2Loss.forward`` (valid tokens = a prefix of each row)."""

@@ -111,3 +111,30 @@ def test_dora_adds_a_magnitude_vector(tiny_model):
     assert any("lora_magnitude_vector" in n for n in names)
     # 12 targets (q, v of every attention): A (8 x 96) + B (96 x 8) + magnitude (96) each.
     assert methods.count_parameters(model)["method"] == 12 * (8 * 96 + 96 * 8 + 96)
+
+
+def test_lora_merge_keeps_the_outputs_and_removes_the_lora_parameters(family, tiny_model, tiny_batch):
+    """LoRA's handle is the peft tuner handle (``lora.PeftTunerHandle``): ``methods.merge`` folds B A in."""
+    from workbench.methods.lora import PeftTunerHandle
+
+    model = tiny_model(family)
+    batch = tiny_batch(model)
+    with torch.no_grad():
+        base = model(**batch).logits
+    handle = methods.apply(model, "lora")
+    assert isinstance(handle, PeftTunerHandle)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:  # lora_B starts at zero: make both factors non-zero
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    model.eval()
+    with torch.no_grad():
+        before = model(**batch).logits
+    assert (before - base).abs().max() > 1e-3  # the LoRA update is not a no-op
+    methods.merge(model)
+    assert not [n for n, _ in model.named_parameters() if "lora_" in n]
+    assert not _tuner_layers(model)
+    with torch.no_grad():
+        after = model(**batch).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)

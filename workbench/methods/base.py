@@ -233,7 +233,10 @@ def count_parameters(model: nn.Module) -> dict:
 
 # Where method parameters live: sub-layer/projection sites (``peft_mods``), shared tensors a method
 # attaches to the model (``peft_shared``), input modifiers (prompt tuning), and peft's tuner layers.
-_METHOD_MARKERS = ("peft_", "lora_", "ia3_", "hada_", "lokr_", "vera_", "input_modifiers")
+_METHOD_MARKERS = (
+    "peft_", "lora_", "ia3_", "hada_", "lokr_", "vera_", "hra_", "fourierft_", "oft_", "c3a_", "miss_",
+    "waveft_", "shira_", "vblora_", "input_modifiers",
+)
 
 
 def _is_method_param(name: str) -> bool:

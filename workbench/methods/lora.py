@@ -37,6 +37,22 @@ def projection_targets(model, names) -> list[str]:
     return [p.lm_path for p in points]
 
 
+class PeftTunerHandle(MethodHandle):
+    """Handle of a peft tuner; :meth:`merge` folds the tuner into the base weights and unloads it."""
+
+    def merge(self) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        lm = self.model.lm
+        for name, module in list(lm.named_modules()):
+            if not isinstance(module, BaseTunerLayer):
+                continue
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = lm.get_submodule(parent_name) if parent_name else lm
+            setattr(parent, child, module.get_base_layer())
+
+
 @register_method("lora", LoraConfig)
 def apply_lora(model, config: LoraConfig) -> MethodHandle:
     import peft
@@ -53,4 +69,4 @@ def apply_lora(model, config: LoraConfig) -> MethodHandle:
     for n, p in model.lm.named_parameters():
         if "lora_" in n:
             p.requires_grad_(True)
-    return MethodHandle(model, config)
+    return PeftTunerHandle(model, config)

@@ -22,10 +22,14 @@ Routing: no gate. In training each module draws one expert uniformly at random p
 counted per module (:meth:`MixPHMHandle.draw_counts`). In eval mode the experts are merged once into
 one ("expert soup", the official ``inference_level 3``): ``merge="official"`` averages each stored
 tensor separately (S, T, b), ``merge="product"`` averages the products S_i T_i (the mean of the
-experts' linear maps). The merged weights are cached and recomputed only when a weight changes
-(optimizer step, ``load_state_dict``, ``.to()``), so a merged MixPHM costs what one adapter of the
-same bottleneck costs; :meth:`MixPHMHandle.merge` precomputes them. (The adapter is non-linear, so it
-cannot be folded into the backbone's own weights.)
+experts' linear maps). The merged weights are cached and recomputed only when a weight changes, so a
+merged MixPHM costs what one adapter of the same bottleneck costs: the cache is keyed on the identity,
+storage pointer, ``_version`` counter, device and dtype of every source tensor (an optimizer step, an
+in-place ``copy_`` / ``normal_`` / ``load_state_dict``, ``.to()``, a replaced parameter), and it is
+also dropped on every ``train()`` / ``eval()`` call and every ``load_state_dict``. Edits through
+``p.data`` bypass the ``_version`` counters: call ``model.eval()`` (or :meth:`MixPHMHandle.merge`,
+which always recomputes) after them. (The adapter is non-linear, so it cannot be folded into the
+backbone's own weights.)
 
 Losses (``handle.extra_losses()``, computed from what the modules stored during the last *training*
 forward; the official code computes them in training only). Each module stores u = Delta(f) (before
@@ -139,16 +143,35 @@ class MixPHMModule(nn.Module):
     def _sources(self) -> list:
         return [*self.parameters(), self.down.rule]
 
-    def soup(self) -> tuple:
-        """Merged (W_down, b_down, W_up, b_up); cached while no weight changes and no grad is needed."""
-        sources = self._sources()
-        if torch.is_grad_enabled() and any(p.requires_grad for p in sources):
+    def _soup_key(self) -> tuple:
+        # id(p) as well as the pointer: a replaced parameter may reuse a freed address and version.
+        return (self.merge_mode,) + tuple((id(p), p.data_ptr(), p._version, str(p.device), p.dtype)
+                                          for p in self._sources())
+
+    def soup(self, refresh: bool = False) -> tuple:
+        """Merged (W_down, b_down, W_up, b_up); cached while no weight changes and no grad is needed.
+
+        The cache is dropped by ``train()`` / ``eval()`` and ``load_state_dict`` and rebuilt when a
+        source tensor's identity, pointer, ``_version``, device or dtype changes; ``refresh=True``
+        rebuilds it unconditionally (after edits through ``p.data``, which no counter sees).
+        """
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self._sources()):
             return (*self.down.merged(self.merge_mode), *self.up.merged(self.merge_mode))
-        key = (self.merge_mode,) + tuple((p.data_ptr(), p._version, str(p.device), p.dtype) for p in sources)
-        if self._soup is None or self._soup[0] != key:
+        key = self._soup_key()
+        if refresh or self._soup is None or self._soup[0] != key:
             with torch.no_grad():
                 self._soup = (key, *self.down.merged(self.merge_mode), *self.up.merged(self.merge_mode))
         return self._soup[1:]
+
+    def train(self, mode: bool = True):
+        # Every train()/eval() call drops the soup: an eval() after any weight edit (even one through
+        # p.data, invisible to the version counters) merges the current experts.
+        self._soup = None
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._soup = None
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def delta(self, f: torch.Tensor) -> torch.Tensor:
         """Delta(f): a randomly drawn expert in training, the merged soup in eval."""
@@ -293,11 +316,12 @@ class MixPHMHandle(MethodHandle):
             mod.up_draws.zero_()
 
     def merge(self) -> None:
-        """Precompute the expert soup of every module (eval mode uses it; the backbone is unchanged:
-        the adapter is non-linear, so there is nothing to fold into the frozen weights)."""
+        """(Re)compute the expert soup of every module from the current weights (eval mode uses it; the
+        backbone is unchanged: the adapter is non-linear, so there is nothing to fold into the frozen
+        weights). Always recomputes, so it also picks up edits made through ``p.data``."""
         with torch.no_grad():
             for mod in self.modules.values():
-                mod.soup()
+                mod.soup(refresh=True)
 
     def _valid(self, stack: str, u: torch.Tensor) -> torch.Tensor:
         b, length = u.shape[:2]

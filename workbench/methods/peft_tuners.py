@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from .base import MethodConfig, MethodHandle, _is_method_param, freeze_backbone, register_method
-from .lora import projection_targets
+from .lora import PeftTunerHandle, projection_targets
 
 PROJECTIONS = {"q", "k", "v", "o", "wi", "wo", "wi_0", "wi_1"}
 
@@ -226,22 +226,6 @@ class OFTConfig(PeftTunerConfig):
 
     def peft_kwargs(self, model) -> dict:
         return {"r": 0, **super().peft_kwargs(model)}  # OFT takes either r or the block size
-
-
-class PeftTunerHandle(MethodHandle):
-    """Handle of a peft tuner; :meth:`merge` folds the tuner into the base weights and unloads it."""
-
-    def merge(self) -> None:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        lm = self.model.lm
-        for name, module in list(lm.named_modules()):
-            if not isinstance(module, BaseTunerLayer):
-                continue
-            module.merge()
-            parent_name, _, child = name.rpartition(".")
-            parent = lm.get_submodule(parent_name) if parent_name else lm
-            setattr(parent, child, module.get_base_layer())
 
 
 def apply_peft_tuner(model, config: PeftTunerConfig) -> MethodHandle:
