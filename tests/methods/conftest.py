@@ -1,8 +1,9 @@
 """Shared fixtures for every test of ``workbench.methods`` (other method tests in this folder use them).
 
-Nothing comes from the hub: a byte-level BPE tokenizer is trained on a few sentences and tiny random
-T5 / BART LMs are built from small configs. Shapes (``TINY_SHAPE``): d_model 96, 2 + 2 layers,
-4 heads, d_ff 192, visual features of dim 16 (``FEAT_DIM``), 4 visual tokens (``N_VISUAL``).
+Nothing comes from the hub: :mod:`workbench.models.testing` trains a byte-level BPE tokenizer on a
+few sentences and builds tiny random T5 / BART LMs from small configs. Shapes (``TINY_SHAPE``):
+d_model 96, 2 + 2 layers, 4 heads, d_ff 192, visual features of dim 16 (``FEAT_DIM``), 4 visual
+tokens (``N_VISUAL``).
 d_model = 96 is chosen so that the method dimensions divide: MixPHM's bottleneck d/12 = 8 is a
 multiple of the PHM n = 4, and d is a multiple of 4 heads and of n.
 Compacter's official reduction factor 32 gives a bottleneck of 3 on d = 96, not divisible by
@@ -41,21 +42,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
+from workbench.models.testing import tiny_lm, tiny_tokenizer  # noqa: E402
+
 torch.set_num_threads(1)
 
-CORPUS = [
-    "a large red circle at the top left",
-    "a small blue square at the bottom right",
-    "a green triangle left of a yellow diamond",
-    "vqa: what colour is the circle?",
-    "vqa: how many squares are there?",
-    "caption:",
-    "red", "blue", "green", "yes", "no", "two", "three",
-]
 FEAT_DIM = 16
 N_VISUAL = 4
 FAMILIES = ("t5", "bart")
-TINY_SHAPE = dict(d_model=96, n_enc_layers=2, n_dec_layers=2, n_heads=4, d_ff=192)
+TINY_SHAPE = dict(d_model=96, layers=2, heads=4, d_ff=192)  # layers: encoder and decoder each
 
 # Per-method config overrides for the tiny shapes, used by the test matrix. Only for defaults that
 # cannot exist on a d_model = 96 model; every entry says why.
@@ -71,25 +65,16 @@ _LMS: dict = {}
 
 
 def _tokenizer(family: str):
-    from workbench.models import train_tokenizer
-
     if family not in _TOKENIZERS:
-        _TOKENIZERS[family] = train_tokenizer(CORPUS * 4, vocab_size=300, family=family)
+        _TOKENIZERS[family] = tiny_tokenizer(family, vocab_size=300)
     return _TOKENIZERS[family]
 
 
 def build_tiny_lm(family: str, seed: int = 0):
     """A tiny random LM of ``family`` (``TINY_SHAPE``) and its tokenizer; cached per (family, seed)."""
-    from workbench.models import build_lm_config, get_family
-
     key = (family, seed)
     if key not in _LMS:
-        tok = _tokenizer(family)
-        extra = {"scale_embedding": True, "max_positions": 64} if family == "bart" else {}
-        cfg = build_lm_config(family, tok, **TINY_SHAPE, **extra)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            lm = get_family(family).lm_class()(cfg)
+        lm, _ = tiny_lm(family, _tokenizer(family), **TINY_SHAPE, seed=seed)
         _LMS[key] = lm.eval()
     return copy.deepcopy(_LMS[key]), _tokenizer(family)
 

@@ -1,7 +1,8 @@
 """Fixtures for the backbone tests: tiny random T5 and BART checkpoints saved to temporary dirs.
 
-Nothing comes from the hub: a byte-level BPE tokenizer is trained on a few sentences and the LMs
-are built from tiny configs (d_model 32, 2 + 2 layers, 4 heads).
+Nothing comes from the hub: :mod:`workbench.models.testing` trains a byte-level BPE tokenizer on a
+few sentences (its default ``CORPUS``) and builds the LMs from tiny configs (d_model 32,
+2 + 2 layers, 4 heads, d_ff 64; BART with scale_embedding to test the scale).
 """
 
 import os
@@ -12,17 +13,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
+from workbench.models.testing import tiny_lm  # noqa: E402
+
 torch.set_num_threads(1)
 
-CORPUS = [
-    "a large red circle at the top left",
-    "a small blue square at the bottom right",
-    "a green triangle left of a yellow diamond",
-    "vqa: what colour is the circle?",
-    "vqa: how many squares are there?",
-    "caption:",
-    "red", "blue", "green", "yes", "no", "two", "three",
-]
 FEAT_DIM = 16
 N_VISUAL = 5
 FAMILIES = ("t5", "bart")
@@ -30,15 +24,7 @@ FAMILIES = ("t5", "bart")
 
 def build_tiny_lm(family: str, seed: int = 0):
     """A tiny random LM of ``family`` and its tokenizer (BART with scale_embedding to test the scale)."""
-    from workbench.models import build_lm_config, get_family, train_tokenizer
-
-    tok = train_tokenizer(CORPUS * 4, vocab_size=300, family=family)
-    extra = {"scale_embedding": True, "max_positions": 64} if family == "bart" else {}
-    cfg = build_lm_config(family, tok, d_model=32, n_enc_layers=2, n_dec_layers=2, n_heads=4, d_ff=64, **extra)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        lm = get_family(family).lm_class()(cfg)
-    return lm, tok
+    return tiny_lm(family, d_model=32, layers=2, heads=4, d_ff=64, seed=seed)
 
 
 @pytest.fixture(scope="session")

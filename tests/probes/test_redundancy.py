@@ -12,6 +12,7 @@ from torch import nn
 
 torch.set_num_threads(1)
 
+from workbench.models.testing import tiny_vlmodel  # noqa: E402
 from workbench.probes import DegenerateInputWarning, cka, compare_rdms, rdm, redundancy_analysis  # noqa: E402
 from workbench.probes.capture import capture  # noqa: E402
 
@@ -28,18 +29,6 @@ PROMPTS = ["vqa: what colour is the circle?", "caption:", "vqa: how many squares
 TARGETS = ["red", "a large red circle", "two", "no", "yes", "blue"]
 FEAT_DIM, N_VISUAL, D = 16, 5, 32
 COLUMNS = ["method", "layer", "stack", "measure", "target", "value"]
-
-
-def build_model(family: str):
-    from workbench.models import VLModel, build_lm_config, get_family, train_tokenizer
-
-    tok = train_tokenizer(CORPUS * 4, vocab_size=300, family=family)
-    extra = {"scale_embedding": True, "max_positions": 64} if family == "bart" else {}
-    cfg = build_lm_config(family, tok, d_model=D, n_enc_layers=2, n_dec_layers=2, n_heads=4, d_ff=64, **extra)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        lm = get_family(family).lm_class()(cfg)
-    return VLModel(lm, tok, feat_dim=FEAT_DIM, seed=0).eval()
 
 
 class Adapter(nn.Module):
@@ -83,7 +72,8 @@ def batches(model, n_batches=4):
 
 @pytest.fixture(scope="module", params=["t5", "bart"])
 def model(request):
-    return build_model(request.param)
+    """A tiny random VLModel (eval mode): d_model D, 2 + 2 layers, 4 heads, tokenizer trained on CORPUS."""
+    return tiny_vlmodel(request.param, feat_dim=FEAT_DIM, d_model=D, layers=2, heads=4, d_ff=64, corpus=CORPUS).eval()
 
 
 @pytest.fixture

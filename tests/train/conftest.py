@@ -1,7 +1,6 @@
 """A tiny workbench checkpoint (CNN + T5, random weights) for fast trainer tests."""
 
 import pytest
-import torch
 
 CORPUS = ["vqa: " + w for w in ("what color is the shape?", "how many circles are there?", "is there a red square?")]
 CORPUS += ["yes", "no", "red", "blue", "circle", "square", "1", "2", "caption:", "a small red circle at the top"]
@@ -10,15 +9,11 @@ CORPUS += ["yes", "no", "red", "blue", "circle", "square", "1", "2", "caption:",
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory):
     """Path of a saved tiny VLModel with an embedded visual encoder (trainer tests use it as backbone)."""
-    from workbench.models import VisualEncoder, VLModel, build_lm_config, get_family, train_tokenizer
+    from workbench.models.testing import tiny_vlmodel
 
-    tok = train_tokenizer(CORPUS * 4, vocab_size=320, family="t5")
-    cfg = build_lm_config("t5", tok, d_model=32, n_enc_layers=1, n_dec_layers=1, n_heads=2, d_ff=64)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        lm = get_family("t5").lm_class()(cfg)
-        enc = VisualEncoder(feat_dim=24, grid=2, channels=(8, 8, 8), pos_dim=8, groups=4)
-    model = VLModel(lm, tok, 24, visual_encoder=enc, seed=0, name="tiny-test")
+    model = tiny_vlmodel("t5", feat_dim=24, visual_encoder=dict(grid=2, channels=(8, 8, 8), pos_dim=8, groups=4),
+                         seed=0, name="tiny-test", corpus=CORPUS, vocab_size=320,
+                         d_model=32, layers=1, heads=2, d_ff=64)
     path = tmp_path_factory.mktemp("tiny-backbone") / "ckpt"
     model.save_pretrained(path)
     return path
