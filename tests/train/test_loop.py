@@ -122,3 +122,15 @@ def test_load_results_is_one_dataframe(small_config, tmp_path):
 def test_bad_config(field, value):
     with pytest.raises(ValueError, match=field if field != "task" else "unknown"):
         RunConfig(**{field: value})
+
+
+def test_hash_changes_with_the_checkpoint_contents(small_config, tiny_backbone, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_backbone, copy)
+    a = small_config.replace(backbone=str(copy))
+    before = a.hash
+    cfg_file = copy / "workbench_config.json"
+    cfg_file.write_text(cfg_file.read_text().replace('"name": "tiny-test"', '"name": "tiny-test-2"'))
+    assert a.hash != before

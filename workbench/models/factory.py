@@ -163,3 +163,32 @@ def vlt5_tiny(**options) -> VLModel:
             "(it pre-trains vlt5-tiny on ShapesWorld captions and saves it there)"
         )
     return load_directory(path, **options)
+
+
+_FINGERPRINTS: dict = {}
+
+
+def backbone_fingerprint(name_or_path) -> str:
+    """A short digest of a backbone's weights and config (for naming runs).
+
+    Two runs with the same config but different checkpoint contents (e.g. after ``make pretrain``)
+    must not share a run directory. The digest covers the config and weight files of the resolved
+    directory and is cached per (file, size, mtime). Returns ``"missing"`` if nothing is there.
+    """
+    import hashlib
+
+    if isinstance(name_or_path, str) and name_or_path in _REGISTRY:
+        path = repo_root() / "data" / "checkpoints" / name_or_path
+    else:
+        path = Path(name_or_path).expanduser()
+    files = [path / f for f in (CONFIG_NAME, "config.json", *HF_WEIGHT_FILES) if (path / f).is_file()]
+    if not files:
+        return "missing"
+    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _FINGERPRINTS:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+        _FINGERPRINTS[key] = h.hexdigest()[:16]
+    return _FINGERPRINTS[key]

@@ -86,8 +86,15 @@ class RunConfig:
 
     @property
     def hash(self) -> str:
-        """A stable 12-hex-digit id of everything that determines the results."""
+        """A stable 12-hex-digit id of everything that determines the results.
+
+        It covers the config fields and the backbone checkpoint's contents, so re-building a
+        checkpoint never lets old runs be reused as if they belonged to the new one.
+        """
+        from ..models.factory import backbone_fingerprint
+
         d = {k: v for k, v in self.to_dict().items() if k not in _NOT_HASHED}
+        d["backbone_fingerprint"] = backbone_fingerprint(self.backbone)
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
