@@ -1,0 +1,103 @@
+"""ipywidgets panels. The logic is plain Python that tests drive by setting ``.value``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+# The knob that matters most for each method family, with the values the widget offers.
+MAIN_KNOBS: dict[str, tuple[str, tuple]] = {
+    "lora": ("r", (2, 4, 8, 16, 32)),
+    "dora": ("r", (2, 4, 8, 16, 32)),
+    "loha": ("r", (2, 4, 8, 16)),
+    "lokr": ("r", (2, 4, 8, 16)),
+    "vera": ("r", (64, 128, 256)),
+    "houlsby": ("reduction_factor", (4, 8, 12, 24, 48)),
+    "pfeiffer": ("reduction_factor", (4, 8, 12, 24, 48)),
+    "parallel": ("reduction_factor", (4, 8, 12, 24, 48)),
+    "compacter": ("reduction_factor", (4, 8, 16, 32)),
+    "compacter++": ("reduction_factor", (4, 8, 16, 32)),
+    "mixphm": ("num_experts", (1, 2, 4, 8)),
+    "vlpet": ("granularity", ("large", "middleX", "middleY", "small")),
+    "prompt": ("length", (5, 10, 20, 40)),
+    "prefix": ("length", (5, 10, 20, 40)),
+    "petal": ("rank", (16, 32, 64, 128)),
+}
+
+
+def main_knob(method: str) -> tuple[str, tuple] | None:
+    """``(config field, choices)`` of a method's main knob, or None if it has none."""
+    return MAIN_KNOBS.get(method)
+
+
+@dataclass
+class GalleryPanel:
+    """Pick a method, the number of shots and the method's main knob; run one configuration.
+
+    ``base`` is the RunConfig the choices modify; ``runner`` trains it (default
+    :func:`workbench.train.run`, which reuses finished runs from the store). ``widget()`` builds the
+    ipywidgets view; the state lives in ``method``, ``n_shots`` and ``knob_value`` so that tests and
+    scripts can drive the panel without a browser.
+    """
+
+    base: object
+    methods: tuple
+    shots: tuple = (16, 32, 64, 100, 500, 1000)
+    runner: Callable | None = None
+    method: str = "lora"
+    n_shots: int = 64
+    knob_value: object = None
+    last: object = field(default=None, repr=False)
+
+    def config(self):
+        """The RunConfig for the current choices."""
+        if self.method not in self.methods:
+            raise ValueError(f"unknown method {self.method!r}; the panel offers {list(self.methods)}")
+        if self.n_shots not in self.shots:
+            raise ValueError(f"n_shots must be one of {self.shots}, got {self.n_shots}")
+        overrides = {}
+        knob = main_knob(self.method)
+        if knob is not None and self.knob_value is not None:
+            name, choices = knob
+            if self.knob_value not in choices:
+                raise ValueError(f"{self.method}: {name} must be one of {choices}, got {self.knob_value!r}")
+            overrides[name] = self.knob_value
+        return self.base.replace(method=self.method, n_shots=self.n_shots, method_config=overrides)
+
+    def run(self):
+        """Train (or reuse) the current configuration and keep its result in ``last``."""
+        if self.runner is None:
+            from ..train import run as runner
+        else:
+            runner = self.runner
+        self.last = runner(self.config())
+        return self.last
+
+    def widget(self):
+        """An ipywidgets VBox: method / shots / knob dropdowns, a run button and an output area."""
+        import ipywidgets as w
+
+        method = w.Dropdown(options=list(self.methods), value=self.method, description="method")
+        shots = w.Dropdown(options=list(self.shots), value=self.n_shots, description="N")
+        knob = w.Dropdown(description="knob")
+        button = w.Button(description="run", button_style="primary")
+        out = w.Output()
+
+        def refresh_knob(*_):
+            spec = main_knob(method.value)
+            knob.options = list(spec[1]) if spec else ["(none)"]
+            knob.description = spec[0] if spec else "knob"
+            knob.value = knob.options[0] if not spec or self.knob_value not in spec[1] else self.knob_value
+
+        def on_run(_):
+            self.method, self.n_shots = method.value, shots.value
+            self.knob_value = None if knob.value == "(none)" else knob.value
+            with out:
+                out.clear_output()
+                result = self.run()
+                print(result.summary())
+
+        method.observe(refresh_knob, names="value")
+        button.on_click(on_run)
+        refresh_knob()
+        return w.VBox([w.HBox([method, shots, knob, button]), out])

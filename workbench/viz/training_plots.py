@@ -1,0 +1,149 @@
+"""Figures and tables for training runs: learning curves, accuracy tables."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+
+
+def results_table(results: Sequence, digits: int = 3):
+    """One row per run: method, N, seed, test accuracy (dev-best and last), per type, trainable %.
+
+    Accuracies are rounded to ``digits`` so that the table survives float noise in notebooks.
+    """
+    import pandas as pd
+
+    if not results:
+        raise ValueError("results_table needs at least one RunResult")
+    rows = []
+    for r in results:
+        row = {
+            "method": r.config.method,
+            "N": r.config.n_shots,
+            "seed": r.config.seed,
+            "test acc": r.metrics["test"]["overall"],
+            "test acc (last)": r.metrics["test_last"]["overall"],
+            "dev best": r.metrics["dev_best"],
+        }
+        row.update({t: v for t, v in sorted(r.metrics["test"].get("per_type", {}).items())})
+        row["trainable"] = r.params["trainable"]
+        row["trainable %"] = r.params["trainable_pct"]
+        rows.append(row)
+    return pd.DataFrame(rows).round(digits)
+
+
+def plot_learning_curves(results: Sequence, title: str = "learning curves"):
+    """Training loss and dev accuracy against epochs, one line per run."""
+    if not results:
+        raise ValueError("plot_learning_curves needs at least one RunResult")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6))
+    for r in results:
+        label = f"{r.config.method} N={r.config.n_shots}"
+        h = r.history
+        line, = a.plot([x["epoch"] for x in h], [x["loss"] for x in h], label=label)
+        dev = [x for x in h if "dev" in x]
+        b.plot([x["epoch"] for x in dev], [x["dev"] for x in dev], marker="o", color=line.get_color(), label=label)
+    a.set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss")
+    b.set(xlabel="epoch", ylabel="dev accuracy", title="dev accuracy (model selection)")
+    b.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+# The 2403.08433 study groups PEFT methods into embedding composition (prompt, prefix) and layer
+# composition (LoRA, serial and parallel adapters); the workbench's other methods are placed in the
+# layer-composition sub-families they belong to. Used to colour plot_accuracy_vs_params.
+METHOD_FAMILIES: dict[str, str] = {
+    "prompt": "embedding composition",
+    "prefix": "embedding composition",
+    "houlsby": "layer: adapters",
+    "pfeiffer": "layer: adapters",
+    "parallel": "layer: adapters",
+    "compacter": "layer: PHM adapters",
+    "compacter++": "layer: PHM adapters",
+    "mixphm": "layer: PHM adapters",
+    "vlpet": "layer: gated (VL-PET)",
+    "houlsby+g+lw": "layer: gated (VL-PET)",
+    "compacter+g+lw": "layer: gated (VL-PET)",
+    "petal": "layer: PETAL",
+    "lora": "layer: low-rank / reparam.",
+    "dora": "layer: low-rank / reparam.",
+    "loha": "layer: low-rank / reparam.",
+    "lokr": "layer: low-rank / reparam.",
+    "vera": "layer: low-rank / reparam.",
+    "randlora": "layer: low-rank / reparam.",
+    "delora": "layer: low-rank / reparam.",
+    "gralora": "layer: low-rank / reparam.",
+    "fourierft": "layer: low-rank / reparam.",
+    "oft": "layer: orthogonal",
+    "boft": "layer: orthogonal",
+    "hra": "layer: orthogonal",
+    "ia3": "layer: rescaling",
+    "bitfit": "selective",
+    "full": "full fine-tuning",
+}
+
+
+def method_family(method: str) -> str:
+    """The family of a registered method name (``"other"`` if the table above does not know it)."""
+    return METHOD_FAMILIES.get(method, "other")
+
+
+def run_label(result) -> str:
+    """``method`` or ``method (option=value, ...)`` when the run changed the method's defaults."""
+    options = getattr(result.config, "method_config", None) or {}
+    if not options:
+        return result.config.method
+    return f"{result.config.method} ({', '.join(f'{k}={v}' for k, v in sorted(options.items()))})"
+
+
+def plot_accuracy_vs_params(results: Sequence, reference: str = "full", title: str | None = None,
+                            metric: str = "test", baselines: dict | None = None, ax=None):
+    """Test accuracy against % trainable parameters (log x), one labelled point per run.
+
+    The plot MixPHM (arXiv 2303.01239) opens with. Runs of the ``reference`` method (full
+    fine-tuning) are drawn as a horizontal dashed line instead of a point; the other points are
+    coloured by :func:`method_family`. ``baselines`` (``{label: accuracy}``, e.g. an answer prior)
+    adds dotted horizontal lines. ``metric`` picks ``metrics[metric]["overall"]`` (``"test"``
+    is the dev-best checkpoint, ``"test_last"`` the last one). Returns the figure.
+    """
+    if not results:
+        raise ValueError("plot_accuracy_vs_params needs at least one RunResult")
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(9, 5.2))
+    else:
+        fig = ax.figure
+    points = [r for r in results if r.config.method != reference]
+    refs = [r for r in results if r.config.method == reference]
+    families = sorted({method_family(r.config.method) for r in points})
+    cmap = plt.get_cmap("tab10" if len(families) <= 10 else "tab20")
+    colour = {f: cmap(i % cmap.N) for i, f in enumerate(families)}
+    for family in families:
+        rs = [r for r in points if method_family(r.config.method) == family]
+        ax.scatter([r.params["trainable_pct"] for r in rs], [r.metrics[metric]["overall"] for r in rs],
+                   s=36, color=colour[family], label=family, zorder=3, edgecolor="black", linewidth=0.4)
+    for i, r in enumerate(sorted(points, key=lambda r: (r.params["trainable_pct"], r.metrics[metric]["overall"]))):
+        # alternate the label offsets so that neighbours overlap less
+        dy = (4, -10)[i % 2]
+        ax.annotate(run_label(r), (r.params["trainable_pct"], r.metrics[metric]["overall"]),
+                    textcoords="offset points", xytext=(4, dy), fontsize=7)
+    for r in refs:
+        acc = r.metrics[metric]["overall"]
+        ax.axhline(acc, color="black", linestyle="--", linewidth=1, zorder=1,
+                   label=f"{run_label(r)} fine-tuning ({r.params['trainable_pct']:.0f}% trainable): {acc:.2f}")
+    for label, acc in (baselines or {}).items():
+        ax.axhline(acc, color="grey", linestyle=":", linewidth=1.2, zorder=1, label=f"{label}: {acc:.2f}")
+    ax.set_xscale("log")
+    ax.set(xlabel="trainable parameters (% of the backbone, log scale)", ylabel=f"{metric} accuracy")
+    if title is None:
+        c = results[0].config
+        title = "accuracy against trainable parameters"
+        if all(hasattr(c, k) for k in ("task", "n_shots", "seed")):
+            title = f"{c.task}, N = {c.n_shots}, seed {c.seed}: {title}"
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
