@@ -18,7 +18,7 @@ from workbench.train import RunConfig, run
 from workbench.train.loop import features_for, load_splits, prepare_split
 from workbench.utils import seed_everything
 
-EPOCHS = 12
+EPOCHS = 30
 
 
 def bare_loop(cfg: RunConfig, steps: int) -> float:
@@ -32,9 +32,9 @@ def bare_loop(cfg: RunConfig, steps: int) -> float:
     opt = torch.optim.AdamW(params, lr=handle.config.lr)
     model.train()
     gen = torch.Generator().manual_seed(0)
-    batches = [train.batch(torch.randperm(len(train), generator=gen)[: cfg.batch_size]) for _ in range(steps)]
     t0 = time.perf_counter()
-    for f, ids, mask, labels in batches:
+    for _ in range(steps):  # batching is part of any loop's step, as it is of the trainer's
+        f, ids, mask, labels = train.batch(torch.randperm(len(train), generator=gen)[: cfg.batch_size])
         loss = model(f, ids, mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
