@@ -7,7 +7,8 @@
    on shapes-vqa batches of 16 (N = 64, seed 13), median over ``--steps`` steps after
    ``--warmup`` warm-up steps, as a ratio to LoRA's. The methods are stepped round-robin, so a
    change of machine load hits them all alike. A method that cannot be applied to vlt5-tiny
-   (dimensions not divisible, ...) is listed with the reason instead.
+   (dimensions not divisible, ...) is listed with the reason instead; MixPHM is also timed at the
+   bottleneck of part 2, which fits.
 2. Inference (eval mode, no grad, batch 16): a teacher-forced forward and greedy generation for
    MixPHM with its experts merged into one ("expert soup") against a single Pfeiffer adapter of
    the same bottleneck. Target: about 1 -- merging removes the expert overhead. MixPHM in train
@@ -77,13 +78,16 @@ class Trainee:
         return time.perf_counter() - t0
 
 
-def bench_training(names: list[str], batches: list, warmup: int) -> None:
+def bench_training(names: list[str], batches: list, warmup: int, extra: dict | None = None) -> None:
+    """``extra``: ``{label: (method, options)}`` rows added after the registry's (e.g. MixPHM at a
+    bottleneck that fits vlt5-tiny)."""
+    runs = {name: (name, {}) for name in names} | dict(extra or {})
     trainees, failed = {}, {}
-    for name in names:
+    for label, (name, options) in runs.items():
         try:
-            trainees[name] = Trainee(name)
+            trainees[label] = Trainee(name, **options)
         except Exception as e:  # a method that does not fit vlt5-tiny is reported, not fatal
-            failed[name] = f"cannot apply: {short(e)}"
+            failed[label] = f"cannot apply: {short(e)}"
     for i, batch in enumerate(batches):
         for name, t in list(trainees.items()):
             try:
@@ -98,14 +102,15 @@ def bench_training(names: list[str], batches: list, warmup: int) -> None:
     ref = med.get("lora")
     print(f"training step (forward + extra losses + backward + AdamW), batch {BATCH}, "
           f"median of {len(batches) - warmup} steps after {warmup} warm-up, {torch.get_num_threads()} threads")
-    print(f"{'method':>15} | {'trainable %':>11} | {'step ms':>8} | {'/ lora':>7}")
-    print(f"{'-' * 15}-+-{'-' * 11}-+-{'-' * 8}-+-{'-' * 7}")
-    for name in names:
-        if name in med:
-            ratio = f"{med[name] / ref:7.2f}" if ref else f"{'n/a':>7}"
-            print(f"{name:>15} | {trainees[name].pct:11.2f} | {1e3 * med[name]:8.1f} | {ratio}")
+    width = max(15, *(len(label) for label in runs))
+    print(f"{'method':>{width}} | {'trainable %':>11} | {'step ms':>8} | {'/ lora':>7}")
+    print(f"{'-' * width}-+-{'-' * 11}-+-{'-' * 8}-+-{'-' * 7}")
+    for label in runs:
+        if label in med:
+            ratio = f"{med[label] / ref:7.2f}" if ref else f"{'n/a':>7}"
+            print(f"{label:>{width}} | {trainees[label].pct:11.2f} | {1e3 * med[label]:8.1f} | {ratio}")
         else:
-            print(f"{name:>15} | {'-':>11} | {'-':>8} | {'-':>7}   {failed[name]}")
+            print(f"{label:>{width}} | {'-':>11} | {'-':>8} | {'-':>7}   {failed[label]}")
 
 
 def bench_inference(batches: list, bottleneck: int, reps: int, warmup: int) -> None:
@@ -162,7 +167,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20, help="timed training steps per method")
     ap.add_argument("--warmup", type=int, default=3, help="warm-up steps (training and inference)")
-    ap.add_argument("--reps", type=int, default=20, help="timed inference repetitions per setup")
+    ap.add_argument("--reps", type=int, default=50, help="timed inference repetitions per setup")
     ap.add_argument("--bottleneck", type=int, default=12, help="MixPHM and Pfeiffer bottleneck for part 2")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", nargs="*", default=None, help="a subset of the registry (default: all)")
@@ -175,7 +180,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     batches = make_batches(args.warmup + args.steps)
     print(f"{BACKBONE}: {len(names)} methods, torch {torch.__version__}\n")
-    bench_training(names, batches, args.warmup)
+    extra = {f"mixphm (bottleneck={args.bottleneck})": ("mixphm", {"bottleneck": args.bottleneck})}
+    bench_training(names, batches, args.warmup, extra=extra if "mixphm" in names else None)
     bench_inference(batches, args.bottleneck, args.reps, args.warmup)
     print(f"\n(bench_methods: {time.perf_counter() - t0:.0f} s)")
 

@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt
 import pytest
 
 from workbench.viz.training_plots import (
+    answers_table,
     method_family,
     plot_accuracy_vs_params,
     results_table,
@@ -81,3 +82,22 @@ def test_results_table_rounds_and_keeps_per_type_columns():
     table = results_table([fake("lora", 0.41234, 3.4712, per_type={"count": 0.256, "exist": 0.5})], digits=2)
     row = table.iloc[0]
     assert row["test acc"] == 0.41 and row["count"] == 0.26 and row["trainable %"] == 3.47
+
+
+def test_answers_table_shows_the_most_frequent_answer():
+    r = fake("lora", 0.17, 3.47)
+    r.metrics.update(lr=0.001, epochs_run=22, best_epoch=2)
+    r.predictions = {"q1": "no", "q2": "no", "q3": "the image shows", "q4": "no"}
+    row = answers_table([r, fake("prompt", 0.0, 1.07)]).iloc[0]
+    assert row["run"] == "lora" and row["most frequent answer"] == "no" and row["its share"] == 0.75
+    assert row["distinct answers"] == 2 and row["epochs run"] == 22 and row["best epoch"] == 2
+    assert row["last train loss"] == 1.0 and row["lr"] == 0.001  # not rounded away
+    with pytest.raises(ValueError, match="at least one"):
+        answers_table([])
+
+
+def test_answers_table_breaks_ties_whatever_the_order_of_the_predictions():
+    a, b = fake("lora", 0.0, 3.47), fake("lora", 0.0, 3.47)
+    a.predictions = {"q1": "circle", "q2": "diamond"}
+    b.predictions = {"q2": "diamond", "q1": "circle"}
+    assert answers_table([a])["most frequent answer"][0] == answers_table([b])["most frequent answer"][0] == "circle"

@@ -124,11 +124,6 @@ def plot_accuracy_vs_params(results: Sequence, reference: str = "full", title: s
         rs = [r for r in points if method_family(r.config.method) == family]
         ax.scatter([r.params["trainable_pct"] for r in rs], [r.metrics[metric]["overall"] for r in rs],
                    s=36, color=colour[family], label=family, zorder=3, edgecolor="black", linewidth=0.4)
-    for i, r in enumerate(sorted(points, key=lambda r: (r.params["trainable_pct"], r.metrics[metric]["overall"]))):
-        # alternate the label offsets so that neighbours overlap less
-        dy = (4, -10)[i % 2]
-        ax.annotate(run_label(r), (r.params["trainable_pct"], r.metrics[metric]["overall"]),
-                    textcoords="offset points", xytext=(4, dy), fontsize=7)
     for r in refs:
         acc = r.metrics[metric]["overall"]
         ax.axhline(acc, color="black", linestyle="--", linewidth=1, zorder=1,
@@ -146,4 +141,56 @@ def plot_accuracy_vs_params(results: Sequence, reference: str = "full", title: s
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
+    _label_points(ax, [(run_label(r), r.params["trainable_pct"], r.metrics[metric]["overall"]) for r in points])
     return fig
+
+
+def _label_points(ax, labelled: list) -> None:
+    """Annotate ``(label, x, y)`` points, stacking a label higher (with a leader line) when it would
+    overlap a label already placed: many runs share an accuracy (0, or the "always no" score)."""
+    from matplotlib.text import Text
+
+    renderer = ax.figure.canvas.get_renderer()
+    placed = []
+    levels = [3, -11] + [3 + 9 * k for k in range(1, 40)]
+    for label, x, y in sorted(labelled, key=lambda t: (t[1], t[2])):
+        for i, dy in enumerate(levels):
+            last = i == len(levels) - 1
+            ann = ax.annotate(label, (x, y), textcoords="offset points", xytext=(3, dy), fontsize=7,
+                              arrowprops=dict(arrowstyle="-", lw=0.4, color="grey") if dy > 3 else None)
+            ann.update_positions(renderer)
+            box = Text.get_window_extent(ann, renderer)  # the text only, not the leader line
+            if last or not any(box.overlaps(b) for b in placed):
+                placed.append(box)
+                break
+            ann.remove()
+
+
+def answers_table(results: Sequence, digits: int = 2):
+    """What each run learned to say: one row per run with its learning rate, the epochs it ran, the
+    dev-best epoch, the last training loss, and its most frequent test prediction with that
+    answer's share and the number of distinct answers. Shows at a glance which runs still produce
+    the pre-training format (captions) instead of answers.
+    """
+    import pandas as pd
+    from collections import Counter
+
+    if not results:
+        raise ValueError("answers_table needs at least one RunResult")
+    rows = []
+    for r in results:
+        preds = list((getattr(r, "predictions", None) or {}).values())
+        # ties broken alphabetically: a stored run's predictions come back sorted by id, a fresh
+        # run's in test order, and the table must not depend on which one it got
+        top, count = min(Counter(preds).items(), key=lambda kv: (-kv[1], kv[0])) if preds else ("", 0)
+        rows.append({
+            "run": run_label(r),
+            "lr": r.metrics.get("lr"),
+            "epochs run": r.metrics.get("epochs_run", r.history[-1]["epoch"] if r.history else None),
+            "best epoch": r.metrics.get("best_epoch"),
+            "last train loss": r.history[-1]["loss"] if r.history else float("nan"),
+            "most frequent answer": top,
+            "its share": count / len(preds) if preds else float("nan"),
+            "distinct answers": len(set(preds)),
+        })
+    return pd.DataFrame(rows).round({"last train loss": digits, "its share": digits})  # the lr as it is
