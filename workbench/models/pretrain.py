@@ -56,9 +56,23 @@ class PretrainConfig:
     # grid cell's token predicts the colour / shape / size that the caption names at that
     # position. Needs grid = 3 (one token per ShapesWorld cell); 0 turns it off.
     grounding_weight: float = 1.0
+    # Text-side objectives on the same captions (VL-T5's masked LM and image-text matching), so the
+    # encoder learns to read a prompt against the image, not only the fixed "caption:" prompt.
+    # Each is the share of every batch given to that task; the rest is captioning.
+    fill_share: float = 0.0  # "fill: a large _ circle at the _." -> "blue, center"
+    match_share: float = 0.0  # "match: <caption, maybe with one attribute swapped>" -> "true" / "false"
+    # VL-T5's grounded captioning / visual grounding, on the caption's object phrases:
+    # "describe: top left" -> "small red circle" (or "nothing"); "locate: red circle" -> "top left".
+    ground_share: float = 0.0
+    fill_prob: float = 0.3  # chance that each attribute slot of a caption is masked (at least one is)
     vocab_size: int = 600
     threads: int = 2
     eval_scenes: int = 300
+
+    def __post_init__(self):
+        shares = {"fill_share": self.fill_share, "match_share": self.match_share, "ground_share": self.ground_share}
+        if min(shares.values()) < 0 or sum(shares.values()) >= 1:
+            raise ValueError(f"the task shares must be >= 0 and sum to < 1 (the rest is captioning), got {shares}")
 
 
 def build_model(cfg: PretrainConfig, texts: list[str]) -> VLModel:
@@ -105,6 +119,78 @@ class GroundingHeads(torch.nn.Module):
         ) / len(self.heads)
 
 
+_SLOT = None
+
+
+def _slots(caption: str) -> list[tuple[int, int, str]]:
+    """``(start, end, kind)`` of every attribute word of a caption (kind: size/color/shape/position)."""
+    import re
+
+    from ..data.shapesworld import COLORS, POSITIONS, SHAPES, SIZES
+
+    global _SLOT
+    if _SLOT is None:
+        groups = {"size": SIZES, "color": tuple(COLORS), "shape": SHAPES,
+                  "position": tuple(sorted(POSITIONS.values(), key=len, reverse=True))}
+        _SLOT = re.compile("|".join(rf"(?P<{k}>\b(?:{'|'.join(v)})\b)" for k, v in groups.items()))
+    return [(m.start(), m.end(), m.lastgroup) for m in _SLOT.finditer(caption)]
+
+
+def fill_example(caption: str, rng: np.random.RandomState, prob: float) -> tuple[str, str]:
+    """Masked-attribute prediction: mask some attribute slots with ``_``; the target lists them."""
+    slots = _slots(caption)
+    chosen = [i for i in range(len(slots)) if rng.uniform() < prob] or [rng.randint(len(slots))]
+    text, answers, last = [], [], 0
+    for i in chosen:
+        start, end, _ = slots[i]
+        text += [caption[last:start], "_"]
+        answers.append(caption[start:end])
+        last = end
+    text.append(caption[last:])
+    return "fill: " + "".join(text), ", ".join(answers)
+
+
+def match_example(caption: str, rng: np.random.RandomState) -> tuple[str, str]:
+    """Image-text matching with hard negatives: half the captions get one attribute swapped."""
+    from ..data.shapesworld import COLORS, POSITIONS, SHAPES, SIZES
+
+    if rng.randint(2):
+        return "match: " + caption, "true"
+    values = {"size": SIZES, "color": tuple(COLORS), "shape": SHAPES, "position": tuple(POSITIONS.values())}
+    start, end, kind = _slots(caption)[rng.randint(len(_slots(caption)))]
+    others = [v for v in values[kind] if v != caption[start:end]]
+    return "match: " + caption[:start] + others[rng.randint(len(others))] + caption[end:], "false"
+
+
+def ground_example(caption: str, rng: np.random.RandomState) -> tuple[str, str]:
+    """VL-T5's grounded captioning or visual grounding, on the objects a caption names (half each).
+
+    * ``describe: top left`` -> ``small red circle`` (``nothing`` for an empty cell);
+    * ``locate: red circle`` / ``locate: large square`` / ``locate: blue`` -> every matching
+      position in the caption's order joined by ``and``, or ``nowhere`` (referring expressions
+      are drawn from a named object or at random, so absent ones occur).
+    """
+    from ..data.shapesworld import COLORS, POSITIONS, SHAPES, SIZES, parse_caption
+
+    objects = parse_caption(caption)
+    if rng.randint(2):
+        cells = [pos for *_, pos in objects] if rng.randint(2) else list(POSITIONS.values())
+        where = cells[rng.randint(len(cells))]
+        found = [f"{size} {color} {shape}" for size, color, shape, pos in objects if pos == where]
+        return f"describe: {where}", found[0] if found else "nothing"
+    # an expression: a non-empty subset of (size, colour, shape), values from an object or random
+    subsets = ((1,), (2,), (1, 2), (0, 2), (0, 1, 2), (0, 1))
+    keep = subsets[rng.randint(len(subsets))]
+    if rng.uniform() < 0.6:
+        values = objects[rng.randint(len(objects))][:3]
+    else:
+        values = (SIZES[rng.randint(2)], list(COLORS)[rng.randint(len(COLORS))], SHAPES[rng.randint(len(SHAPES))])
+    words = [values[k] for k in keep]
+    phrase = " ".join(words) if 2 in keep else " ".join(words) + " shape"
+    hits = [obj[3] for obj in objects if all(obj[k] == values[k] for k in keep)]
+    return f"locate: {phrase}", " and ".join(hits) if hits else "nowhere"
+
+
 def tokenizer_corpus(captions: list[str]) -> list[str]:
     """Captions plus the question phrasings: the tokenizer's vocabulary only, never a label.
 
@@ -112,7 +198,7 @@ def tokenizer_corpus(captions: list[str]) -> list[str]:
     use; the model itself never sees a question or an answer during pre-training.
     """
     questions = [e.prompt for e in load_task("shapes-vqa", "train", n_scenes=2000)]
-    return captions + questions + ["caption:", "vqa:"]
+    return captions + questions + ["caption:", "vqa:", "fill: _", "match: true false", "describe: nothing", "locate: and nowhere"]
 
 
 @torch.no_grad()
@@ -146,8 +232,13 @@ def evaluate_captions(model: VLModel, n_scenes: int, batch_size: int = 100, num_
     }
 
 
-def pretrain(cfg: PretrainConfig, out: Path | None = None, quiet: bool = False) -> tuple[VLModel, dict]:
-    """Train vlt5-tiny and (if ``out``) save it with its model card. Returns (model, report)."""
+def pretrain(cfg: PretrainConfig, out: Path | None = None, quiet: bool = False,
+             device: str = "cpu") -> tuple[VLModel, dict]:
+    """Train vlt5-tiny and (if ``out``) save it with its model card. Returns (model, report).
+
+    ``device="cuda"`` trains on a GPU (fp32): fast for trying recipes, but the committed
+    checkpoint is built on CPU, where the run is bit-reproducible.
+    """
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
@@ -155,15 +246,15 @@ def pretrain(cfg: PretrainConfig, out: Path | None = None, quiet: bool = False) 
     examples = load_task("shapes-caption", "pretrain", n_scenes=cfg.n_scenes)
     captions = [e.answers[0] for e in examples]
     images = torch.from_numpy(load_images(examples))  # uint8 [n, 64, 64, 3]
-    model = build_model(cfg, tokenizer_corpus(captions))
+    model = build_model(cfg, tokenizer_corpus(captions)).to(device)
     prompt_ids, prompt_mask = model.encode_prompts(["caption:"])
     labels_all = model.encode_targets(captions)  # [n, L], -100 padded
     grounding = None
     if cfg.grounding_weight > 0:
         if cfg.grid != 3:
             raise ValueError(f"the grounding objective needs grid = 3 (one token per cell), got grid = {cfg.grid}")
-        grounding = GroundingHeads(cfg.feat_dim)
-        targets_all = grounding_targets(captions)
+        grounding = GroundingHeads(cfg.feat_dim).to(device)
+        targets_all = grounding_targets(captions).to(device)
 
     groups = []
     for visual in (False, True):
@@ -183,16 +274,34 @@ def pretrain(cfg: PretrainConfig, out: Path | None = None, quiet: bool = False) 
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     gen = torch.Generator().manual_seed(cfg.seed)
+    task_rng = np.random.RandomState(cfg.seed)
+    mixed = cfg.fill_share + cfg.match_share + cfg.ground_share > 0
     model.train()
     losses = []
     bar = tqdm(range(cfg.steps), disable=quiet, desc="pretrain vlt5-tiny", unit="step")
     trainable = [p for g in groups for p in g["params"]]
     for step in bar:
         idx = torch.randint(len(examples), (cfg.batch_size,), generator=gen)
-        labels = labels_all[idx]
-        labels = labels[:, : int((labels != -100).sum(1).max())].contiguous()
         feats = model.encode_images(images[idx])
-        ids, mask = prompt_ids.expand(len(idx), -1), prompt_mask.expand(len(idx), -1)
+        idx = idx.to(device)
+        if mixed:
+            pairs = []
+            for i in idx.tolist():
+                u = task_rng.uniform()
+                if u < cfg.fill_share:
+                    pairs.append(fill_example(captions[i], task_rng, cfg.fill_prob))
+                elif u < cfg.fill_share + cfg.match_share:
+                    pairs.append(match_example(captions[i], task_rng))
+                elif u < cfg.fill_share + cfg.match_share + cfg.ground_share:
+                    pairs.append(ground_example(captions[i], task_rng))
+                else:
+                    pairs.append(("caption:", captions[i]))
+            ids, mask = model.encode_prompts([p for p, _ in pairs])
+            labels = model.encode_targets([t for _, t in pairs])
+        else:
+            labels = labels_all[idx]
+            labels = labels[:, : int((labels != -100).sum(1).max())].contiguous()
+            ids, mask = prompt_ids.expand(len(idx), -1), prompt_mask.expand(len(idx), -1)
         loss = model(feats, ids, mask, labels=labels).loss
         if grounding is not None:
             loss = loss + cfg.grounding_weight * grounding.loss(feats, targets_all[idx])
@@ -284,11 +393,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=repo_root() / "data" / "checkpoints" / "vlt5-tiny")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu (reproducible; the committed checkpoint) or cuda")
     for name, default in asdict(PretrainConfig()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
     args = parser.parse_args(argv)
     cfg = PretrainConfig(**{k: getattr(args, k) for k in asdict(PretrainConfig())})
-    _, report = pretrain(cfg, out=args.out, quiet=args.quiet)
+    _, report = pretrain(cfg, out=args.out, quiet=args.quiet, device=args.device)
     s = report["test_scores"]
     print(f"saved {args.out} in {report['train_seconds']:.0f} s; colour+shape correct {100 * s['color_shape_correct']:.1f} %, "
           f"fully correct {100 * s['fully_correct']:.1f} %, CIDEr {s['CIDEr']:.3f}")

@@ -1,0 +1,67 @@
+"""The pre-training objectives derived from captions (workbench.models.pretrain)."""
+
+import numpy as np
+import pytest
+
+from workbench.data.shapesworld import ShapesWorld, parse_caption
+from workbench.models.pretrain import PretrainConfig, fill_example, ground_example, match_example
+
+CAPTION = "there is a large blue diamond at the top and a small white square at the bottom right."
+
+
+def _captions(n=40):
+    world = ShapesWorld(0)
+    return [world.caption(world.scene("pretrain", i)) for i in range(n)]
+
+
+def test_fill_masks_whole_attribute_slots_and_lists_them_in_order():
+    rng = np.random.RandomState(0)
+    for caption in _captions():
+        prompt, target = fill_example(caption, rng, prob=0.3)
+        assert prompt.startswith("fill: ") and "_" in prompt
+        answers = target.split(", ")
+        assert prompt.count("_") == len(answers)
+        # putting the answers back gives the caption
+        text = prompt[len("fill: "):]
+        for a in answers:
+            text = text.replace("_", a, 1)
+        assert text == caption
+
+
+def test_match_negatives_change_exactly_one_attribute():
+    rng = np.random.RandomState(1)
+    labels = []
+    for caption in _captions(200):
+        prompt, label = match_example(caption, rng)
+        labels.append(label)
+        text = prompt[len("match: "):]
+        truth, seen = parse_caption(caption), parse_caption(text)
+        assert len(seen) == len(truth)
+        changed = sum(a != b for t, s in zip(truth, seen) for a, b in zip(t, s))
+        assert changed == (0 if label == "true" else 1)
+    assert 0.35 < labels.count("true") / len(labels) < 0.65
+
+
+def test_grounding_answers_follow_from_the_caption():
+    rng = np.random.RandomState(2)
+    kinds = set()
+    for _ in range(200):
+        prompt, target = ground_example(CAPTION, rng)
+        kinds.add((prompt.split(":")[0], target in ("nothing", "nowhere")))
+        if prompt == "describe: top":
+            assert target == "large blue diamond"
+        if prompt == "describe: center":
+            assert target == "nothing"
+        if prompt in ("locate: square", "locate: white shape", "locate: small white square"):
+            assert target == "bottom right"
+        if prompt in ("locate: large shape", "locate: diamond"):
+            assert target == "top"
+        if prompt == "locate: red shape":
+            assert target == "nowhere"
+    # both tasks, with both present and absent referents
+    assert kinds == {("describe", False), ("describe", True), ("locate", False), ("locate", True)}
+
+
+def test_task_shares_are_validated():
+    with pytest.raises(ValueError, match="task shares"):
+        PretrainConfig(fill_share=0.6, match_share=0.5)
