@@ -44,3 +44,33 @@ def test_widget_runs_through_the_same_logic():
 class _Fake:
     def summary(self):
         return "ok"
+
+
+def test_panel_drops_a_knob_equal_to_the_default_and_applies_settings():
+    # the default rank of lora: choosing it must give the same run (hash) as not choosing it
+    from workbench.methods import get_config
+
+    settings = {"lora": {"lr": 5e-3}, "mixphm": {"method_config": {"reduction_factor": 16}}}
+    panel = GalleryPanel(RunConfig(), methods=("lora", "mixphm"), settings=settings)
+    panel.method, panel.knob_value = "lora", get_config("lora").r
+    chosen = panel.config()
+    panel.knob_value = None
+    assert chosen.hash == panel.config().hash
+    assert chosen.lr == 5e-3 and chosen.method_config == {}
+    panel.method, panel.knob_value = "mixphm", 2
+    assert panel.config().method_config == {"reduction_factor": 16, "num_experts": 2}
+
+
+def test_panel_widget_offers_default_and_reports_bad_configs(capsys):
+    def refuse(cfg):
+        raise ValueError("bottleneck 10 is not divisible by n = 4")
+
+    panel = GalleryPanel(RunConfig(), methods=("lora", "mixphm"), runner=refuse)
+    box = panel.widget()
+    method, shots, knob, button = box.children[0].children
+    assert knob.options[0] == "default" and knob.value == "default"
+    method.value = "mixphm"
+    assert knob.description == "num_experts" and knob.value == "default"
+    button.click()
+    # outside a notebook the Output area passes prints through to stdout
+    assert "not run: bottleneck 10" in capsys.readouterr().out
