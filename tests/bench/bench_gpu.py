@@ -25,8 +25,8 @@ def tiny_trainer(epochs: int = 3) -> None:
         r = run(RunConfig(method=method, n_shots=1000, lr=lr, epochs=epochs, eval_every=epochs, quiet=True,
                           test_size=200), force=True, store="/tmp/bench_gpu_runs")
         t = r.timings
-        print(f"  {method:<6} {t.get('samples_per_s', float('nan')):8.0f} samples/s   "
-              f"peak memory {t.get('peak_memory_mb', float('nan')):7.1f} MiB")
+        print(f"  {method:<6} {t['samples_per_s']:8.0f} samples/s   "
+              f"peak memory {t['peak_memory_mb']:7.1f} MiB")
 
 
 def base_sized(method: str, bf16: bool, batch: int, steps: int, warmup: int = 5) -> tuple[float, float]:

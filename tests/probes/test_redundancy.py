@@ -12,7 +12,7 @@ from torch import nn
 
 torch.set_num_threads(1)
 
-from workbench.models.testing import tiny_vlmodel  # noqa: E402
+from workbench.models.testing import RandomAdapter, tiny_vlmodel  # noqa: E402
 from workbench.probes import DegenerateInputWarning, cka, compare_rdms, rdm, redundancy_analysis  # noqa: E402
 from workbench.probes.capture import capture  # noqa: E402
 
@@ -31,17 +31,11 @@ FEAT_DIM, N_VISUAL, D = 16, 5, 32
 COLUMNS = ["method", "layer", "stack", "measure", "target", "value"]
 
 
-class Adapter(nn.Module):
-    """Serial bottleneck adapter with random weights: h + up(gelu(down(h)))."""
+class Adapter(RandomAdapter):
+    """The shared random adapter at this file's width (its class name labels the probe rows)."""
 
-    def __init__(self, d=D, m=4, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.down = nn.Parameter(torch.randn(d, m, generator=g) / d**0.5)
-        self.up = nn.Parameter(torch.randn(m, d, generator=g) / m**0.5)
-
-    def forward(self, x, h):
-        return h + torch.nn.functional.gelu(h @ self.down) @ self.up
+    def __init__(self, seed=0):
+        super().__init__(D, seed=seed)
 
 
 class Copy(nn.Module):

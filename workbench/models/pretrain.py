@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from ..data import load_images, load_task
-from ..data.shapesworld import ShapesWorld, caption_correctness
+from ..data.shapesworld import COLORS, POSITIONS, SHAPES, SIZES, ShapesWorld, caption_correctness, parse_caption
 from ..utils import repo_root, seed_everything
 from .families import build_lm_config
 from .tokenizer import train_tokenizer
@@ -92,8 +93,6 @@ def build_model(cfg: PretrainConfig, texts: list[str]) -> VLModel:
 
 def grounding_targets(captions: list[str]) -> torch.Tensor:
     """Per-cell class targets ``[n, 9, 3]`` (colour, shape, size; 0 = no object) parsed from captions."""
-    from ..data.shapesworld import COLORS, POSITIONS, SHAPES, SIZES, parse_caption
-
     cell = {name: r * 3 + c for (r, c), name in POSITIONS.items()}
     colors, shapes, sizes = list(COLORS), list(SHAPES), list(SIZES)
     out = torch.zeros(len(captions), 9, 3, dtype=torch.long)
@@ -108,8 +107,6 @@ class GroundingHeads(torch.nn.Module):
 
     def __init__(self, feat_dim: int):
         super().__init__()
-        from ..data.shapesworld import COLORS, SHAPES, SIZES
-
         self.heads = torch.nn.ModuleList(torch.nn.Linear(feat_dim, len(v) + 1) for v in (COLORS, SHAPES, SIZES))
 
     def loss(self, feats: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -119,20 +116,15 @@ class GroundingHeads(torch.nn.Module):
         ) / len(self.heads)
 
 
-_SLOT = None
+# The values each attribute slot of a caption can take. The pattern tries longer values first,
+# so that "top left" is one position, not "top" followed by "left".
+_SLOT_VALUES = {"size": SIZES, "color": tuple(COLORS), "shape": SHAPES, "position": tuple(POSITIONS.values())}
+_SLOT = re.compile("|".join(rf"(?P<{k}>\b(?:{'|'.join(sorted(v, key=len, reverse=True))})\b)"
+                            for k, v in _SLOT_VALUES.items()))
 
 
 def _slots(caption: str) -> list[tuple[int, int, str]]:
     """``(start, end, kind)`` of every attribute word of a caption (kind: size/color/shape/position)."""
-    import re
-
-    from ..data.shapesworld import COLORS, POSITIONS, SHAPES, SIZES
-
-    global _SLOT
-    if _SLOT is None:
-        groups = {"size": SIZES, "color": tuple(COLORS), "shape": SHAPES,
-                  "position": tuple(sorted(POSITIONS.values(), key=len, reverse=True))}
-        _SLOT = re.compile("|".join(rf"(?P<{k}>\b(?:{'|'.join(v)})\b)" for k, v in groups.items()))
     return [(m.start(), m.end(), m.lastgroup) for m in _SLOT.finditer(caption)]
 
 
@@ -152,13 +144,11 @@ def fill_example(caption: str, rng: np.random.RandomState, prob: float) -> tuple
 
 def match_example(caption: str, rng: np.random.RandomState) -> tuple[str, str]:
     """Image-text matching with hard negatives: half the captions get one attribute swapped."""
-    from ..data.shapesworld import COLORS, POSITIONS, SHAPES, SIZES
-
     if rng.randint(2):
         return "match: " + caption, "true"
-    values = {"size": SIZES, "color": tuple(COLORS), "shape": SHAPES, "position": tuple(POSITIONS.values())}
-    start, end, kind = _slots(caption)[rng.randint(len(_slots(caption)))]
-    others = [v for v in values[kind] if v != caption[start:end]]
+    slots = _slots(caption)
+    start, end, kind = slots[rng.randint(len(slots))]
+    others = [v for v in _SLOT_VALUES[kind] if v != caption[start:end]]
     return "match: " + caption[:start] + others[rng.randint(len(others))] + caption[end:], "false"
 
 
@@ -170,8 +160,6 @@ def ground_example(caption: str, rng: np.random.RandomState) -> tuple[str, str]:
       position in the caption's order joined by ``and``, or ``nowhere`` (referring expressions
       are drawn from a named object or at random, so absent ones occur).
     """
-    from ..data.shapesworld import COLORS, POSITIONS, SHAPES, SIZES, parse_caption
-
     objects = parse_caption(caption)
     if rng.randint(2):
         cells = [pos for *_, pos in objects] if rng.randint(2) else list(POSITIONS.values())

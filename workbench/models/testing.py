@@ -119,3 +119,20 @@ def tiny_vlmodel(family: str, feat_dim: int = 16, visual_encoder: bool | dict | 
         if visual_encoder is not None and visual_encoder is not False:
             enc = VisualEncoder(feat_dim=feat_dim, **visual_encoder)
     return VLModel(lm, tok, feat_dim, visual_encoder=enc, seed=seed, name=name)
+
+
+class RandomAdapter(torch.nn.Module):
+    """A serial bottleneck adapter with random (non-zero) weights, ``h + up(gelu(down(h)))``.
+
+    A sub-layer modification (``model.add_sublayer_modification(point, RandomAdapter(d))``) whose
+    effect is visible from step 0, for tests of hooks and probes.
+    """
+
+    def __init__(self, d: int, m: int = 4, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.down = torch.nn.Parameter(torch.randn(d, m, generator=g) / d**0.5)
+        self.up = torch.nn.Parameter(torch.randn(m, d, generator=g) / m**0.5)
+
+    def forward(self, x, h):
+        return h + torch.nn.functional.gelu(h @ self.down) @ self.up
