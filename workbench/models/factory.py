@@ -153,6 +153,10 @@ def _wrap_hf_directory(path: Path, feat_dim, seed, device, visual_encoder, name)
     return model
 
 
+# Registered names whose weights live in a committed checkpoint directory (for fingerprints).
+_CHECKPOINT_DIRS = {"vlt5-tiny": "vlt5-tiny", "vlt5-tiny-scratch": "vlt5-tiny"}
+
+
 @register_backbone("vlt5-tiny")
 def vlt5_tiny(**options) -> VLModel:
     """The embedded backbone: a small T5 with its own CNN, pre-trained on ShapesWorld captions."""
@@ -163,6 +167,22 @@ def vlt5_tiny(**options) -> VLModel:
             "(it pre-trains vlt5-tiny on ShapesWorld captions and saves it there)"
         )
     return load_directory(path, **options)
+
+
+@register_backbone("vlt5-tiny-scratch")
+def vlt5_tiny_scratch(seed: int = 0, **options) -> VLModel:
+    """vlt5-tiny with its language model re-initialised: the "no language pre-training" baseline.
+
+    The CNN and the projector keep their pre-trained weights (so the cached visual features are the
+    same); the T5 gets Hugging Face's fresh initialisation, seeded by ``seed``. Comparing a run on it
+    with the same run on ``vlt5-tiny`` shows what caption pre-training buys downstream.
+    """
+    model = vlt5_tiny(**options)
+    with torch.random.fork_rng(devices=[]):  # seeded, without moving the caller's RNG
+        torch.manual_seed(seed)
+        model.lm.apply(model.lm._init_weights)
+    model.config.name = "vlt5-tiny-scratch"
+    return model
 
 
 _FINGERPRINTS: dict = {}
@@ -178,7 +198,7 @@ def backbone_fingerprint(name_or_path) -> str:
     import hashlib
 
     if isinstance(name_or_path, str) and name_or_path in _REGISTRY:
-        path = repo_root() / "data" / "checkpoints" / name_or_path
+        path = repo_root() / "data" / "checkpoints" / _CHECKPOINT_DIRS.get(name_or_path, name_or_path)
     else:
         path = Path(name_or_path).expanduser()
     files = [path / f for f in (CONFIG_NAME, "config.json", *HF_WEIGHT_FILES) if (path / f).is_file()]
