@@ -34,6 +34,19 @@ def test_shapes_vqa_sizes_are_parameters():
     assert len(load_task("shapes-vqa", "test", n_scenes=10, questions_per_scene=2)) == 20
 
 
+def test_shapes_vqa_types_select_question_types():
+    ex = load_task("shapes-vqa", "train", n_scenes=40, types=["exist", "count"])
+    assert len(ex) == 40 and {e.question_type for e in ex} == {"exist", "count"}
+    assert all(e.prompt.startswith(("vqa: is there", "vqa: how many")) for e in ex)
+    # one type on the same scenes: the same images, only that kind of question
+    only = load_task("shapes-vqa", "train", n_scenes=40, types=("exist",))
+    assert [e.image_id for e in only] == [e.image_id for e in ex]
+    assert {e.answers[0] for e in only} == {"yes", "no"}
+    for bad in ("exist", [], ["exists"]):
+        with pytest.raises(ValueError, match="question types"):
+            load_task("shapes-vqa", "train", n_scenes=5, types=bad)
+
+
 def test_train_and_test_scenes_are_disjoint():
     train = load_task("shapes-vqa", "train", n_scenes=300)
     test = load_task("shapes-vqa", "test", n_scenes=300)

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .example import Example
-from .shapesworld import ShapesWorld
+from .shapesworld import QUESTION_TYPES, ShapesWorld
 
 VQA_PROMPT = "vqa: {question}"
 CAPTION_PROMPT = "caption:"
@@ -109,14 +109,19 @@ def _shapes_caption(split, n_scenes=None, world_seed=0, prompt=CAPTION_PROMPT, i
 
 @register_task("shapes-vqa")
 def _shapes_vqa(
-    split, n_scenes=None, world_seed=0, prompt=VQA_PROMPT, image_size=64, questions_per_scene=1
+    split, n_scenes=None, world_seed=0, prompt=VQA_PROMPT, image_size=64, questions_per_scene=1, types=None
 ):
+    # types: a subset of the question types (e.g. ["exist"]) to study one skill; default all
     _check_split("shapes-vqa", split, ("train", "test"))
+    if types is not None:
+        if isinstance(types, str) or not types or set(types) - set(QUESTION_TYPES):
+            raise ValueError(f"types must be a non-empty list of question types from {QUESTION_TYPES}, got {types!r}")
+        types = tuple(types)
     world = _world(world_seed, image_size)
     world_split = f"vqa-{split}"
     out = []
     for scene in world.scenes(world_split, _n_scenes("shapes-vqa", split, n_scenes)):
-        for q, (qtype, question, answer) in enumerate(world.questions(scene, questions_per_scene)):
+        for q, (qtype, question, answer) in enumerate(world.questions(scene, questions_per_scene, types)):
             out.append(
                 Example(
                     id=f"shapes-vqa/{split}/{scene.index}/{q}",
