@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from workbench.data.shapesworld import ShapesWorld, parse_caption
-from workbench.models.pretrain import PretrainConfig, fill_example, ground_example, match_example
+from workbench.models.pretrain import PretrainConfig, fill_example, ground_example, match_example, task_pairs
 
 CAPTION = "there is a large blue diamond at the top and a small white square at the bottom right."
 
@@ -65,3 +65,29 @@ def test_grounding_answers_follow_from_the_caption():
 def test_task_shares_are_validated():
     with pytest.raises(ValueError, match="task shares"):
         PretrainConfig(fill_share=0.6, match_share=0.5)
+
+
+def test_text_warmup_draws_only_text_tasks_then_mixes_in_captions():
+    cfg = PretrainConfig(fill_share=0.1, match_share=0.1, ground_share=0.2, steps=100, text_warmup_steps=10)
+    captions = _captions(200)
+
+    def kinds(step):
+        pairs = task_pairs(captions, cfg, step, np.random.RandomState(0))
+        return [p.split(":")[0] for p, _ in pairs]
+
+    warm, after = kinds(9), kinds(10)
+    assert "caption" not in warm and set(warm) == {"fill", "match", "describe", "locate"}
+    # in proportion to the shares: fill 1/4, match 1/4, ground (describe + locate) 1/2
+    assert abs(warm.count("fill") / len(warm) - 0.25) < 0.1
+    assert abs((warm.count("describe") + warm.count("locate")) / len(warm) - 0.5) < 0.1
+    assert abs(after.count("caption") / len(after) - 0.6) < 0.1  # the rest of the shares
+    no_warmup = PretrainConfig(fill_share=0.1, match_share=0.1, ground_share=0.2)
+    assert task_pairs(captions, no_warmup, 0, np.random.RandomState(0)) == task_pairs(
+        captions, cfg, 10, np.random.RandomState(0))
+
+
+def test_text_warmup_is_validated():
+    with pytest.raises(ValueError, match="text_warmup_steps must be"):
+        PretrainConfig(fill_share=0.1, steps=100, text_warmup_steps=100)
+    with pytest.raises(ValueError, match="needs at least one text-side task"):
+        PretrainConfig(text_warmup_steps=10)

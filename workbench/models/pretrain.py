@@ -66,6 +66,9 @@ class PretrainConfig:
     # "describe: top left" -> "small red circle" (or "nothing"); "locate: red circle" -> "top left".
     ground_share: float = 0.0
     fill_prob: float = 0.3  # chance that each attribute slot of a caption is masked (at least one is)
+    # The first steps train the text-side tasks only (in proportion to their shares): reading a
+    # prompt against the image is learned from a fresh model, before captioning takes over.
+    text_warmup_steps: int = 0
     vocab_size: int = 600
     threads: int = 2
     eval_scenes: int = 300
@@ -74,6 +77,10 @@ class PretrainConfig:
         shares = {"fill_share": self.fill_share, "match_share": self.match_share, "ground_share": self.ground_share}
         if min(shares.values()) < 0 or sum(shares.values()) >= 1:
             raise ValueError(f"the task shares must be >= 0 and sum to < 1 (the rest is captioning), got {shares}")
+        if not 0 <= self.text_warmup_steps < self.steps:
+            raise ValueError(f"text_warmup_steps must be in [0, steps={self.steps}), got {self.text_warmup_steps}")
+        if self.text_warmup_steps and not sum(shares.values()):
+            raise ValueError("text_warmup_steps needs at least one text-side task share > 0 (fill/match/ground)")
 
 
 def build_model(cfg: PretrainConfig, texts: list[str]) -> VLModel:
@@ -179,6 +186,29 @@ def ground_example(caption: str, rng: np.random.RandomState) -> tuple[str, str]:
     return f"locate: {phrase}", " and ".join(hits) if hits else "nowhere"
 
 
+def task_pairs(captions: list[str], cfg: PretrainConfig, step: int,
+               rng: np.random.RandomState) -> list[tuple[str, str]]:
+    """``(prompt, target)`` for one batch: each caption goes to a task drawn by the config's shares.
+
+    During the text warm-up (``step < cfg.text_warmup_steps``) the draw covers the text-side tasks
+    only, in proportion to their shares; afterwards the remaining share is captioning.
+    """
+    text_total = cfg.fill_share + cfg.match_share + cfg.ground_share
+    scale = text_total if step < cfg.text_warmup_steps else 1.0
+    pairs = []
+    for caption in captions:
+        u = rng.uniform() * scale
+        if u < cfg.fill_share:
+            pairs.append(fill_example(caption, rng, cfg.fill_prob))
+        elif u < cfg.fill_share + cfg.match_share:
+            pairs.append(match_example(caption, rng))
+        elif u < text_total:
+            pairs.append(ground_example(caption, rng))
+        else:
+            pairs.append(("caption:", caption))
+    return pairs
+
+
 def tokenizer_corpus(captions: list[str]) -> list[str]:
     """Captions plus the question phrasings: the tokenizer's vocabulary only, never a label.
 
@@ -273,17 +303,7 @@ def pretrain(cfg: PretrainConfig, out: Path | None = None, quiet: bool = False,
         feats = model.encode_images(images[idx])
         idx = idx.to(device)
         if mixed:
-            pairs = []
-            for i in idx.tolist():
-                u = task_rng.uniform()
-                if u < cfg.fill_share:
-                    pairs.append(fill_example(captions[i], task_rng, cfg.fill_prob))
-                elif u < cfg.fill_share + cfg.match_share:
-                    pairs.append(match_example(captions[i], task_rng))
-                elif u < cfg.fill_share + cfg.match_share + cfg.ground_share:
-                    pairs.append(ground_example(captions[i], task_rng))
-                else:
-                    pairs.append(("caption:", captions[i]))
+            pairs = task_pairs([captions[i] for i in idx.tolist()], cfg, step, task_rng)
             ids, mask = model.encode_prompts([p for p, _ in pairs])
             labels = model.encode_targets([t for _, t in pairs])
         else:
