@@ -226,7 +226,11 @@ class ShapesWorld:
         a type that the scene cannot support (e.g. ``relate`` with one object) is re-drawn.
         Yes/no questions are balanced by drawing the intended answer first.
         """
-        types = tuple(types or QUESTION_TYPES)
+        if types is None:
+            types = QUESTION_TYPES
+        if isinstance(types, str) or not types:
+            raise ValueError(f"types must be a non-empty list of question types from {QUESTION_TYPES}, got {types!r}")
+        types = tuple(types)
         unknown = set(types) - set(QUESTION_TYPES)
         if unknown:
             raise ValueError(f"unknown question types {sorted(unknown)}; known: {QUESTION_TYPES}")

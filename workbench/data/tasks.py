@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .example import Example
-from .shapesworld import QUESTION_TYPES, ShapesWorld
+from .shapesworld import ShapesWorld
 
 VQA_PROMPT = "vqa: {question}"
 CAPTION_PROMPT = "caption:"
@@ -113,10 +113,6 @@ def _shapes_vqa(
 ):
     # types: a subset of the question types (e.g. ["exist"]) to study one skill; default all
     _check_split("shapes-vqa", split, ("train", "test"))
-    if types is not None:
-        if isinstance(types, str) or not types or set(types) - set(QUESTION_TYPES):
-            raise ValueError(f"types must be a non-empty list of question types from {QUESTION_TYPES}, got {types!r}")
-        types = tuple(types)
     world = _world(world_seed, image_size)
     world_split = f"vqa-{split}"
     out = []

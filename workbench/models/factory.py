@@ -153,14 +153,19 @@ def _wrap_hf_directory(path: Path, feat_dim, seed, device, visual_encoder, name)
     return model
 
 
-# Registered names whose weights live in a committed checkpoint directory (for fingerprints).
-_CHECKPOINT_DIRS = {"vlt5-tiny": "vlt5-tiny", "vlt5-tiny-scratch": "vlt5-tiny"}
+# Registered names built from another name's committed checkpoint (default: a directory of their own).
+_CHECKPOINT_OF = {"vlt5-tiny-scratch": "vlt5-tiny"}
+
+
+def _checkpoint_dir(name: str) -> Path:
+    """Where the committed weights of a registered backbone live (read by its loader and its fingerprint)."""
+    return repo_root() / "data" / "checkpoints" / _CHECKPOINT_OF.get(name, name)
 
 
 @register_backbone("vlt5-tiny")
 def vlt5_tiny(**options) -> VLModel:
     """The embedded backbone: a small T5 with its own CNN, pre-trained on ShapesWorld captions."""
-    path = repo_root() / "data" / "checkpoints" / "vlt5-tiny"
+    path = _checkpoint_dir("vlt5-tiny")
     if not (path / CONFIG_NAME).is_file():
         raise FileNotFoundError(
             f"the embedded checkpoint {path} does not exist yet: run `make pretrain` to build it "
@@ -198,7 +203,7 @@ def backbone_fingerprint(name_or_path) -> str:
     import hashlib
 
     if isinstance(name_or_path, str) and name_or_path in _REGISTRY:
-        path = repo_root() / "data" / "checkpoints" / _CHECKPOINT_DIRS.get(name_or_path, name_or_path)
+        path = _checkpoint_dir(name_or_path)
     else:
         path = Path(name_or_path).expanduser()
     files = [path / f for f in (CONFIG_NAME, "config.json", *HF_WEIGHT_FILES) if (path / f).is_file()]

@@ -73,13 +73,18 @@ class PretrainConfig:
     threads: int = 2
     eval_scenes: int = 300
 
+    @property
+    def text_share(self) -> float:
+        """The share of every batch given to the text-side tasks (the rest is captioning)."""
+        return self.fill_share + self.match_share + self.ground_share
+
     def __post_init__(self):
         shares = {"fill_share": self.fill_share, "match_share": self.match_share, "ground_share": self.ground_share}
-        if min(shares.values()) < 0 or sum(shares.values()) >= 1:
+        if min(shares.values()) < 0 or self.text_share >= 1:
             raise ValueError(f"the task shares must be >= 0 and sum to < 1 (the rest is captioning), got {shares}")
         if not 0 <= self.text_warmup_steps < self.steps:
             raise ValueError(f"text_warmup_steps must be in [0, steps={self.steps}), got {self.text_warmup_steps}")
-        if self.text_warmup_steps and not sum(shares.values()):
+        if self.text_warmup_steps and not self.text_share:
             raise ValueError("text_warmup_steps needs at least one text-side task share > 0 (fill/match/ground)")
 
 
@@ -193,8 +198,7 @@ def task_pairs(captions: list[str], cfg: PretrainConfig, step: int,
     During the text warm-up (``step < cfg.text_warmup_steps``) the draw covers the text-side tasks
     only, in proportion to their shares; afterwards the remaining share is captioning.
     """
-    text_total = cfg.fill_share + cfg.match_share + cfg.ground_share
-    scale = text_total if step < cfg.text_warmup_steps else 1.0
+    scale = cfg.text_share if step < cfg.text_warmup_steps else 1.0
     pairs = []
     for caption in captions:
         u = rng.uniform() * scale
@@ -202,7 +206,7 @@ def task_pairs(captions: list[str], cfg: PretrainConfig, step: int,
             pairs.append(fill_example(caption, rng, cfg.fill_prob))
         elif u < cfg.fill_share + cfg.match_share:
             pairs.append(match_example(caption, rng))
-        elif u < text_total:
+        elif u < cfg.text_share:
             pairs.append(ground_example(caption, rng))
         else:
             pairs.append(("caption:", caption))
@@ -293,7 +297,6 @@ def pretrain(cfg: PretrainConfig, out: Path | None = None, quiet: bool = False,
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     gen = torch.Generator().manual_seed(cfg.seed)
     task_rng = np.random.RandomState(cfg.seed)
-    mixed = cfg.fill_share + cfg.match_share + cfg.ground_share > 0
     model.train()
     losses = []
     bar = tqdm(range(cfg.steps), disable=quiet, desc="pretrain vlt5-tiny", unit="step")
@@ -302,7 +305,7 @@ def pretrain(cfg: PretrainConfig, out: Path | None = None, quiet: bool = False,
         idx = torch.randint(len(examples), (cfg.batch_size,), generator=gen)
         feats = model.encode_images(images[idx])
         idx = idx.to(device)
-        if mixed:
+        if cfg.text_share > 0:
             pairs = task_pairs([captions[i] for i in idx.tolist()], cfg, step, task_rng)
             ids, mask = model.encode_prompts([p for p, _ in pairs])
             labels = model.encode_targets([t for _, t in pairs])
