@@ -1,6 +1,7 @@
 """The low-resource regime on vlt5-tiny: test accuracy of full fine-tuning and LoRA against N.
 
-    python tests/bench/bench_low_resource.py      # (make bench), about 12 minutes on 2 cores
+    python tests/bench/bench_low_resource.py              # (make bench), about 12 minutes on 2 cores
+    python tests/bench/bench_low_resource.py --more-data  # + how far more VQA data goes (+ 9 minutes)
 
 Targets (issue 3): at N = 1000 the better of full fine-tuning and LoRA reaches at least 75 %
 test accuracy on shapes-vqa, and accuracy grows clearly from N = 16 to N = 1000. Seed 13, the
@@ -11,6 +12,7 @@ Two baselines say what the caption pre-training buys: full fine-tuning of ``vlt5
 skill alone, ``exist`` questions only (N = 1000), pre-trained against scratch.
 """
 
+import sys
 import time
 
 from workbench.train import RunConfig, run
@@ -47,6 +49,22 @@ def main():
     for backbone in ("vlt5-tiny", "vlt5-tiny-scratch"):
         r = run(exist.replace(backbone=backbone))
         print(f"  {backbone:>17} | test {r.metrics['test']['overall']:.3f} | best epoch {r.metrics['best_epoch']}")
+    if "--more-data" in sys.argv:
+        more_data(base)
+
+
+def more_data(base: RunConfig):
+    """Is the learner, not the pre-training, the limit? The scratch model with 4x the data, and one
+    question type with only its share of N = 1000 (125 questions) against all 1000."""
+    print("\nmore data, vlt5-tiny-scratch, full fine-tuning:")
+    r = run(base.replace(backbone="vlt5-tiny-scratch", method="full", n_shots=4000, pool_size=10000, lr=LR["full"],
+                         epochs=24, eval_every=4, patience=3))
+    print(f"  all types, N=4000: test {r.metrics['test']['overall']:.3f} | dev best {r.metrics['dev_best']:.3f} "
+          f"at epoch {r.metrics['best_epoch']} of 24")
+    for n, epochs in ((125, 160), (1000, 20)):
+        r = run(base.replace(backbone="vlt5-tiny-scratch", method="full", n_shots=n, lr=LR["full"], epochs=epochs,
+                             eval_every=2 if n == 1000 else 8, task_options={"types": ["exist"]}))
+        print(f"  exist only, N={n:<4}: test {r.metrics['test']['overall']:.3f}")
 
 
 if __name__ == "__main__":
