@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from workbench.data import load_task
-from workbench.data.shapesworld import COLORS, SHAPES, SIZES, ShapesWorld
+from workbench.data import COLORS, SHAPES, SIZES, ShapesWorld, load_scene, load_task
 from workbench.models import VLModel, load_backbone
+from workbench.models.pretrain import grounding_targets
 from workbench.train import RunConfig, run
 from workbench.utils import seed_everything
 
@@ -46,66 +46,55 @@ def main():
           f"(target at N=1000: >= 0.75)")
 
     print("\nwithout language pre-training (vlt5-tiny-scratch, full fine-tuning):")
+    scratch = base.replace(backbone="vlt5-tiny-scratch", method="full", lr=LR["full"])
     for n, budget in BUDGET.items():
-        r = run(base.replace(backbone="vlt5-tiny-scratch", method="full", n_shots=n, lr=LR["full"], **budget))
+        r = run(scratch.replace(n_shots=n, **budget))
         print(f"  N={n:<5} scratch {r.metrics['test']['overall']:.3f} | pre-trained {acc_of['full', n]:.3f}")
 
     print("\none skill: exist questions only, N=1000, full fine-tuning, 20 epochs:")
-    exist = base.replace(method="full", n_shots=1000, lr=LR["full"], epochs=20, eval_every=2,
-                         task_options={"types": ["exist"]})
+    exist = scratch.replace(n_shots=1000, epochs=20, eval_every=2, task_options={"types": ["exist"]})
     for backbone in ("vlt5-tiny", "vlt5-tiny-scratch"):
         r = run(exist.replace(backbone=backbone))
         print(f"  {backbone:>17} | test {r.metrics['test']['overall']:.3f} | best epoch {r.metrics['best_epoch']}")
     if "--more-data" in sys.argv:
-        more_data(base)
+        more_data(scratch, exist)
 
 
-def more_data(base: RunConfig):
+def more_data(scratch: RunConfig, exist: RunConfig):
     """Where is the limit? The scratch model with 4x the data; one question type with only its share
     of N = 1000 (125 questions) against all 1000; and perfect perception (symbolic scene tokens)."""
     print("\nmore data, vlt5-tiny-scratch, full fine-tuning:")
-    r = run(base.replace(backbone="vlt5-tiny-scratch", method="full", n_shots=4000, pool_size=10000, lr=LR["full"],
-                         epochs=24, eval_every=4, patience=3))
+    r = run(scratch.replace(n_shots=4000, pool_size=10000, epochs=24, eval_every=4, patience=3))
     print(f"  all types, N=4000: test {r.metrics['test']['overall']:.3f} | dev best {r.metrics['dev_best']:.3f} "
           f"at epoch {r.metrics['best_epoch']} of 24")
-    for n, epochs in ((125, 160), (1000, 20)):
-        r = run(base.replace(backbone="vlt5-tiny-scratch", method="full", n_shots=n, lr=LR["full"], epochs=epochs,
-                             eval_every=2 if n == 1000 else 8, task_options={"types": ["exist"]}))
-        print(f"  exist only, N={n:<4}: test {r.metrics['test']['overall']:.3f}")
+    for config in (exist.replace(n_shots=125, epochs=160, eval_every=8), exist):  # the second is stored already
+        r = run(config)
+        print(f"  exist only, N={config.n_shots:<4}: test {r.metrics['test']['overall']:.3f}")
     with tempfile.TemporaryDirectory() as tmp:
         backbone, store = symbolic_oracle(Path(tmp))
-        r = run(base.replace(backbone=str(backbone), method="full", n_shots=1000, lr=LR["full"], epochs=40,
-                             eval_every=4, task_options={"features": str(store)}), store=str(Path(tmp) / "runs"))
+        r = run(scratch.replace(backbone=str(backbone), n_shots=1000, epochs=40, eval_every=4,
+                                task_options={"features": str(store)}), store=str(Path(tmp) / "runs"))
         print(f"  perfect perception (symbolic scene tokens into the fresh T5), N=1000: "
               f"test {r.metrics['test']['overall']:.3f}")
 
 
 def symbolic_oracle(tmp: Path) -> tuple[Path, Path]:
     """A backbone and a feature store for perfect perception: each of the 9 cell tokens is the one-hot
-    of its object's colour, shape and size (read from the scene, not the pixels) and of its position,
-    fed through a fresh projector into vlt5-tiny-scratch's T5. What the language model learns from
-    N questions when seeing is not the problem."""
-    world, n_cells = ShapesWorld(0), 9
-    width = (len(COLORS) + 1) + (len(SHAPES) + 1) + (len(SIZES) + 1) + n_cells
-    feats = {}
-    for split in ("train", "test"):
-        for e in load_task("shapes-vqa", split):
-            scene_split, index = e.image_id.rsplit("-", 1)
-            x = np.zeros((n_cells, width), np.float32)
-            x[:, 0] = x[:, len(COLORS) + 1] = x[:, len(COLORS) + len(SHAPES) + 2] = 1.0  # "empty"
-            x[np.arange(n_cells), width - n_cells + np.arange(n_cells)] = 1.0
-            for o in world.scene(scene_split, int(index)).objects:
-                cell = o.row * 3 + o.col
-                x[cell, : width - n_cells] = 0.0
-                x[cell, [list(COLORS).index(o.color) + 1, len(COLORS) + 1 + SHAPES.index(o.shape) + 1,
-                         len(COLORS) + len(SHAPES) + 2 + SIZES.index(o.size) + 1]] = 1.0
-            feats[e.image_id] = x
-    np.savez(tmp / "symbolic.npz", **feats)
+    of its object's colour, shape and size (the pre-training's grounding targets, read from the scene,
+    not the pixels) and of its position, fed through a fresh projector into vlt5-tiny-scratch's T5.
+    What the language model learns from N questions when seeing is not the problem."""
+    world = ShapesWorld(0)
+    examples = load_task("shapes-vqa", "train") + load_task("shapes-vqa", "test")
+    codes = grounding_targets([world.caption(load_scene(e)) for e in examples]).numpy()  # [n, 9, 3], 0 = empty
+    n_cells = codes.shape[1]
+    one_hots = [np.eye(len(values) + 1, dtype=np.float32)[codes[..., k]] for k, values in enumerate((COLORS, SHAPES, SIZES))]
+    position = np.broadcast_to(np.eye(n_cells, dtype=np.float32), (len(examples), n_cells, n_cells))
+    feats = np.concatenate([*one_hots, position], axis=-1)
+    np.savez(tmp / "symbolic.npz", **{e.image_id: x for e, x in zip(examples, feats)})
     scratch = load_backbone("vlt5-tiny-scratch", seed=0)
-    VLModel(scratch.lm, scratch.tokenizer, feat_dim=width, seed=0, name="symbolic-oracle").save_pretrained(
+    VLModel(scratch.lm, scratch.tokenizer, feat_dim=feats.shape[-1], seed=0, name="symbolic-oracle").save_pretrained(
         tmp / "oracle")
     return tmp / "oracle", tmp / "symbolic.npz"
-
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from workbench.data import Example, list_tasks, load_image, load_images, load_task
+from workbench.data import Example, ShapesWorld, list_tasks, load_image, load_images, load_scene, load_task
 
 
 def test_known_tasks():
@@ -28,6 +28,15 @@ def test_shapes_vqa_examples():
     assert e.prompt.startswith("vqa: ") and e.prompt.endswith("?")
     assert len(e.answers) == 1 and e.question_type is not None
     assert load_image(e).shape == (64, 64, 3)
+
+
+def test_load_scene_is_the_scene_behind_the_image():
+    e = load_task("shapes-vqa", "test", n_scenes=3)[2]
+    scene = load_scene(e)
+    assert scene.key == e.image_id and len(scene.objects) == e.meta["n_objects"]
+    assert np.array_equal(ShapesWorld(0).render(scene), load_image(e))
+    with pytest.raises(ValueError, match="not a ShapesWorld image"):
+        load_scene("data/images/cat.png")
 
 
 def test_shapes_vqa_sizes_are_parameters():

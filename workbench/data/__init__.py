@@ -14,7 +14,7 @@ from .shapesworld import (
     ShapesWorld,
 )
 from .splits import SEEDS, SHOTS, low_resource_split
-from .tasks import list_tasks, load_image, load_images, load_task, register_task
+from .tasks import list_tasks, load_image, load_images, load_scene, load_task, register_task
 
 __all__ = [
     "ANSWER_VOCAB",
@@ -36,6 +36,7 @@ __all__ = [
     "list_tasks",
     "load_image",
     "load_images",
+    "load_scene",
     "load_task",
     "low_resource_split",
     "register_task",

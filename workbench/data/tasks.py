@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .example import Example
-from .shapesworld import ShapesWorld
+from .shapesworld import Scene, ShapesWorld
 
 VQA_PROMPT = "vqa: {question}"
 CAPTION_PROMPT = "caption:"
@@ -169,20 +169,38 @@ def _world(seed: int, image_size: int) -> ShapesWorld:
     return ShapesWorld(seed=seed, image_size=image_size)
 
 
+def _image_ref(ref: str | Example) -> str:
+    if isinstance(ref, Example):
+        if ref.image_ref is None:
+            raise ValueError(f"example {ref.id!r} has no image_ref; real datasets use a FeatureStore")
+        return ref.image_ref
+    return ref
+
+
+def _world_and_scene(ref: str) -> tuple[ShapesWorld, Scene]:
+    _, seed, size, split, index = ref.split(":")
+    world = _world(int(seed), int(size))
+    return world, world.scene(split, int(index))
+
+
+def load_scene(ref: str | Example) -> Scene:
+    """The ShapesWorld scene (its objects, not its pixels) behind an example or a ``shapesworld:`` ref."""
+    ref = _image_ref(ref)
+    if not ref.startswith("shapesworld:"):
+        raise ValueError(f"{ref!r} is not a ShapesWorld image (expected 'shapesworld:seed:size:split:index')")
+    return _world_and_scene(ref)[1]
+
+
 def load_image(ref: str | Example) -> np.ndarray:
     """Pixels (``uint8 [H, W, 3]``) for an example or its ``image_ref``.
 
     ``shapesworld:`` references are rendered on the fly (deterministic); anything else is a
     path to an image file read with Pillow.
     """
-    if isinstance(ref, Example):
-        if ref.image_ref is None:
-            raise ValueError(f"example {ref.id!r} has no image_ref; real datasets use a FeatureStore")
-        ref = ref.image_ref
+    ref = _image_ref(ref)
     if ref.startswith("shapesworld:"):
-        _, seed, size, split, index = ref.split(":")
-        world = _world(int(seed), int(size))
-        return world.render(world.scene(split, int(index)))
+        world, scene = _world_and_scene(ref)
+        return world.render(scene)
     from PIL import Image
 
     with Image.open(ref) as im:
