@@ -4,7 +4,16 @@ import numpy as np
 import pytest
 
 from workbench.data.shapesworld import ShapesWorld, parse_caption
-from workbench.models.pretrain import PretrainConfig, fill_example, ground_example, match_example, task_pairs
+from dataclasses import asdict
+
+from workbench.models.pretrain import (
+    PretrainConfig,
+    _task_mix,
+    fill_example,
+    ground_example,
+    match_example,
+    task_pairs,
+)
 
 CAPTION = "there is a large blue diamond at the top and a small white square at the bottom right."
 
@@ -90,4 +99,12 @@ def test_text_warmup_is_validated():
     with pytest.raises(ValueError, match="text_warmup_steps must be"):
         PretrainConfig(fill_share=0.1, steps=100, text_warmup_steps=100)
     with pytest.raises(ValueError, match="needs at least one text-side task"):
-        PretrainConfig(text_warmup_steps=10)
+        PretrainConfig(fill_share=0.0, match_share=0.0, ground_share=0.0, text_warmup_steps=10)
+
+
+def test_model_card_states_the_task_mix_it_was_trained_with():
+    mixed = _task_mix(asdict(PretrainConfig(fill_share=0.3, match_share=0.1, ground_share=0.4)))
+    assert "20 % captioning" in mixed and "30 % attribute filling" in mixed
+    assert "10 % caption-image matching" in mixed and "40 % grounded captioning" in mixed
+    only_captions = _task_mix(asdict(PretrainConfig(fill_share=0.0, match_share=0.0, ground_share=0.0)))
+    assert only_captions == "Every batch is captioning (prompt `caption:`)."
