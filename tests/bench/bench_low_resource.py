@@ -22,13 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from workbench.data import COLORS, SHAPES, SIZES, ShapesWorld, load_scene, load_task
+from workbench.methods import get_config
 from workbench.models import VLModel, load_backbone
 from workbench.models.pretrain import grounding_targets
 from workbench.train import RunConfig, run
 from workbench.utils import seed_everything
 
 BUDGET = {16: dict(epochs=40, eval_every=2), 64: dict(epochs=40, eval_every=2), 1000: dict(epochs=40, eval_every=4)}
-LR = {"full": 3e-4, "lora": 1e-3}  # = FullConfig.lr, LoraConfig.lr
+LR = {m: get_config(m).lr for m in ("full", "lora")}  # the methods' defaults: 3e-4, 1e-3
 
 
 def main():

@@ -1,18 +1,18 @@
 """The pre-training objectives derived from captions (workbench.models.pretrain)."""
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from workbench.data.shapesworld import ShapesWorld, parse_caption
-from dataclasses import asdict
-
+from workbench.models import load_backbone
 from workbench.models.pretrain import (
     PretrainConfig,
     _task_mix,
     fill_example,
     ground_example,
     match_example,
+    pretrain,
     task_pairs,
 )
 
@@ -104,19 +104,16 @@ def test_text_warmup_is_validated():
 
 
 def test_model_card_states_the_task_mix_it_was_trained_with():
-    mixed = _task_mix(asdict(PretrainConfig(fill_share=0.3, match_share=0.1, ground_share=0.4)))
+    mixed = _task_mix(PretrainConfig(fill_share=0.3, match_share=0.1, ground_share=0.4))
     assert "20 % captioning" in mixed and "30 % attribute filling" in mixed
     assert "10 % caption-image matching" in mixed and "40 % grounded captioning" in mixed
-    only_captions = _task_mix(asdict(PretrainConfig(fill_share=0.0, match_share=0.0, ground_share=0.0)))
+    only_captions = _task_mix(PretrainConfig(fill_share=0.0, match_share=0.0, ground_share=0.0))
     assert only_captions == "Every batch is captioning (prompt `caption:`)."
 
 
 def test_pretraining_is_deterministic_and_writes_a_loadable_checkpoint(tmp_path):
     """Two runs of the same config give the same weights and scores (what `make pretrain` relies
     on), and the saved checkpoint loads through the factory with the same weights."""
-    from workbench.models import load_backbone
-    from workbench.models.pretrain import pretrain
-
     cfg = PretrainConfig(n_scenes=64, steps=3, batch_size=8, warmup=1, d_model=32, d_ff=64, n_heads=2,
                          n_enc_layers=1, n_dec_layers=1, vocab_size=300, eval_scenes=2)
     first, report = pretrain(cfg, out=tmp_path / "a", quiet=True)

@@ -351,16 +351,15 @@ def pretrain(cfg: PretrainConfig, out: Path | None = None, quiet: bool = False,
     return model, report
 
 
-def _task_mix(cfg: dict) -> str:
+def _task_mix(cfg: PretrainConfig) -> str:
     """The card's sentence on which tasks, all derived from the captions, shared each batch."""
-    fill, match, ground = (cfg.get(k, 0.0) for k in ("fill_share", "match_share", "ground_share"))
-    if not fill + match + ground:
+    if not cfg.text_share:
         return "Every batch is captioning (prompt `caption:`)."
     parts = [f"{100 * share:.0f} % {text}" for share, text in (
-        (1 - fill - match - ground, "captioning (`caption:`)"),
-        (fill, "attribute filling (`fill: a large _ circle at the _.` -> `blue, center`)"),
-        (match, "caption-image matching (`match: <caption, maybe with one attribute swapped>` -> `true` / `false`)"),
-        (ground, "grounded captioning and grounding on the caption's object phrases "
+        (1 - cfg.text_share, "captioning (`caption:`)"),
+        (cfg.fill_share, "attribute filling (`fill: a large _ circle at the _.` -> `blue, center`)"),
+        (cfg.match_share, "caption-image matching (`match: <caption, maybe with one attribute swapped>` -> `true` / `false`)"),
+        (cfg.ground_share, "grounded captioning and grounding on the caption's object phrases "
                  "(`describe: top left` -> `small red circle`; `locate: red circle` -> `top left`)"),
     ) if share]
     return ("Each batch mixes tasks made from the captions alone (like VL-T5's pre-training tasks): "
@@ -379,7 +378,7 @@ encoder-decoder ({cfg['n_enc_layers']} + {cfg['n_dec_layers']} layers, d_model {
 
 Pre-trained **on ShapesWorld captions only** (`shapes-caption/pretrain`, {cfg['n_scenes']:,} scenes), no question
 answering — like VL-T5 "novqa", so VQA is a task *inconsistent* with pre-training.
-{_task_mix(cfg)}
+{_task_mix(PretrainConfig(**cfg))}
 The tokenizer's vocabulary was fitted on captions and question phrasings (vocabulary only, no labels).
 The CNN is also trained with a grounding objective derived from the same captions (weight
 {cfg['grounding_weight']}): each of the 3x3 cells' visual tokens predicts the colour, shape and size that the
