@@ -241,7 +241,7 @@ print(f"{len(above)} runs above the blind prior:", ", ".join(f"{run_label(r)} {r
 # One seed, 64 questions and 500 test questions: the standard error of one accuracy is about
 # 0.02, so neighbours in the table are not distinguishable. Per-method learning rates move single
 # runs. LoRA scores 0.36 here at 5e-3 and 0.28 at its default 1e-3 (`01_quickstart.ipynb`), while
-# at N = 1000 the default does better (0.69 against 0.57). The amount of data moves the numbers
+# at N = 1000 the default does better (0.69 against 0.61). The amount of data moves the numbers
 # more than the choice of method: the widget below re-runs any method with more shots.
 
 # %% [markdown]

@@ -7,7 +7,7 @@ Targets (issue 3): at N = 1000 the better of full fine-tuning and LoRA reaches a
 test accuracy on shapes-vqa, and accuracy grows clearly from N = 16 to N = 1000. Seed 13, the
 first 500 test questions, the methods' default learning rates: full 3e-4, LoRA 1e-3. (At 1e-3
 full fine-tuning stays on a plateau; on this checkpoint LoRA gives 0.69 at N = 1000 with 1e-3 or
-2e-3 and 0.57 with 5e-3.)
+2e-3 and 0.61 with 5e-3.)
 
 Two baselines say what the caption pre-training buys: full fine-tuning of ``vlt5-tiny-scratch``
 (the same model with its T5 re-initialised, the CNN features unchanged) at the same N, and one
