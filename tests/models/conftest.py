@@ -53,10 +53,11 @@ def family(request):
 
 @pytest.fixture
 def tiny_model(tiny_hf_dirs, family):
-    """A fresh :class:`VLModel` (eval mode) wrapping the tiny checkpoint of ``family``."""
+    """A fresh :class:`VLModel` (eval mode) wrapping the tiny checkpoint of ``family``, ``visual_first``
+    (the layout these tests spell out; ``test_layout.py`` covers ``text_first``, the HF default)."""
     from workbench.models import load_backbone
 
-    return load_backbone(tiny_hf_dirs[family], feat_dim=FEAT_DIM, seed=0).eval()
+    return load_backbone(tiny_hf_dirs[family], feat_dim=FEAT_DIM, seed=0, layout="visual_first").eval()
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ def test_checkpoint_is_committed_with_its_card():
 
 
 def test_reproduces_the_card_on_a_sample(model):
-    from workbench.models.pretrain import evaluate_captions
+    from workbench.train.pretrain import evaluate_captions
 
     card = json.loads((CKPT / "pretrain_report.json").read_text())["test_scores"]
     again = evaluate_captions(model, 50)
@@ -45,7 +45,7 @@ def test_scratch_baseline_keeps_the_visual_side_and_resets_the_lm(model):
 
     from workbench.models import load_backbone
     from workbench.models.factory import backbone_fingerprint
-    from workbench.models.pretrain import evaluate_captions
+    from workbench.train.pretrain import evaluate_captions
 
     scratch = load_backbone("vlt5-tiny-scratch")
     pre, new = model.state_dict(), scratch.state_dict()

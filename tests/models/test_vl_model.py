@@ -307,17 +307,19 @@ def test_vlt5_tiny_is_registered():
         load_backbone("vlt5-tiny")
 
 
-def test_register_backbone(tiny_hf_dirs, monkeypatch):
-    monkeypatch.setattr(factory_mod, "_REGISTRY", dict(factory_mod._REGISTRY))
-
+def test_register_backbone(tiny_hf_dirs):
     @register_backbone("tiny-bart-test")
     def _tiny(**options):
         return load_backbone(tiny_hf_dirs["bart"], **options)
 
-    assert "tiny-bart-test" in list_backbones()
-    assert load_backbone("tiny-bart-test", feat_dim=8).family == "bart"
-    with pytest.raises(ValueError, match="already registered"):
-        register_backbone("tiny-bart-test")(lambda **o: None)
+    try:
+        assert "tiny-bart-test" in list_backbones()
+        assert load_backbone("tiny-bart-test", feat_dim=8).family == "bart"
+        with pytest.raises(ValueError, match="already registered"):
+            register_backbone("tiny-bart-test")(lambda **o: None)
+    finally:
+        factory_mod.BACKBONES.unregister("tiny-bart-test")
+    assert "tiny-bart-test" not in list_backbones()
 
 
 # --- the tokenizer -------------------------------------------------------------------------------

@@ -23,16 +23,29 @@ How PEFT methods attach (see :mod:`workbench.models.vl_model`):
 - input embeddings (prompt tuning)::
 
       model.add_input_modifier(module)   # module(inputs: EncoderInputs) -> EncoderInputs
+
+The per-forward context (masks, labels, stack outputs) that methods read: ``model.context``
+(:class:`ForwardContext`). Activation capture at every named point: :func:`capture`.
 """
 
+from .capture import Activations, available_points, capture, point_info
+from .checkpoint import CheckpointError
+from .context import LAYOUTS, EncoderInputs, ForwardContext
 from .factory import list_backbones, load_backbone, load_directory, register_backbone
 from .families import FAMILIES, Family, InsertionPoint, build_lm_config, get_family
+from .sites import ModificationSite
 from .tokenizer import train_tokenizer
 from .visual import VisualEncoder, extract_features
-from .vl_model import CheckpointError, EncoderInputs, ModificationSite, VLConfig, VLModel
+from .vl_model import VLConfig, VLModel
 
 __all__ = [
     "FAMILIES",
+    "LAYOUTS",
+    "Activations",
+    "ForwardContext",
+    "available_points",
+    "capture",
+    "point_info",
     "CheckpointError",
     "EncoderInputs",
     "Family",

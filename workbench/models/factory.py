@@ -14,7 +14,9 @@ A directory may hold
 Options: ``feat_dim`` (int), ``seed`` (int, default 0; fresh projector / visual encoder only),
 ``device`` (``"cpu"``, ``"cuda"``, ``"auto"`` = :func:`workbench.utils.pick_device`; default: CPU),
 ``visual_encoder`` (HF checkpoints only: ``True`` for a default :class:`VisualEncoder`, a dict of its
-arguments, or an instance), ``name`` (a label stored in the config).
+arguments, or an instance), ``name`` (a label stored in the config), ``layout`` (``"text_first"`` or
+``"visual_first"``: an HF checkpoint is wrapped ``text_first`` by default, the official VL-T5 / VL-BART
+input; a workbench checkpoint keeps the layout it records and refuses another).
 """
 
 from __future__ import annotations
@@ -25,13 +27,16 @@ from pathlib import Path
 
 import torch
 
+from workbench.registry import Registry
 from workbench.utils import pick_device, repo_root
 
 from .families import family_for_model_type
-from .vl_model import CONFIG_NAME, VLModel
+from .checkpoint import CONFIG_NAME
+from .context import check_layout
+from .vl_model import VLModel
 
-_REGISTRY: dict[str, Callable[..., VLModel]] = {}
-_OPTIONS = {"feat_dim", "seed", "device", "visual_encoder", "name"}
+BACKBONES: Registry[Callable[..., VLModel]] = Registry("backbone")
+_OPTIONS = {"feat_dim", "seed", "device", "visual_encoder", "name", "layout"}
 
 HF_WEIGHT_FILES = (
     "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -45,17 +50,14 @@ def register_backbone(name: str):
         raise ValueError(f"a backbone name must be a non-empty string, got {name!r}")
 
     def deco(fn):
-        if name in _REGISTRY and _REGISTRY[name] is not fn:
-            raise ValueError(f"backbone {name!r} is already registered")
-        _REGISTRY[name] = fn
-        return fn
+        return BACKBONES.register(name, fn)
 
     return deco
 
 
 def list_backbones() -> list[str]:
     """The registered backbone names, sorted."""
-    return sorted(_REGISTRY)
+    return BACKBONES.names()
 
 
 def load_backbone(name_or_path, **options) -> VLModel:
@@ -63,8 +65,8 @@ def load_backbone(name_or_path, **options) -> VLModel:
     unknown = set(options) - _OPTIONS
     if unknown:
         raise TypeError(f"unknown option(s) {sorted(unknown)}; load_backbone accepts {sorted(_OPTIONS)}")
-    if isinstance(name_or_path, str) and name_or_path in _REGISTRY:
-        return _REGISTRY[name_or_path](**options)
+    if isinstance(name_or_path, str) and name_or_path in BACKBONES:
+        return BACKBONES.get(name_or_path)(**options)
     if not isinstance(name_or_path, (str, Path)):
         raise TypeError(f"name_or_path must be a str or Path, got {type(name_or_path).__name__}")
     path = Path(name_or_path).expanduser()
@@ -87,7 +89,7 @@ def load_backbone(name_or_path, **options) -> VLModel:
 
 
 def load_directory(path, feat_dim: int | None = None, seed: int = 0, device=None, visual_encoder=None,
-                   name: str | None = None) -> VLModel:
+                   name: str | None = None, layout: str | None = None) -> VLModel:
     """Load a workbench checkpoint or wrap an HF T5/BART checkpoint found in ``path``."""
     path = Path(path)
     if not path.is_dir():
@@ -97,12 +99,12 @@ def load_directory(path, feat_dim: int | None = None, seed: int = 0, device=None
         if visual_encoder is not None:
             raise ValueError("visual_encoder= only applies when wrapping a plain HF checkpoint; "
                              f"{path} is a workbench checkpoint with its own")
-        model = VLModel.from_pretrained(path, feat_dim=feat_dim, device=device)
+        model = VLModel.from_pretrained(path, feat_dim=feat_dim, device=device, layout=layout)
         if name is not None:
             model.config.name = name
         return model
     if (path / "config.json").is_file():
-        return _wrap_hf_directory(path, feat_dim, seed, device, visual_encoder, name)
+        return _wrap_hf_directory(path, feat_dim, seed, device, visual_encoder, name, layout or "text_first")
     raise FileNotFoundError(
         f"{path} holds neither {CONFIG_NAME} (a workbench checkpoint) nor config.json (a Hugging Face "
         f"checkpoint). Put the model's config.json, weights ({' or '.join(HF_WEIGHT_FILES[::2])}) and "
@@ -116,7 +118,8 @@ def _device(device):
     return pick_device() if device == "auto" else torch.device(device)
 
 
-def _wrap_hf_directory(path: Path, feat_dim, seed, device, visual_encoder, name) -> VLModel:
+def _wrap_hf_directory(path: Path, feat_dim, seed, device, visual_encoder, name, layout) -> VLModel:
+    check_layout(layout)
     try:
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
     except json.JSONDecodeError as e:
@@ -147,7 +150,7 @@ def _wrap_hf_directory(path: Path, feat_dim, seed, device, visual_encoder, name)
         with torch.random.fork_rng(devices=[]):  # seeded, without moving the caller's RNG
             torch.manual_seed(seed)
             visual_encoder = VisualEncoder(**visual_encoder)
-    model = VLModel(lm, tokenizer, feat_dim, visual_encoder=visual_encoder, seed=seed, name=name)
+    model = VLModel(lm, tokenizer, feat_dim, visual_encoder=visual_encoder, seed=seed, name=name, layout=layout)
     if device is not None:
         model.to(device)
     return model
@@ -202,7 +205,7 @@ def backbone_fingerprint(name_or_path) -> str:
     """
     import hashlib
 
-    if isinstance(name_or_path, str) and name_or_path in _REGISTRY:
+    if isinstance(name_or_path, str) and name_or_path in BACKBONES:
         path = _checkpoint_dir(name_or_path)
     else:
         path = Path(name_or_path).expanduser()

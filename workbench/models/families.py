@@ -16,7 +16,7 @@ and inside each attention the projections ``.q .k .v .o`` (T5 ``q k v o``, BART 
 v_proj out_proj``), inside each FFN ``.wi .wo`` (T5 ``wi wo``, gated T5 v1.1 ``wi_0 wi_1 wo``, BART
 ``fc1 fc2``).
 
-For a sub-layer the spec (spec/methods.md) defines X as the residual stream entering it and H as
+For a sub-layer the workbench defines X as the residual stream entering it and H as
 its output before dropout and residual. Where those tensors are, per family:
 
 - T5 is pre-LN: ``layer.k(hidden_states)`` computes ``hidden + dropout(F(layer_norm(hidden)))``.
@@ -240,6 +240,73 @@ def family_for_model_type(model_type: str) -> Family:
 def family_of(lm: nn.Module) -> Family:
     """The family of an instantiated HF model."""
     return family_for_model_type(getattr(lm.config, "model_type", type(lm).__name__))
+
+
+def install_context_hooks(lm: nn.Module, family: Family, context) -> None:
+    """Install the model's own hooks that fill its :class:`~workbench.models.context.ForwardContext`.
+
+    On every family: the decoder stack's masks (a pre-hook that runs before any other) and the
+    last hidden state of each stack. With the ``text_first`` layout, the positional information is
+    restricted to the text tokens, as the official VL-T5 code does: T5's relative position bias is
+    computed for the text block and is zero between any pair involving a visual token; BART's learned
+    positions are added to the text tokens only.
+    """
+    from .context import DecoderContextHook, StackOutputHook
+
+    enc, dec = lm.get_encoder(), lm.get_decoder()
+    dec.register_forward_pre_hook(DecoderContextHook(context), with_kwargs=True, prepend=True)
+    enc.register_forward_hook(StackOutputHook(context, "encoder"))
+    dec.register_forward_hook(StackOutputHook(context, "decoder"))
+    if context.layout != "text_first":
+        return
+    if family.name == "t5":
+        enc.block[0].layer[0].SelfAttention.register_forward_pre_hook(_T5TextOnlyBias(context), with_kwargs=True)
+    else:
+        enc.embed_positions.register_forward_hook(_BartTextOnlyPositions(context))
+
+
+def _text_length(context, seq_len: int) -> int | None:
+    """The length of the text block when the encoder runs on the context's input, else None."""
+    inputs = context.inputs
+    if inputs is None or inputs.embeds.shape[1] != seq_len or inputs.visual_start == 0:
+        return None
+    return inputs.visual_start
+
+
+class _T5TextOnlyBias:
+    """Pre-hook on the first encoder self-attention: hand it a bias that is T5's relative bias on the
+    text block and 0 elsewhere (the later layers reuse the bias the first one returns)."""
+
+    def __init__(self, context):
+        self.context = context
+
+    def __call__(self, module, args, kwargs):
+        if kwargs.get("position_bias") is not None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        s = hidden.shape[1]
+        t = _text_length(self.context, s)
+        if t is None:
+            return None
+        text_bias = module.compute_bias(t, t, device=hidden.device)  # [1, heads, t, t]
+        bias = text_bias.new_zeros(1, text_bias.shape[1], s, s)
+        bias[:, :, :t, :t] = text_bias
+        return args, {**kwargs, "position_bias": bias}
+
+
+class _BartTextOnlyPositions:
+    """Forward hook on BART's encoder position table: zero the positions of the visual tokens."""
+
+    def __init__(self, context):
+        self.context = context
+
+    def __call__(self, module, args, output):
+        s = output.shape[-2]
+        t = _text_length(self.context, s)
+        if t is None:
+            return None
+        keep = (torch.arange(s, device=output.device) < t).to(output.dtype).unsqueeze(-1)
+        return output * keep
 
 
 def _has(module: nn.Module, path: str) -> bool:

@@ -92,7 +92,7 @@ def tiny_lm(family: str, tokenizer=None, *, d_model: int = 32, layers: int = 2, 
 
 
 def tiny_vlmodel(family: str, feat_dim: int = 16, visual_encoder: bool | dict | None = None, seed: int | None = 0,
-                 name: str | None = None, **lm_options):
+                 name: str | None = None, layout: str = "visual_first", **lm_options):
     """A :class:`~workbench.models.VLModel` around :func:`tiny_lm` (as constructed; call ``.eval()``).
 
     Args:
@@ -104,6 +104,7 @@ def tiny_vlmodel(family: str, feat_dim: int = 16, visual_encoder: bool | dict | 
         seed: seeds the weights (one forked RNG stream: the LM's first, then the visual encoder's)
             and the projector (``VLModel(seed=...)``); ``None``: unseeded, from the global RNG.
         name: the model's free label (``VLConfig.name``).
+        layout: ``"visual_first"`` or ``"text_first"`` (``VLModel(layout=...)``).
         lm_options: passed to :func:`tiny_lm` (``d_model``, ``layers``, ``heads``, ``d_ff``,
             ``tokenizer``, ``corpus``, ``vocab_size``, config extras).
     """
@@ -118,7 +119,7 @@ def tiny_vlmodel(family: str, feat_dim: int = 16, visual_encoder: bool | dict | 
         enc = None
         if visual_encoder is not None and visual_encoder is not False:
             enc = VisualEncoder(feat_dim=feat_dim, **visual_encoder)
-    return VLModel(lm, tok, feat_dim, visual_encoder=enc, seed=seed, name=name)
+    return VLModel(lm, tok, feat_dim, visual_encoder=enc, seed=seed, name=name, layout=layout)
 
 
 class RandomAdapter(torch.nn.Module):

@@ -1,11 +1,21 @@
 """The vision-language backbone: visual features -> projector -> HF encoder-decoder LM.
 
 This is the VL-Adapter / VL-T5 design. Visual features ``[batch, n_visual, feat_dim]`` go through a
-trainable projector (Linear + LayerNorm) into the LM's width and are placed *in front of* the
-embedded text prompt; the concatenation is fed to the encoder through ``inputs_embeds``; the
-decoder generates the answer or caption::
+trainable projector (Linear + LayerNorm) into the LM's width and are joined with the embedded text
+prompt; the concatenation is fed to the encoder through ``inputs_embeds``; the decoder generates
+the answer or caption::
 
     visual_feats --projector--> [v_1 .. v_n] ++ embed(prompt) --> encoder --> decoder --> text
+
+The order is the backbone's ``layout``: ``"visual_first"`` ([visual; text], positions over every
+token; vlt5-tiny was pre-trained so) or ``"text_first"`` ([text; visual] with the positional
+information -- T5's relative bias, BART's learned positions -- on the text tokens only, as the
+official VL-T5 / VL-Adapter / VL-PET / MixPHM code feeds T5).
+
+The model owns its hook points and the per-forward context (:mod:`workbench.models.context`):
+``model.context`` holds the masks, labels and stack outputs of the current forward for methods and
+activation capture (:mod:`workbench.models.capture`) to read. The modification sites are in
+:mod:`workbench.models.sites`, checkpoint I/O in :mod:`workbench.models.checkpoint`.
 
 Extension points for PEFT methods (see the README section of :mod:`workbench.models`):
 
@@ -25,28 +35,16 @@ point, never by rewriting a Hugging Face ``forward``.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
-from collections import OrderedDict
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 from torch import nn
 
-from .families import Family, InsertionPoint, family_of, get_family, insertion_points, unknown_point_error
-
-CONFIG_NAME = "workbench_config.json"
-WEIGHTS_NAME = "model.safetensors"
-FORMAT_NAME = "workbench-vlmodel"
-FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file exists but cannot be read (corrupted, truncated, wrong contents)."""
+from .checkpoint import CheckpointMixin
+from .context import EncoderInputs, ForwardContext, check_layout
+from .families import Family, family_of, insertion_points, install_context_hooks
+from .sites import SitesMixin
 
 
 @dataclass
@@ -61,6 +59,8 @@ class VLConfig:
             (``None`` when features are precomputed outside the model).
         max_new_tokens: the default generation length.
         name: a free label (e.g. ``"vlt5-tiny"``).
+        layout: ``"visual_first"`` or ``"text_first"`` (see the module docstring). A checkpoint
+            written before layouts existed was trained ``visual_first``, hence the default.
     """
 
     family: str
@@ -74,6 +74,7 @@ class VLConfig:
     visual_encoder: dict | None = None
     max_new_tokens: int = 20
     name: str | None = None
+    layout: str = "visual_first"
 
     @classmethod
     def from_dict(cls, d: dict) -> "VLConfig":
@@ -82,126 +83,8 @@ class VLConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-@dataclass
-class EncoderInputs:
-    """What the encoder is about to receive: embeddings, mask, and where the visual tokens end.
 
-    Input modifiers (prompt tuning, PETAL's instruction mixture, ...) take and return one of these.
-    ``embeds[:, :n_visual]`` are the projected visual tokens, the rest is the embedded prompt
-    (and whatever modifiers inserted). ``input_ids`` and ``visual_feats`` are there to read, e.g.
-    to pool the instruction; changing them has no effect.
-    """
-
-    embeds: torch.Tensor  # [batch, seq, d_model]
-    mask: torch.Tensor  # [batch, seq], 1 = attend
-    n_visual: int
-    input_ids: torch.Tensor | None = None
-    visual_feats: torch.Tensor | None = None
-    extras: dict = field(default_factory=dict)
-
-    def insert(self, position: int, vectors: torch.Tensor, mask: torch.Tensor | None = None) -> "EncoderInputs":
-        """Return a copy with ``vectors`` (``[L, d]`` or ``[batch, L, d]``) inserted at ``position``.
-
-        Prompt tuning is ``inputs.insert(inputs.n_visual, prompt)``: after the visual tokens, before
-        the text. The inserted positions are attended (mask 1) unless ``mask`` says otherwise.
-        """
-        b = self.embeds.shape[0]
-        if vectors.dim() == 2:
-            vectors = vectors.unsqueeze(0).expand(b, -1, -1)
-        if vectors.dim() != 3 or vectors.shape[0] != b or vectors.shape[2] != self.embeds.shape[2]:
-            raise ValueError(
-                f"vectors to insert must be [L, {self.embeds.shape[2]}] or [{b}, L, {self.embeds.shape[2]}], "
-                f"got {tuple(vectors.shape)}"
-            )
-        if not 0 <= position <= self.embeds.shape[1]:
-            raise ValueError(f"position must be in [0, {self.embeds.shape[1]}], got {position}")
-        if mask is None:
-            mask = self.mask.new_ones(b, vectors.shape[1])
-        vectors = vectors.to(self.embeds.dtype)
-        embeds = torch.cat([self.embeds[:, :position], vectors, self.embeds[:, position:]], dim=1)
-        new_mask = torch.cat([self.mask[:, :position], mask.to(self.mask.dtype), self.mask[:, position:]], dim=1)
-        n_visual = self.n_visual + vectors.shape[1] if position < self.n_visual else self.n_visual
-        return EncoderInputs(embeds, new_mask, n_visual, self.input_ids, self.visual_feats, dict(self.extras))
-
-
-# ---------------------------------------------------------------------------------------------
-# Modification sites and their hooks
-# ---------------------------------------------------------------------------------------------
-
-
-class ModificationSite(nn.ModuleDict):
-    """The modifications registered at one insertion point, applied in insertion order.
-
-    It lives at ``<layer>.peft_mods.<point key>`` so its modules are submodules of the model.
-    Two hooks feed it: a forward pre-hook on the module whose first input is X stores X, and a
-    forward hook on the module whose output is H replaces H by ``mods(x, h)`` in turn.
-    """
-
-    def __init__(self, point: InsertionPoint):
-        super().__init__()
-        self.point_name = point.name
-        self.kind = point.kind
-        # Plain attributes (not submodules): the modules the hooks sit on, and the handles.
-        self._hooked: tuple = ()
-        self._handles: list = []
-        self._x = None
-
-    def apply(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """Run every modification in order: ``h <- mod(x, h)``."""
-        for mod in self.values():
-            h = mod(x, h)
-        return h
-
-    def extra_repr(self) -> str:
-        return f"point={self.point_name!r}"
-
-
-def _first_input(args, kwargs):
-    # HF calls sub-layers with hidden_states first (positionally); fall back to the kwarg names.
-    if args:
-        return args[0]
-    for key in ("hidden_states", "input", "x"):
-        if key in kwargs:
-            return kwargs[key]
-    return next(iter(kwargs.values()), None)
-
-
-class _CaptureX:
-    """Forward pre-hook: remember the sub-layer input X for the site (a callable object rather than
-    a closure so that ``copy.deepcopy(model)`` rebinds it to the copied site)."""
-
-    def __init__(self, site: ModificationSite):
-        self.site = site
-
-    def __call__(self, module, args, kwargs):
-        self.site._x = _first_input(args, kwargs)
-        return None
-
-
-class _ModifyH:
-    """Forward hook: replace the output H (or ``output[0]`` for attention tuples) by the site's mods."""
-
-    def __init__(self, site: ModificationSite):
-        self.site = site
-
-    def __call__(self, module, args, kwargs, output):
-        site = self.site
-        x, site._x = site._x, None  # drop the reference: X must not outlive the forward
-        if len(site) == 0:
-            return None
-        if x is None:  # the pre-hook did not run: the module was called from an unexpected place
-            x = _first_input(args, kwargs)
-        if isinstance(output, tuple):
-            return (site.apply(x, output[0]),) + tuple(output[1:])
-        return site.apply(x, output)
-
-
-# ---------------------------------------------------------------------------------------------
-# The model
-# ---------------------------------------------------------------------------------------------
-
-
-class VLModel(nn.Module):
+class VLModel(SitesMixin, CheckpointMixin, nn.Module):
     """Visual features + text prompt -> HF seq2seq LM (T5 or BART).
 
     Args:
@@ -212,15 +95,20 @@ class VLModel(nn.Module):
             images into features (``encode_images``); saved with the model.
         seed: seeds the projector's initialisation without touching the global RNG state.
         name: a free label stored in the config.
+        layout: ``"visual_first"`` (default) or ``"text_first"``.
 
     Attributes:
         lm, projector, visual_encoder, tokenizer, family (``"t5"``/``"bart"``), config
-        (:class:`VLConfig`), input_modifiers (``nn.ModuleList``).
+        (:class:`VLConfig`), input_modifiers (``nn.ModuleList``), context
+        (:class:`~workbench.models.context.ForwardContext`).
     """
 
+    config_class = VLConfig
+
     def __init__(self, lm: nn.Module, tokenizer, feat_dim: int, visual_encoder: nn.Module | None = None,
-                 seed: int | None = 0, name: str | None = None):
+                 seed: int | None = 0, name: str | None = None, layout: str = "visual_first"):
         super().__init__()
+        check_layout(layout)
         fam = family_of(lm)
         if not isinstance(feat_dim, int) or isinstance(feat_dim, bool) or feat_dim < 1:
             raise ValueError(f"feat_dim must be a positive int, got {feat_dim!r}")
@@ -235,6 +123,7 @@ class VLModel(nn.Module):
             feat_dim=feat_dim,
             visual_encoder=visual_encoder.config_dict() if visual_encoder is not None else None,
             name=name,
+            layout=layout,
             **sizes,
         )
         self.lm = lm
@@ -249,6 +138,14 @@ class VLModel(nn.Module):
         self.projector.to(device=next(lm.parameters()).device, dtype=dtype)
         self.input_modifiers = nn.ModuleList()
         self._points = insertion_points(lm, fam, prefix="lm")
+        # The model's own hook points: the context is filled here and read by methods and capture.
+        self.context = ForwardContext(layout)
+        install_context_hooks(lm, fam, self.context)
+
+    @property
+    def layout(self) -> str:
+        """``"visual_first"`` or ``"text_first"``: where the visual tokens sit in the encoder input."""
+        return self.config.layout
 
     # --- basic properties ---------------------------------------------------------------------
 
@@ -305,32 +202,53 @@ class VLModel(nn.Module):
 
     def build_encoder_inputs(self, visual_feats, input_ids=None, attention_mask=None,
                              visual_mask=None) -> EncoderInputs:
-        """Project the features, embed the prompt, concatenate, then run the input modifiers.
+        """Project the features, embed the prompt, join them in the model's layout, run the input modifiers.
 
         This is the one place where the encoder's input is made (``forward``, ``encode`` and
         ``generate`` all call it), so an input modifier acts identically in training and decoding.
+        It does not touch ``model.context`` (``forward`` / ``encode`` start the context with it).
         """
+        inputs, _ = self._build(visual_feats, input_ids, attention_mask, visual_mask)
+        return inputs
+
+    def _build(self, visual_feats, input_ids, attention_mask, visual_mask, context: ForwardContext | None = None):
         visual_feats, input_ids, attention_mask, visual_mask = self._check_inputs(
             visual_feats, input_ids, attention_mask, visual_mask
         )
-        vis = self.projector(visual_feats.to(self.projector[0].weight.dtype))
-        b, n_visual = vis.shape[:2]
+        b, n_visual = visual_feats.shape[:2]
         if visual_mask is None:
-            visual_mask = torch.ones(b, n_visual, dtype=torch.long, device=vis.device)
+            visual_mask = torch.ones(b, n_visual, dtype=torch.long, device=visual_feats.device)
+        if context is not None:  # readers of the projector's output pool with the visual mask
+            context.visual_mask = visual_mask
+        vis = self.projector(visual_feats.to(self.projector[0].weight.dtype))
+        visual_start = 0
         if input_ids is None:
             embeds, mask = vis, visual_mask.long()
         else:
             text = self._family.embed_text(self.lm, input_ids).to(vis.dtype)
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
-            embeds = torch.cat([vis, text], dim=1)
-            mask = torch.cat([visual_mask.long(), attention_mask.long()], dim=1)
+            if self.layout == "text_first":
+                embeds = torch.cat([text, vis], dim=1)
+                mask = torch.cat([attention_mask.long(), visual_mask.long()], dim=1)
+                visual_start = text.shape[1]
+            else:
+                embeds = torch.cat([vis, text], dim=1)
+                mask = torch.cat([visual_mask.long(), attention_mask.long()], dim=1)
         inputs = EncoderInputs(embeds=embeds, mask=mask, n_visual=n_visual, input_ids=input_ids,
-                               visual_feats=visual_feats)
+                               visual_feats=visual_feats, visual_start=visual_start, layout=self.layout)
         for modifier in self.input_modifiers:
             inputs = modifier(inputs)
             if not isinstance(inputs, EncoderInputs):
                 raise TypeError(f"input modifier {type(modifier).__name__} must return an EncoderInputs")
+        return inputs, visual_mask
+
+    def _begin(self, visual_feats, input_ids, attention_mask, visual_mask, labels=None) -> EncoderInputs:
+        """Build the encoder input and start the forward context with it."""
+        self.refresh_hooks()
+        self.context.reset()
+        inputs, visual_mask = self._build(visual_feats, input_ids, attention_mask, visual_mask, self.context)
+        self.context.begin(inputs, visual_mask, labels)
         return inputs
 
     def _check_inputs(self, visual_feats, input_ids, attention_mask, visual_mask):
@@ -379,8 +297,7 @@ class VLModel(nn.Module):
 
     def encode(self, visual_feats, input_ids=None, attention_mask=None, visual_mask=None, **kw):
         """Run the encoder only -> ``(encoder_outputs, attention_mask)`` (for probes and ``generate``)."""
-        self._sync_hooks()
-        inputs = self.build_encoder_inputs(visual_feats, input_ids, attention_mask, visual_mask)
+        inputs = self._begin(visual_feats, input_ids, attention_mask, visual_mask)
         enc = self.lm.get_encoder()(inputs_embeds=inputs.embeds, attention_mask=inputs.mask, return_dict=True, **kw)
         return enc, inputs.mask
 
@@ -404,8 +321,7 @@ class VLModel(nn.Module):
             labels = torch.as_tensor(labels, device=self.device)
             if labels.dim() != 2 or labels.shape[0] != visual_feats.shape[0]:
                 raise ValueError(f"labels must be [batch={visual_feats.shape[0]}, tgt_len], got {tuple(labels.shape)}")
-        self._sync_hooks()
-        inputs = self.build_encoder_inputs(visual_feats, input_ids, attention_mask, visual_mask)
+        inputs = self._begin(visual_feats, input_ids, attention_mask, visual_mask, labels)
         return self.lm(inputs_embeds=inputs.embeds, attention_mask=inputs.mask, labels=labels,
                        decoder_input_ids=decoder_input_ids, **kw)
 
@@ -439,344 +355,6 @@ class VLModel(nn.Module):
         ids = self.generate(visual_feats, input_ids, attention_mask, visual_mask, num_beams=num_beams,
                             max_new_tokens=max_new_tokens, **kw)
         return self.decode(ids)
-
-    # --- insertion points ---------------------------------------------------------------------
-
-    def insertion_points(self, kind: str | None = None, stack: str | None = None) -> "OrderedDict[str, InsertionPoint]":
-        """Every named insertion point in forward order, optionally filtered by ``kind`` / ``stack``.
-
-        ``kind``: ``"sublayer"`` or ``"projection"``; ``stack``: ``"encoder"`` or ``"decoder"``.
-        """
-        if kind not in (None, "sublayer", "projection"):
-            raise ValueError(f"kind must be None, 'sublayer' or 'projection', got {kind!r}")
-        if stack not in (None, "encoder", "decoder"):
-            raise ValueError(f"stack must be None, 'encoder' or 'decoder', got {stack!r}")
-        return OrderedDict(
-            (n, p) for n, p in self._points.items()
-            if (kind is None or p.kind == kind) and (stack is None or p.stack == stack)
-        )
-
-    def get_point(self, name: str) -> InsertionPoint:
-        """The :class:`InsertionPoint` called ``name``; a ValueError suggests close valid names."""
-        if name not in self._points:
-            raise unknown_point_error(name, self._points)
-        return self._points[name]
-
-    def get_point_module(self, name: str) -> nn.Module:
-        """The module at a point: the projection ``nn.Linear`` (or its peft wrapper), or the module
-        whose output is H (the attention module for attention sub-layers)."""
-        return self.get_submodule(self.get_point(name).module_path)
-
-    # --- modifications --------------------------------------------------------------------------
-
-    def add_sublayer_modification(self, point_name: str, module: nn.Module, name: str | None = None) -> str:
-        """Register ``module`` (``forward(x, h) -> h'``) at a sub-layer point; returns its module path.
-
-        ``x`` is the residual stream entering the sub-layer (T5: before its LayerNorm; BART: the
-        sub-layer's input), ``h`` its output before dropout and residual. Several modifications at
-        one point compose in the order they were added. The module becomes a submodule at
-        ``<point.mods_path>.<name>`` (``name`` defaults to its index at the point).
-        """
-        return self._add_modification(point_name, module, name, "sublayer")
-
-    def add_projection_modification(self, point_name: str, module: nn.Module, name: str | None = None) -> str:
-        """Register ``module`` (``forward(x, y) -> y'``) on a projection point (q k v o wi wo).
-
-        ``x`` is the projection's input, ``y`` its output; e.g. VL-PET's decoder value adapter is
-        ``y + up(gelu(down(x)))`` at ``decoder.{i}.cross_attn.v``, IA3 is ``y * l``.
-        """
-        return self._add_modification(point_name, module, name, "projection")
-
-    def _add_modification(self, point_name, module, name, kind) -> str:
-        point = self.get_point(point_name)
-        if point.kind != kind:
-            other = "add_projection_modification" if point.kind == "projection" else "add_sublayer_modification"
-            raise ValueError(f"{point_name!r} is a {point.kind} point; use {other}")
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"a modification must be an nn.Module, got {type(module).__name__}")
-        site = self._site(point, create=True)
-        name = str(len(site)) if name is None else str(name)
-        if "." in name or not name:
-            raise ValueError(f"modification name must be non-empty and contain no '.', got {name!r}")
-        if name in site:
-            raise ValueError(f"a modification named {name!r} already exists at {point_name!r}")
-        site[name] = module.to(self.device)
-        return f"{point.mods_path}.{name}"
-
-    def _site(self, point: InsertionPoint, create: bool = False) -> ModificationSite | None:
-        layer = self.get_submodule(point.layer_path)
-        mods = getattr(layer, "peft_mods", None)
-        if mods is not None and point.key in mods:
-            return mods[point.key]
-        if not create:
-            return None
-        if mods is None:
-            layer.peft_mods = nn.ModuleDict()  # registered, so it is part of the state_dict
-        site = ModificationSite(point)
-        layer.peft_mods[point.key] = site
-        self._hook_site(site, point)
-        return site
-
-    def _hook_site(self, site: ModificationSite, point: InsertionPoint) -> None:
-        x_mod = self.get_submodule(point.x_path)
-        h_mod = self.get_submodule(point.module_path)
-        site._handles = [
-            x_mod.register_forward_pre_hook(_CaptureX(site), with_kwargs=True),
-            h_mod.register_forward_hook(_ModifyH(site), with_kwargs=True),
-        ]
-        site._hooked = (x_mod, h_mod)
-
-    def _sync_hooks(self) -> None:
-        """Move hooks whose module was replaced since they were installed.
-
-        peft's ``inject_adapter_in_model`` replaces e.g. BART's ``fc2`` by a wrapper; a hook left on
-        the wrapped base layer would see the output without the LoRA update. Checking identity is a
-        few attribute lookups per site, so every forward / encode / generate does it.
-        """
-        for point, site in self._iter_sites():
-            x_mod = self.get_submodule(point.x_path)
-            h_mod = self.get_submodule(point.module_path)
-            if site._hooked and (site._hooked[0] is not x_mod or site._hooked[1] is not h_mod):
-                for handle in site._handles:
-                    handle.remove()
-                self._hook_site(site, point)
-
-    def _iter_sites(self):
-        for point in self._points.values():
-            site = self._site(point)
-            if site is not None:
-                yield point, site
-
-    def modifications(self) -> "OrderedDict[str, list[tuple[str, nn.Module]]]":
-        """Point name -> ``[(name, module), ...]`` of every registered modification, in order."""
-        return OrderedDict((p.name, list(site.items())) for p, site in self._iter_sites() if len(site))
-
-    def remove_modifications(self, point_name: str | None = None, kind: str | None = None) -> list[nn.Module]:
-        """Remove the modifications (and their hooks) at one point, of one kind, or all; return them."""
-        if point_name is not None:
-            self.get_point(point_name)  # validates the name
-        removed = []
-        for point, site in list(self._iter_sites()):
-            if (point_name is not None and point.name != point_name) or (kind is not None and point.kind != kind):
-                continue
-            for handle in site._handles:
-                handle.remove()
-            site._handles, site._hooked = [], ()
-            removed.extend(site.values())
-            layer = self.get_submodule(point.layer_path)
-            del layer.peft_mods[point.key]
-            if len(layer.peft_mods) == 0:
-                del layer.peft_mods
-        return removed
-
-    def remove_sublayer_modifications(self, point_name: str | None = None) -> list[nn.Module]:
-        """Remove sub-layer modifications (all, or those at ``point_name``); return the modules."""
-        return self.remove_modifications(point_name, kind="sublayer")
-
-    def remove_projection_modifications(self, point_name: str | None = None) -> list[nn.Module]:
-        """Remove projection modifications (all, or those at ``point_name``); return the modules."""
-        return self.remove_modifications(point_name, kind="projection")
-
-    def add_input_modifier(self, module: nn.Module) -> int:
-        """Append ``module`` (``forward(inputs: EncoderInputs) -> EncoderInputs``) to the input path.
-
-        Prompt tuning: ``return inputs.insert(inputs.n_visual, self.prompt)``. Modifiers run in
-        order, after the visual/text concatenation, in forward, encode and generate alike. Returns
-        the index in ``model.input_modifiers``.
-        """
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"an input modifier must be an nn.Module, got {type(module).__name__}")
-        self.input_modifiers.append(module.to(self.device))
-        return len(self.input_modifiers) - 1
-
-    def remove_input_modifiers(self) -> list[nn.Module]:
-        """Remove every input modifier; return them."""
-        removed = list(self.input_modifiers)
-        self.input_modifiers = nn.ModuleList()
-        return removed
-
-    # --- saving ---------------------------------------------------------------------------------
-
-    def backbone_state_dict(self) -> dict:
-        """The state dict of the backbone alone: LM + projector + visual encoder.
-
-        Modifications and input modifiers are left out (methods save their own weights). A model
-        whose LM was rewritten by peft (``base_layer`` / ``lora_`` keys) must be merged first.
-        """
-        sd = OrderedDict()
-        for k, v in self.state_dict().items():
-            if ".peft_mods." in k or k.startswith(("input_modifiers.", "peft_shared.")):
-                continue
-            if ".base_layer." in k or "lora_" in k:
-                raise ValueError(
-                    f"the LM contains injected peft layers ({k}); merge and unload them before saving the "
-                    "backbone (a method saves its own weights)"
-                )
-            sd[k] = v
-        return sd
-
-    def save_pretrained(self, path, overwrite: bool = True) -> Path:
-        """Save config, weights and tokenizer to directory ``path``, atomically.
-
-        Layout: ``workbench_config.json`` (the :class:`VLConfig`, the LM config, the format
-        version), ``model.safetensors`` (LM + projector + visual encoder; tied tensors stored once),
-        ``generation_config.json`` and the tokenizer files. Load it back with
-        ``workbench.models.load_backbone(path)``. An existing directory is replaced only if it is
-        empty or holds a workbench checkpoint.
-        """
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        if path.exists():
-            if not path.is_dir():
-                raise FileExistsError(f"{path} exists and is not a directory")
-            if any(path.iterdir()) and not (path / CONFIG_NAME).exists():
-                raise FileExistsError(f"{path} is a non-empty directory that is not a workbench checkpoint; "
-                                      "refusing to overwrite it")
-            if not overwrite:
-                raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-        try:
-            tensors, aliases = _dedup_tensors(self.backbone_state_dict())
-            meta = {"format": "pt", "aliases": json.dumps(aliases)}
-            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=meta)
-            cfg = {
-                "format": FORMAT_NAME,
-                "format_version": FORMAT_VERSION,
-                "config": asdict(self.config),
-                "lm_config": self.lm.config.to_dict(),
-            }
-            (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
-            self.lm.generation_config.save_pretrained(str(tmp))
-            self.tokenizer.save_pretrained(str(tmp))
-            # Swap: the old directory is moved aside first, so `path` always holds a whole checkpoint.
-            if path.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-                os.rmdir(old)
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return path
-
-    @classmethod
-    def from_pretrained(cls, path, feat_dim: int | None = None, device=None) -> "VLModel":
-        """Load a directory written by :meth:`save_pretrained` (see ``load_backbone``)."""
-        path = Path(path)
-        cfg_file = path / CONFIG_NAME
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"{cfg_file} not found: {path} is not a workbench checkpoint "
-                                    "(save one with VLModel.save_pretrained)")
-        try:
-            raw = json.loads(cfg_file.read_text())
-            config = VLConfig.from_dict(raw["config"])
-            lm_config_dict = raw["lm_config"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{cfg_file} is not a valid workbench config: {e}") from e
-        if raw.get("format_version", 0) > FORMAT_VERSION:
-            raise CheckpointError(f"{cfg_file} has format version {raw['format_version']}; this workbench "
-                                  f"reads up to {FORMAT_VERSION}")
-        if feat_dim is not None and feat_dim != config.feat_dim:
-            raise ValueError(f"feat_dim={feat_dim} disagrees with the checkpoint at {path}, whose projector "
-                             f"expects feat_dim={config.feat_dim}")
-        weights = path / WEIGHTS_NAME
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights} not found: a workbench checkpoint needs {WEIGHTS_NAME} beside "
-                                    f"{CONFIG_NAME}")
-        fam = get_family(config.family)
-        lm_config = fam.config_class().from_dict(lm_config_dict)
-        lm = fam.lm_class()(lm_config)
-        gen_file = path / "generation_config.json"
-        if gen_file.is_file():
-            from transformers import GenerationConfig
-
-            lm.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
-        tokenizer = _load_tokenizer(path)
-        visual_encoder = None
-        if config.visual_encoder is not None:
-            from .visual import VisualEncoder
-
-            visual_encoder = VisualEncoder.from_config_dict(config.visual_encoder)
-        model = cls(lm, tokenizer, config.feat_dim, visual_encoder=visual_encoder, seed=None, name=config.name)
-        model.config.max_new_tokens = config.max_new_tokens
-        model.load_weights(weights)
-        model.eval()
-        if device is not None:
-            model.to(device)
-        return model
-
-    def load_weights(self, file) -> None:
-        """Load ``model.safetensors`` written by :meth:`save_pretrained`; errors name the file."""
-        from safetensors import safe_open
-
-        file = Path(file)
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # safetensors raises its own error types for a bad header / short file
-            raise CheckpointError(f"cannot read {file}: the file is corrupted or truncated ({e}); "
-                                  "re-save or re-create the checkpoint") from e
-        try:
-            aliases = json.loads(meta.get("aliases", "{}"))
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{file} has unreadable metadata: {e}") from e
-        for alias, source in aliases.items():
-            if source in tensors:
-                tensors[alias] = tensors[source]
-        expected = self.backbone_state_dict()
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            raise CheckpointError(f"{file} does not match the model built from its config: missing "
-                                  f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
-                                  f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-        for k, v in tensors.items():
-            if tuple(v.shape) != tuple(expected[k].shape):
-                raise CheckpointError(f"{file}: tensor {k} has shape {tuple(v.shape)}, the model expects "
-                                      f"{tuple(expected[k].shape)}")
-        self.load_state_dict(tensors, strict=False)
-
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        """Number of parameters (each shared tensor counted once)."""
-        seen, n = set(), 0
-        for p in self.parameters():
-            if id(p) in seen or (trainable_only and not p.requires_grad):
-                continue
-            seen.add(id(p))
-            n += p.numel()
-        return n
-
-
-def _dedup_tensors(sd: dict) -> tuple[dict, dict]:
-    """Keep one copy of tensors that share storage (tied embeddings); return (tensors, aliases)."""
-    tensors, aliases, seen = {}, {}, {}
-    for k, v in sd.items():
-        key = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype)
-        if v.numel() and key in seen:
-            aliases[k] = seen[key]
-            continue
-        seen[key] = k
-        tensors[k] = v.detach().contiguous().cpu()
-    return tensors, aliases
-
-
-def _load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as e:
-        raise FileNotFoundError(
-            f"could not load a tokenizer from {path} ({type(e).__name__}: {e}); put the tokenizer files there "
-            "(tokenizer.json + tokenizer_config.json, or spiece.model for T5 / vocab.json + merges.txt for BART)"
-        ) from e
-
 
 def _as_text_list(texts, what: str) -> list[str]:
     if isinstance(texts, str):

@@ -1,17 +1,20 @@
 """Representation probes: pure functions over ``[n_samples, n_features]`` tensors or arrays.
 
 RSA (:mod:`.rsa`), CKA/HSIC (:mod:`.cka`), mutual information in nats (:mod:`.mi`) and
-mixture-of-experts routing statistics (:mod:`.routing`); activation capture on the VL backbone
-(:mod:`.capture`) and the redundancy / task-correlation analysis of method modules
-(:mod:`.redundancy`). Everything computes in float64 on the
+mixture-of-experts routing statistics (:mod:`.routing`). Everything computes in float64 on the
 input's device and validates its inputs (see :mod:`._checks`). Formulas, ground truths and
-peer libraries: ``shared/spec/probes.md``.
+peer libraries: ``docs/probes.md``.
+
+This package is pure maths: it imports nothing else of the workbench, so anyone may use it (MixPHM
+and PETAL use the MI estimators in their losses). Reading activations out of a model is the
+model's job (:func:`workbench.models.capture`); the analyses that combine both, such as
+:func:`workbench.studies.redundancy_analysis`, live above the methods.
 """
 
 from ._checks import DegenerateInputWarning
-from .capture import Activations, available_points, capture
 from .cka import MinibatchCKA, center_gram, cka, cka_matrix, gram_linear, gram_rbf, hsic
 from .mi import (
+    ESTIMATORS,
     ConcatCritic,
     SeparableCritic,
     correlated_gaussians,
@@ -28,17 +31,11 @@ from .mi import (
     rho_for_mi,
     smile,
 )
-from .redundancy import redundancy_analysis
 from .routing import expert_similarity, routing_stats
 from .rsa import compare_rdms, compare_rdms_batched, rankdata, rdm, upper_triangle
 
 __all__ = [
     "DegenerateInputWarning",
-    # activation capture and the redundancy analysis (need a workbench VLModel)
-    "capture",
-    "available_points",
-    "Activations",
-    "redundancy_analysis",
     # RSA
     "rdm",
     "upper_triangle",
@@ -54,6 +51,7 @@ __all__ = [
     "center_gram",
     "MinibatchCKA",
     # MI (nats)
+    "ESTIMATORS",
     "mi_ksg",
     "mi_binned",
     "infonce",

@@ -13,20 +13,20 @@ PETAL's modes), over the same samples:
 - target ``"task"``: the final representation of the module's stack (the last hidden state of the
   encoder or decoder, mean-pooled): high similarity = *task-relevant* correlation.
 
-Measures (``spec/probes.md``, "Redundancy and task correlation"):
+Measures (``docs/probes.md#redundancy-and-task-correlation``):
 
-- ``"rsa"``: cosine-similarity RDMs over samples (:func:`~workbench.probes.rsa.rdm` with
+- ``"rsa"``: cosine-similarity RDMs over samples (:func:`~workbench.probes.rdm` with
   ``"cosine"``) compared by the Pearson correlation of their upper triangles
-  (:func:`~workbench.probes.rsa.compare_rdms` ``"pearson"``), as MixPHM's section 3.1; in [-1, 1].
-- ``"cka"``: linear CKA (:func:`~workbench.probes.cka.cka`; ``debiased=True`` for the debiased
+  (:func:`~workbench.probes.compare_rdms` ``"pearson"``), as MixPHM's section 3.1; in [-1, 1].
+- ``"cka"``: linear CKA (:func:`~workbench.probes.cka`; ``debiased=True`` for the debiased
   form); in [0, 1] (debiased: about [-1, 1]).
 - ``"mi"`` (``mi=True`` or an estimator name): mutual information in nats. ``"ksg"`` (default):
   both representations are projected on their first ``mi_dim`` principal components (centred,
-  SVD over the samples) and :func:`~workbench.probes.mi.mi_ksg` (k = ``mi_k``, standardised
+  SVD over the samples) and :func:`~workbench.probes.mi_ksg` (k = ``mi_k``, standardised
   columns) is applied to the projections -- KSG is unreliable in high dimension, so this is the MI
   of the leading components, a lower bound on the MI of the full representations. A neural
   estimator name (``"infonce"``, ``"js"``, ``"nwj"``, ``"smile"``, ...) runs
-  :func:`~workbench.probes.mi.estimate_mi` on the full pooled vectors (``mi_kwargs`` go to it).
+  :func:`~workbench.probes.estimate_mi` on the full pooled vectors (``mi_kwargs`` go to it).
 
 A representation that is constant over the samples (e.g. a zero-initialised adapter before any
 training: Delta = 0) cannot be measured: its values are NaN, with a
@@ -40,11 +40,9 @@ import warnings
 import numpy as np
 import torch
 
-from ._checks import DegenerateInputWarning, check_int
-from .capture import capture
-from .cka import cka
-from .mi import ESTIMATORS, estimate_mi, mi_ksg
-from .rsa import compare_rdms, rdm
+from ..methods import applied_method
+from ..models import capture
+from ..probes import ESTIMATORS, DegenerateInputWarning, cka, compare_rdms, estimate_mi, mi_ksg, rdm
 
 MEASURES = ("rsa", "cka")
 TARGETS = ("pretrained", "task")
@@ -74,9 +72,17 @@ def _mi(u: torch.Tensor, t: torch.Tensor, estimator: str, mi_dim: int, mi_k: int
     return float(estimate_mi(u, t, estimator=estimator, seed=seed, **mi_kwargs))
 
 
+def _int_at_least(value, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
+
+
 def _method_name(model, module) -> str:
-    name = getattr(model, "_peft_method", None)
-    return str(name) if name is not None else type(module).__name__
+    name = applied_method(model)
+    return name if name is not None else type(module).__name__
 
 
 def redundancy_analysis(
@@ -99,7 +105,7 @@ def redundancy_analysis(
 
     Args:
         model: a :class:`~workbench.models.VLModel` with a sub-layer method applied.
-        data: batches for :func:`~workbench.probes.capture.capture` (dicts of model kwargs; with
+        data: batches for :func:`~workbench.models.capture` (dicts of model kwargs; with
             ``labels`` when decoder modules are analysed). The model runs in eval mode, no grad.
         measures: any of ``"rsa"``, ``"cka"``.
         mi: ``False``; ``True`` / ``"ksg"`` (KSG on ``mi_dim`` principal components, ``mi_k``
@@ -143,9 +149,9 @@ def redundancy_analysis(
         raise ValueError(f"kinds must be among ('sublayer', 'projection'), got {kinds!r}")
     if output not in ("delta", "output"):
         raise ValueError(f"output must be 'delta' (h' - h) or 'output' (h'), got {output!r}")
-    max_samples = check_int(max_samples, "max_samples", low=4)
-    mi_dim = check_int(mi_dim, "mi_dim", low=1)
-    mi_k = check_int(mi_k, "mi_k", low=1)
+    max_samples = _int_at_least(max_samples, "max_samples", 4)
+    mi_dim = _int_at_least(mi_dim, "mi_dim", 1)
+    mi_k = _int_at_least(mi_k, "mi_k", 1)
     if mi is True:
         mi = "ksg"
     if mi and mi not in ESTIMATORS:

@@ -13,8 +13,9 @@ from torch import nn
 torch.set_num_threads(1)
 
 from workbench.models.testing import RandomAdapter, tiny_vlmodel  # noqa: E402
-from workbench.probes import DegenerateInputWarning, cka, compare_rdms, rdm, redundancy_analysis  # noqa: E402
-from workbench.probes.capture import capture  # noqa: E402
+from workbench.models import capture  # noqa: E402
+from workbench.probes import DegenerateInputWarning, cka, compare_rdms, rdm  # noqa: E402
+from workbench.studies import redundancy_analysis  # noqa: E402
 
 CORPUS = [
     "a large red circle at the top left",

@@ -1,8 +1,9 @@
 """Activation capture: read named points of a :class:`~workbench.models.VLModel` with forward hooks.
 
-Two ways to use it::
+Like TransformerLens's ``run_with_cache``: the model owns its points and its per-forward context
+(:mod:`workbench.models.context`); this module only reads them. Two ways to use it::
 
-    from workbench.probes import capture
+    from workbench.models import capture
 
     with capture(model, ["encoder.1.ffn", "encoder.1.ffn:input", "projector"]) as acts:
         model(visual_feats, input_ids, attention_mask, labels=labels)
@@ -31,15 +32,16 @@ Names that can be read (:func:`available_points` lists them for a model, in forw
 
 Token pooling (``pool``) is explicit, applied per forward call with the attention mask of that call:
 
-- ``"mean"`` (default): mean over the *valid* tokens. Encoder-side tensors use the mask the
-  encoder receives (visual mask + prompt mask, after input modifiers such as prompt tuning),
-  read by a pre-hook on the encoder; the projector uses the visual mask (``visual_mask``, all
-  ones when not given), read from the ``build_encoder_inputs`` call; decoder-side tensors use the
-  decoder attention mask when one is passed, else ``labels != -100`` (position t of the
-  teacher-forced decoder predicts ``labels[t]``), else every position. The ``k`` / ``v``
+- ``"mean"`` (default): mean over the *valid* tokens, as the model's context
+  (:meth:`~workbench.models.context.ForwardContext.token_mask`) gives them: encoder-side tensors
+  use the mask the encoder receives (visual mask + prompt mask, after input modifiers such as
+  prompt tuning); the projector uses the visual mask (all ones when not given); decoder-side
+  tensors use the decoder attention mask when one is passed, else ``labels != -100`` (position t
+  of the teacher-forced decoder predicts ``labels[t]``), else every position. The ``k`` / ``v``
   projections of cross-attention run over encoder tokens and use the encoder mask.
 - ``"first"``: the first valid token of each row (position 0 with right padding; for the
-  encoder that is the first visual token, VL-T5 puts the visual tokens first).
+  encoder that is the first token of the model's layout: visual for ``visual_first``, text for
+  ``text_first``).
 - ``"flatten"``: ``[batch, seq * features]`` with invalid positions set to 0; batches of
   different lengths are right-padded with zeros to the longest.
 - ``"tokens"``: every valid token as its own row ``[n_valid_tokens, features]``.
@@ -48,9 +50,7 @@ Token pooling (``pool``) is explicit, applied per forward call with the attentio
 the decoder runs once per new token: decoder-side names then get one row per example and step.
 
 Nothing about the model changes: the hooks only read (detached copies), return ``None``, and are
-all removed when the block ends, also on an exception. ``build_encoder_inputs`` is wrapped for the
-duration (an instance attribute that shadows the method and is deleted on exit) to read the visual
-mask. Activations are collected on the CPU in float32 by default (``keep_on_device=True`` keeps
+all removed when the block ends, also on an exception. Activations are collected on the CPU in float32 by default (``keep_on_device=True`` keeps
 them where they were computed; ``device=`` names another place; ``dtype=`` another precision).
 """
 
@@ -65,6 +65,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .sites import first_input
 
 POOLS = ("mean", "first", "flatten", "tokens")
 _BATCH_KEYS = ("visual_feats", "input_ids", "attention_mask", "labels", "visual_mask", "decoder_input_ids",
@@ -85,20 +87,11 @@ class _Spec:
     point: str | None = None  # the insertion point it belongs to
 
 
-def _first_input(args, kwargs):
-    if args:
-        return args[0]
-    for key in ("hidden_states", "input", "x"):
-        if key in kwargs:
-            return kwargs[key]
-    return next(iter(kwargs.values()), None)
-
-
 def _check_model(model) -> None:
-    for attr in ("insertion_points", "modifications", "projector", "lm", "build_encoder_inputs"):
+    for attr in ("insertion_points", "modifications", "projector", "lm", "context", "refresh_hooks"):
         if not hasattr(model, attr):
             raise TypeError(
-                f"capture needs a workbench VLModel (insertion_points, modifications, projector, lm); "
+                f"capture needs a workbench VLModel (insertion_points, modifications, projector, lm, context); "
                 f"got {type(model).__name__} without {attr!r}"
             )
 
@@ -181,7 +174,7 @@ def _resolve(points, cat) -> list[str]:
             names = [n for n in cat if fnmatch.fnmatchcase(n, p)]
             if not names:
                 raise ValueError(f"the pattern {p!r} matches no capture point of this model "
-                                 "(workbench.probes.available_points(model) lists them)")
+                                 "(workbench.models.available_points(model) lists them)")
         else:
             raise _unknown(p, cat)
         out.extend(n for n in names if n not in out)
@@ -244,17 +237,6 @@ class Activations(Mapping):
         return f"Activations(pool={self.pool!r}, {{{shapes}}})"
 
 
-class _State:
-    """The masks of the forward call in progress (set by pre-hooks, read by the capture hooks)."""
-
-    def __init__(self):
-        self.visual_mask = None
-        self.enc_mask = None
-        self.dec_mask = None
-        self.labels = None
-        self.warned = False
-
-
 class Capture:
     """The context manager behind :func:`capture` (``with Capture(...) as acts``)."""
 
@@ -275,8 +257,7 @@ class Capture:
         self.max_samples = max_samples
         self.device = None if keep_on_device else torch.device(device if device is not None else "cpu")
         self.dtype = dtype
-        if hasattr(model, "_sync_hooks"):
-            model._sync_hooks()  # hooks must sit on the modules that will run (peft may have replaced some)
+        model.refresh_hooks()  # hooks must sit on the modules that will run (peft may have replaced some)
         self._cat = _catalogue(model)
         self.names = _resolve(points, self._cat)
         self._check_shared_modules()
@@ -284,10 +265,8 @@ class Capture:
                 for n in self.names}
         self.acts = Activations(self.names, pool, info)
         self._handles: list = []
-        self._state = _State()
+        self._warned = False
         self._active = False
-        self._had_wrapper = False
-        self._old_wrapper = None
 
     def _check_shared_modules(self) -> None:
         seen: dict[int, str] = {}
@@ -321,51 +300,6 @@ class Capture:
         return False
 
     def _install(self) -> None:
-        model, st = self.model, self._state
-        enc, dec = model.lm.get_encoder(), model.lm.get_decoder()
-
-        def enc_pre(module, args, kwargs):
-            m = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-            st.enc_mask = m
-
-        def dec_pre(module, args, kwargs):
-            st.dec_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-            em = kwargs.get("encoder_attention_mask")
-            if em is not None:
-                st.enc_mask = em
-
-        def dec_post(module, args, kwargs, output):
-            st.dec_mask = None
-
-        def lm_pre(module, args, kwargs):
-            st.labels = kwargs.get("labels")
-
-        def lm_post(module, args, kwargs, output):
-            st.labels = None
-
-        # Mask readers run before anything else on these modules.
-        self._handles += [
-            enc.register_forward_pre_hook(enc_pre, with_kwargs=True, prepend=True),
-            dec.register_forward_pre_hook(dec_pre, with_kwargs=True, prepend=True),
-            dec.register_forward_hook(dec_post, with_kwargs=True),
-            model.lm.register_forward_pre_hook(lm_pre, with_kwargs=True, prepend=True),
-            model.lm.register_forward_hook(lm_post, with_kwargs=True),
-        ]
-        # The visual mask: wrap build_encoder_inputs for the duration (restored in _remove).
-        self._had_wrapper = "build_encoder_inputs" in model.__dict__
-        self._old_wrapper = model.__dict__.get("build_encoder_inputs")
-        original = model.build_encoder_inputs
-
-        def build_encoder_inputs(visual_feats, input_ids=None, attention_mask=None, visual_mask=None):
-            st.visual_mask = visual_mask
-            try:
-                return original(visual_feats, input_ids, attention_mask, visual_mask)
-            finally:
-                st.visual_mask = None
-
-        object.__setattr__(model, "build_encoder_inputs", build_encoder_inputs)
-        self._wrapped = True
-
         for name in self.names:
             spec = self._cat[name]
             if spec.hook == "pre":
@@ -379,20 +313,13 @@ class Capture:
         for h in self._handles:
             h.remove()
         self._handles = []
-        if getattr(self, "_wrapped", False):
-            model = self.model
-            if self._had_wrapper:
-                object.__setattr__(model, "build_encoder_inputs", self._old_wrapper)
-            else:
-                model.__dict__.pop("build_encoder_inputs", None)
-            self._wrapped = False
-        self._state = _State()
+        self._warned = False
         self._active = False
 
     def _pre_hook(self, spec: _Spec):
         def hook(module, args, kwargs):
             if spec.what == "arg0":
-                t = _first_input(args, kwargs)
+                t = first_input(args, kwargs)
             else:  # arg1: the h (or y) a method module receives
                 t = args[1] if len(args) > 1 else kwargs.get("h", kwargs.get("y"))
             self._record(spec, t)
@@ -420,28 +347,13 @@ class Capture:
     # --- pooling -----------------------------------------------------------------------------------
 
     def _mask_for(self, spec: _Spec, b: int, s: int):
-        st = self._state
-        if spec.context == "visual":
-            m = st.visual_mask
-        elif spec.context == "encoder":
-            m = st.enc_mask
-        else:
-            m = st.dec_mask
-            if m is None and st.labels is not None:
-                m = st.labels != -100
-        if m is None:
-            return None
-        m = torch.as_tensor(m)
-        if m.dim() == 2 and m.shape[0] == b:
-            if m.shape[1] == s:
-                return m
-            if m.shape[1] > s:  # cached decoding: the current tokens are the last ones
-                return m[:, -s:]
-        if not st.warned:
-            st.warned = True
-            warnings.warn(f"capture: no attention mask of shape [{b}, {s}] for {spec.name!r} (got "
-                          f"{tuple(m.shape)}); pooling over every position", RuntimeWarning, stacklevel=2)
-        return None
+        context = self.model.context
+        m = context.token_mask(spec.context, b, s)
+        if m is None and context.has_mask(spec.context) and not self._warned:
+            self._warned = True
+            warnings.warn(f"capture: no attention mask of shape [{b}, {s}] for {spec.name!r} in the model's "
+                          "context; pooling over every position", RuntimeWarning, stacklevel=2)
+        return m
 
     def _record(self, spec: _Spec, t) -> None:
         if not isinstance(t, torch.Tensor):
