@@ -24,7 +24,6 @@ import pytest
 import torch
 
 from workbench import methods
-from workbench.methods.base import _is_method_param
 
 METHODS = methods.list_methods()
 
@@ -60,7 +59,7 @@ def _perturb(handle, seed=0, scale=0.05):
 
 
 def _allowed_trainable(name: str, pname: str) -> bool:
-    if pname.startswith("projector.") or _is_method_param(pname):
+    if pname.startswith("projector.") or methods.method_spec(name).is_method_parameter(pname):
         return True
     low = pname.lower()
     if "layer_norm" in low or "layernorm" in low:

@@ -27,11 +27,14 @@ def _tuner_layers(model):
 def test_the_required_tuners_are_registered():
     for name in ("ia3", "loha", "lokr", "vera", "dora"):
         assert name in methods.list_methods()
-    # Registered only when count_parameters recognises their parameters as method parameters.
-    from workbench.methods.base import _is_method_param
-
-    for name, cls in peft_tuners.TUNERS.items():
-        assert (name in methods.list_methods()) == _is_method_param(f"lm.x.{cls.param_prefix}A.default")
+    # Each registration records the tuner's own parameter prefix, matched exactly on name components.
+    for name, (cls, _, _) in peft_tuners.TUNERS.items():
+        spec = methods.method_spec(name)
+        assert spec.param_prefixes == (cls.param_prefix,)
+        assert spec.is_method_parameter(f"lm.x.{cls.param_prefix}A.default")
+    # "oft_" is inside "boft_R" but is not its prefix; "lora_" is inside "randlora_A".
+    assert not methods.method_spec("oft").is_method_parameter("lm.x.boft_R.default")
+    assert not methods.method_spec("lora").is_method_parameter("lm.x.randlora_A.default")
 
 
 @pytest.mark.parametrize("name", REGISTERED)
@@ -114,8 +117,8 @@ def test_dora_adds_a_magnitude_vector(tiny_model):
 
 
 def test_lora_merge_keeps_the_outputs_and_removes_the_lora_parameters(family, tiny_model, tiny_batch):
-    """LoRA's handle is the peft tuner handle (``lora.PeftTunerHandle``): ``methods.merge`` folds B A in."""
-    from workbench.methods.lora import PeftTunerHandle
+    """LoRA's handle is the peft tuner handle (``PeftTunerHandle``): ``methods.merge`` folds B A in."""
+    from workbench.methods.peft_tuners import PeftTunerHandle
 
     model = tiny_model(family)
     batch = tiny_batch(model)

@@ -1,5 +1,5 @@
 """VL-PET: gate shapes per granularity, small's padding mask, family defaults, what zero-init implies
-at step 0, the BART-base parameter counts of spec/methods.md, bad configs, and the "+G + LW" transfer.
+at step 0, the BART-base parameter counts of docs/methods.md#vlpet, bad configs, and the "+G + LW" transfer.
 
 Uses the ``tiny_model`` / ``tiny_batch`` fixtures of ``tests/methods/conftest.py`` (d_model 96,
 2 + 2 layers); the parameter counts use a BART-base-shaped model built on the meta device.
@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from workbench import methods
-from workbench.methods import base as methods_base
 from workbench.methods.vlpet import (
     GRANULARITIES,
     DecoderValueAdapter,
@@ -268,7 +267,7 @@ def test_bad_configs_raise_before_any_change(tiny_model, overrides, match):
     model = tiny_model("bart")
     with pytest.raises(ValueError, match=match):
         methods.apply(model, VlpetConfig(**overrides))
-    assert not model.modifications() and getattr(model, "_peft_method", None) is None
+    assert not model.modifications() and methods.applied_method(model) is None
 
 
 def test_family_default_r_not_divisible_by_heads_is_caught_at_apply(tiny_model):
@@ -315,11 +314,11 @@ def dummy_inner():
             model.add_sublayer_modification(p.name, _DummySerial(model.d_model), name="dummy")
         return methods.MethodHandle(model, cfg)
 
-    methods.register_method("_dummy_serial", DummyConfig)(apply_dummy)
+    methods.register_method("_dummy_serial", DummyConfig, family="test")(apply_dummy)
     try:
         yield "_dummy_serial"
     finally:
-        methods_base._REGISTRY.pop("_dummy_serial", None)
+        methods.METHODS.unregister("_dummy_serial")
 
 
 def test_gate_wraps_another_sublayer_method(tiny_model, tiny_batch, dummy_inner, monkeypatch):

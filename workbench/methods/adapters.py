@@ -1,7 +1,7 @@
 """Bottleneck adapters: serial (Houlsby, Pfeiffer) and parallel (He et al.), one ``Adapter`` class.
 
 With X the sub-layer input (residual stream), H the sub-layer output before dropout and residual,
-Down: d -> m, Up: m -> d, act = GELU (spec/methods.md):
+Down: d -> m, Up: m -> d, act = GELU (docs/methods.md#bottleneck-adapters):
 
 - ``houlsby`` (Houlsby et al. 2019): serial, H' = H + Up(act(Down(H))) after the attention and the FFN
   sub-layer of every layer; in the decoder also after cross-attention.
@@ -173,16 +173,19 @@ def _apply_adapters(model, config: _AdapterConfig, reads: str, scale: float) -> 
     return MethodHandle(model, config, modules)
 
 
-@register_method("houlsby", HoulsbyConfig)
+@register_method("houlsby", HoulsbyConfig, family="layer: adapters",
+                 main_knob=("reduction_factor", (4, 8, 12, 24, 48)))
 def apply_houlsby(model, config: HoulsbyConfig) -> MethodHandle:
     return _apply_adapters(model, config, reads="h", scale=1.0)
 
 
-@register_method("pfeiffer", PfeifferConfig)
+@register_method("pfeiffer", PfeifferConfig, family="layer: adapters",
+                 main_knob=("reduction_factor", (4, 8, 12, 24, 48)))
 def apply_pfeiffer(model, config: PfeifferConfig) -> MethodHandle:
     return _apply_adapters(model, config, reads="h", scale=1.0)
 
 
-@register_method("parallel", ParallelConfig)
+@register_method("parallel", ParallelConfig, family="layer: adapters",
+                 main_knob=("reduction_factor", (4, 8, 12, 24, 48)))
 def apply_parallel(model, config: ParallelConfig) -> MethodHandle:
     return _apply_adapters(model, config, reads="x", scale=config.scale)

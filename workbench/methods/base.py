@@ -1,6 +1,15 @@
-"""The method protocol: a dataclass config, a registry, and the handle that the trainer uses.
+"""The method protocol: a dataclass config, a registry with each method's metadata, and the handle.
 
-A PEFT method is registered with :func:`register_method` as ``(config class, apply function)``.
+A PEFT method is one module that registers itself, like peft's ``register_peft_method``::
+
+    @register_method("houlsby", HoulsbyConfig, family="layer: adapters",
+                     main_knob=("reduction_factor", (4, 8, 12, 24, 48)))
+    def apply_houlsby(model, config) -> MethodHandle: ...
+
+The registration (a :class:`MethodSpec`) records the config class and apply function, the method's
+family (how plots group it), its main knob (what a widget offers), the prefixes of its parameter
+names (what :func:`count_parameters` counts as method parameters, matched exactly against the
+components of a parameter's name) and, through the config class, its default learning rate.
 ``apply_fn(model, config) -> MethodHandle`` freezes what the method does not train, inserts its
 modules at named insertion points of the :class:`~workbench.models.VLModel`, and returns a
 handle. The trainer only talks to the handle:
@@ -19,7 +28,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-_REGISTRY: dict[str, tuple[type, Callable]] = {}
+from ..registry import Registry
+
+MODEL_CONTAINERS = ("peft_mods", "peft_shared", "input_modifiers")
+"""Where a :class:`~workbench.models.VLModel` keeps method modules: sub-layer / projection sites,
+tensors a method shares across sites, input modifiers. The default parameter prefixes of a method."""
 
 
 @dataclass
@@ -41,12 +54,68 @@ class MethodConfig:
         return asdict(self)
 
 
-def register_method(name: str, config_cls: type):
-    """Decorator: register ``apply_fn(model, config) -> MethodHandle`` under ``name``."""
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: what :func:`register_method` records.
+
+    Attributes:
+        name: the registered name.
+        config_cls: its :class:`MethodConfig` dataclass (official defaults, incl. ``lr``).
+        apply_fn: ``apply_fn(model, config) -> MethodHandle``.
+        family: the group plots and tables put it in (e.g. ``"layer: adapters"``).
+        param_prefixes: a parameter belongs to the method when one component of its dotted name
+            starts with one of these (``"lora_"`` matches ``...q.lora_A.default.weight``, not
+            ``randlora_A``).
+        main_knob: ``(config field, values)`` a widget offers, or ``None``.
+    """
+
+    name: str
+    config_cls: type
+    apply_fn: Callable
+    family: str
+    param_prefixes: tuple
+    main_knob: tuple | None = None
+
+    @property
+    def default_lr(self) -> float | None:
+        """The method's default learning rate (its config's ``lr`` default; ``None`` where the method
+        resolves it per backbone family when applied, as VL-PET does)."""
+        return self.config_cls().lr
+
+    def is_method_parameter(self, name: str) -> bool:
+        """Whether the parameter called ``name`` (as in ``model.named_parameters()``) is the method's."""
+        return _matches(name, self.param_prefixes)
+
+
+METHODS: Registry[MethodSpec] = Registry("method")
+
+
+def _matches(name: str, prefixes) -> bool:
+    return any(part.startswith(p) for part in name.split(".") for p in prefixes)
+
+
+def register_method(name: str, config_cls: type, *, family: str, param_prefixes=MODEL_CONTAINERS,
+                    main_knob: tuple | None = None):
+    """Decorator: register ``apply_fn(model, config) -> MethodHandle`` under ``name`` with its metadata.
+
+    See :class:`MethodSpec` for the fields. A second registration of a taken name is refused.
+    """
+    if not (isinstance(config_cls, type) and issubclass(config_cls, MethodConfig)):
+        raise TypeError(f"{name}: config_cls must be a MethodConfig dataclass, got {config_cls!r}")
+    if not isinstance(family, str) or not family:
+        raise ValueError(f"{name}: family must be a non-empty string, got {family!r}")
+    param_prefixes = (param_prefixes,) if isinstance(param_prefixes, str) else tuple(param_prefixes)
+    if not all(isinstance(p, str) and p for p in param_prefixes):
+        raise ValueError(f"{name}: param_prefixes must be non-empty strings, got {param_prefixes!r}")
+    if main_knob is not None:
+        knob, values = main_knob
+        if knob not in {f.name for f in fields(config_cls)} or not tuple(values):
+            raise ValueError(f"{name}: main_knob must be (a field of {config_cls.__name__}, values), got {main_knob!r}")
+        main_knob = (knob, tuple(values))
 
     def deco(fn):
+        METHODS.register(name, MethodSpec(name, config_cls, fn, family, param_prefixes, main_knob))
         config_cls._method_name = name
-        _REGISTRY[name] = (config_cls, fn)
         return fn
 
     return deco
@@ -54,18 +123,17 @@ def register_method(name: str, config_cls: type):
 
 def list_methods() -> list[str]:
     """Registered method names."""
-    return sorted(_REGISTRY)
+    return METHODS.names()
 
 
-def _lookup(name: str):
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(list_methods())}")
-    return _REGISTRY[name]
+def method_spec(name: str) -> MethodSpec:
+    """The registration of ``name`` (a ValueError lists the registered methods)."""
+    return METHODS.get(name)
 
 
 def get_config(name: str, **overrides) -> MethodConfig:
     """The method's config with its official defaults, updated by ``overrides``."""
-    cls, _ = _lookup(name)
+    cls = method_spec(name).config_cls
     known = {f.name for f in fields(cls)}
     unknown = set(overrides) - known
     if unknown:
@@ -120,9 +188,15 @@ def freeze_backbone(model: nn.Module) -> None:
         p.requires_grad_(True)
 
 
+def applied_method(model: nn.Module) -> str | None:
+    """The name of the method applied to ``model`` (``None`` if none)."""
+    handle = getattr(model, "_peft_handle", None)
+    return None if handle is None else handle.name
+
+
 def check_not_applied(model: nn.Module, name: str) -> None:
     """Refuse a second method on the same model (stacking is not a supported experiment)."""
-    current = getattr(model, "_peft_method", None)
+    current = applied_method(model)
     if current is not None:
         raise ValueError(
             f"this model already has the method {current!r} applied; load a fresh backbone to apply {name!r}"
@@ -141,11 +215,10 @@ def apply(model: nn.Module, name_or_config, **overrides) -> MethodHandle:
         cfg.validate()
     else:
         cfg, name = get_config(name_or_config, **overrides), name_or_config
-    _, fn = _lookup(name)
+    spec = method_spec(name)
     check_not_applied(model, name)
-    handle = fn(model, cfg)  # apply functions validate against the model before changing it
-    model._peft_method = name
-    model._peft_handle = handle  # save_method / load_method / merge find it here
+    handle = spec.apply_fn(model, cfg)  # apply functions validate against the model before changing it
+    model._peft_handle = handle  # applied_method / handle_of / save_method / merge find it here
     return handle
 
 
@@ -187,7 +260,7 @@ def load_method(model: nn.Module, path) -> MethodHandle:
         raise ValueError(f"{path} was not written by workbench.methods.save_method (no method metadata)")
     handle = getattr(model, "_peft_handle", None)
     if handle is None:
-        cls, _ = _lookup(meta["method"])
+        cls = method_spec(meta["method"]).config_cls
         handle = apply(model, cls(**json.loads(meta["config"])))
     elif handle.name != meta["method"]:
         raise ValueError(f"{path} holds {meta['method']!r} weights but the model has {handle.name!r} applied")
@@ -201,19 +274,29 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
+def is_method_parameter(model: nn.Module, name: str) -> bool:
+    """Whether ``model``'s parameter ``name`` belongs to a method: to the applied method's parameter
+    prefixes, or, with no method applied, to the model's method containers (:data:`MODEL_CONTAINERS`)."""
+    method = applied_method(model)
+    prefixes = method_spec(method).param_prefixes if method is not None else MODEL_CONTAINERS
+    return _matches(name, prefixes)
+
+
 def count_parameters(model: nn.Module) -> dict:
     """Trainable parameters by group and as % of the backbone (the LM, without the projector).
 
-    Groups: ``method`` (modules a method inserted, under ``peft_mods`` or peft's ``lora_`` etc.),
-    ``backbone`` (unfrozen pre-trained LM parameters), ``projector`` (the visual projector).
+    Groups: ``method`` (what the applied method inserted: its parameter prefixes, see
+    :class:`MethodSpec`), ``backbone`` (unfrozen pre-trained LM parameters), ``projector`` (the
+    visual projector).
     """
+    method = applied_method(model)
+    prefixes = method_spec(method).param_prefixes if method is not None else MODEL_CONTAINERS
     groups = {"method": 0, "backbone": 0, "projector": 0}
     backbone_total = 0
     for n, p in model.named_parameters():
-        is_method = _is_method_param(n)
         if n.startswith("projector."):
             group = "projector"
-        elif is_method:
+        elif _matches(n, prefixes):
             group = "method"
         else:
             group = "backbone"
@@ -229,15 +312,3 @@ def count_parameters(model: nn.Module) -> dict:
         "trainable_pct": 100.0 * trainable / max(backbone_total, 1),
         "method_pct": 100.0 * groups["method"] / max(backbone_total, 1),
     }
-
-
-# Where method parameters live: sub-layer/projection sites (``peft_mods``), shared tensors a method
-# attaches to the model (``peft_shared``), input modifiers (prompt tuning), and peft's tuner layers.
-_METHOD_MARKERS = (
-    "peft_", "lora_", "ia3_", "hada_", "lokr_", "vera_", "hra_", "fourierft_", "oft_", "c3a_", "miss_",
-    "waveft_", "shira_", "vblora_", "input_modifiers",
-)
-
-
-def _is_method_param(name: str) -> bool:
-    return any(m in name for m in _METHOD_MARKERS)

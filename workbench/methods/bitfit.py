@@ -51,7 +51,7 @@ def _layer_norm_weights(lm: nn.Module) -> list[str]:
     return names
 
 
-@register_method("bitfit", BitFitConfig)
+@register_method("bitfit", BitFitConfig, family="selective")
 def apply_bitfit(model, config: BitFitConfig) -> MethodHandle:
     lm = model.lm
     params = dict(lm.named_parameters())

@@ -5,7 +5,7 @@ Each adapter is serial, H' = H + Up(act(Down(H))), with Down: d -> m and Up: m -
 rank r. One A (n x n x n) is shared by *every* PHM layer of the model (both projections of all
 adapters); it lives at ``model.peft_shared["phm_rule"]``.
 
-Official defaults (spec/methods.md; the authors' ``phm_adapters.json``): n = 4, r = 1, reduction
+Official defaults (docs/methods.md#compacter; the authors' ``phm_adapters.json``): n = 4, r = 1, reduction
 factor 32 (m = d // 32), activation ``gelu_new``, A ~ N(0, 1e-4^2), s and t Glorot-uniform
 (gain sqrt 2), biases zero, lr 3e-3.
 
@@ -15,7 +15,7 @@ factor 32 (m = d // 32), activation ``gelu_new``, A ~ N(0, 1e-4^2), s and t Glor
 
 Not zero-initialised: with A ~ N(0, 1e-4^2) the adapters change the output by O(1e-4) relative at
 step 0 (the official init; the tests check "nearly unchanged"). The official scripts also unfreeze
-the LayerNorms; the spec counts only the adapters, so ``train_layer_norms`` defaults to False.
+the LayerNorms; the counts in docs/methods.md cover only the adapters, so ``train_layer_norms`` defaults to False.
 
 Parameters: per adapter, Down n*(d/n)*r + n*r*(m/n) + m and Up n*(m/n)*r + n*r*(d/n) + d, plus n^3
 once for A. T5-base (d 768, m 24): 816 + 1,560 = 2,376 per adapter; compacter 48 adapters + 64 =
@@ -111,11 +111,13 @@ def _apply_compacter(model, config: CompacterConfig) -> MethodHandle:
     return MethodHandle(model, config, modules)
 
 
-@register_method("compacter", CompacterConfig)
+@register_method("compacter", CompacterConfig, family="layer: PHM adapters",
+                 main_knob=("reduction_factor", (4, 8, 16, 32)))
 def apply_compacter(model, config: CompacterConfig) -> MethodHandle:
     return _apply_compacter(model, config)
 
 
-@register_method("compacter++", CompacterPPConfig)
+@register_method("compacter++", CompacterPPConfig, family="layer: PHM adapters",
+                 main_knob=("reduction_factor", (4, 8, 16, 32)))
 def apply_compacter_pp(model, config: CompacterPPConfig) -> MethodHandle:
     return _apply_compacter(model, config)

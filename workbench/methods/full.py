@@ -10,7 +10,7 @@ class FullConfig(MethodConfig):
     lr: float = 3e-4
 
 
-@register_method("full", FullConfig)
+@register_method("full", FullConfig, family="full fine-tuning")
 def apply_full(model, config: FullConfig) -> MethodHandle:
     for p in model.parameters():
         p.requires_grad_(True)

@@ -44,13 +44,12 @@ its skip) and f. Over the valid tokens of the batch:
 - total: ``{"redundancy": w_red * 1/2 (mean_enc L_red + mean_dec L_red),
   "mi": w_mi * 0.2 * 1/2 (mean_enc L_MI + mean_dec L_MI)}``, w_red = w_mi = 0.2 (0 drops the term).
 
-Which tokens are valid: a recorder (``model.peft_recorder``) puts forward pre-hooks on the HF
-encoder, decoder and on ``model.lm`` itself, and forward hooks on the two stacks. The encoder's
-``attention_mask`` is the full mask the VLModel built (visual tokens + prompt + anything an input
-modifier inserted, so the mask always matches the encoder's sequence); on the decoder side, an explicit
+Which tokens are valid: the model's forward context (``model.context.token_mask``). The encoder's
+mask is the full mask the VLModel built (visual tokens + prompt + anything an input modifier
+inserted, so the mask always matches the encoder's sequence); on the decoder side, an explicit
 ``decoder_attention_mask`` is used if given, otherwise the positions whose label is not -100 (the
 official code counts every decoder position: it passes no decoder mask). The stacks' final outputs
-(``last_hidden_state``) are the g of the MI term, mean-pooled over the valid tokens
+(``model.context.encoder_output`` / ``decoder_output``) are the g of the MI term, mean-pooled over the valid tokens
 (``mi_pool="all"``: over every position, padding included, as the official ``hidden_states.mean(1)``).
 
 Parameters (T5-base, d 768, m 64): Down 6,720 + 4 x Up 7,424 = 36,416 per module, 24 modules,
@@ -194,54 +193,6 @@ class MixPHMModule(nn.Module):
         return f"merge={self.merge_mode!r}"
 
 
-class _Recorder(nn.Module):
-    """Hooks that capture the token masks and the stacks' final outputs during a training forward.
-
-    A module (no parameters) so that ``model.train()`` / ``.eval()`` reach it and a deep copy of the
-    model copies it together with its hooks. The MixPHM modules are referenced through a tuple
-    (unregistered: they are registered where they act, in the layers).
-    """
-
-    def __init__(self, modules: list):
-        super().__init__()
-        self._mods = tuple(modules)
-        self.clear()
-
-    def clear(self):
-        self.labels = None
-        self.masks = {"encoder": None, "decoder": None}
-        self.finals = {"encoder": None, "decoder": None}
-        for m in self._mods:
-            m.last = None
-
-    # Each hook is a bound method: deepcopy rebinds it to the copied recorder.
-    def on_lm(self, module, args, kwargs):
-        if self.training:
-            self.clear()
-            self.labels = kwargs.get("labels")
-            self.masks["decoder"] = kwargs.get("decoder_attention_mask")
-
-    def on_encoder(self, module, args, kwargs):
-        if self.training:
-            self.masks["encoder"] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-
-    def on_decoder(self, module, args, kwargs):
-        if self.training and kwargs.get("attention_mask") is not None:
-            self.masks["decoder"] = kwargs["attention_mask"]
-
-    def after_encoder(self, module, args, kwargs, output):
-        if self.training:
-            self.finals["encoder"] = _last_hidden(output)
-
-    def after_decoder(self, module, args, kwargs, output):
-        if self.training:
-            self.finals["decoder"] = _last_hidden(output)
-
-
-def _last_hidden(output):
-    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-
-
 # ------------------------------------------------------------------------------------ config
 @dataclass
 class MixPHMConfig(MethodConfig):
@@ -292,9 +243,8 @@ class MixPHMConfig(MethodConfig):
 class MixPHMHandle(MethodHandle):
     """The MixPHM handle: routing statistics, the expert soup, and the two auxiliary losses."""
 
-    def __init__(self, model, config: MixPHMConfig, modules: dict, recorder: _Recorder, stacks: dict):
+    def __init__(self, model, config: MixPHMConfig, modules: dict, stacks: dict):
         super().__init__(model, config, modules)
-        self.recorder = recorder
         self.stacks = stacks  # point name -> "encoder" | "decoder"
 
     def draw_counts(self) -> dict[str, torch.Tensor]:
@@ -325,12 +275,8 @@ class MixPHMHandle(MethodHandle):
 
     def _valid(self, stack: str, u: torch.Tensor) -> torch.Tensor:
         b, length = u.shape[:2]
-        mask = self.recorder.masks[stack]
-        if mask is None and stack == "decoder":
-            labels = self.recorder.labels
-            if labels is not None and tuple(labels.shape) == (b, length):
-                mask = labels != -100
-        if mask is None or tuple(mask.shape) != (b, length):
+        mask = self.model.context.token_mask(stack, b, length)
+        if mask is None:
             return torch.ones(b, length, dtype=torch.bool, device=u.device)
         return mask.to(u.device).bool()
 
@@ -350,7 +296,7 @@ class MixPHMHandle(MethodHandle):
             uu, ff = u[valid], f[valid]
             if cfg.w_red > 0:
                 per_stack[stack]["red"].append(redundancy_loss(uu, ff, b, cfg.red_lambda))
-            final = self.recorder.finals[stack]
+            final = getattr(self.model.context, f"{stack}_output")
             if cfg.w_mi > 0 and final is not None:
                 g = pool(final, valid, cfg.mi_pool)
                 owner = torch.arange(b, device=u.device).unsqueeze(1).expand(b, u.shape[1])[valid]
@@ -371,13 +317,12 @@ class MixPHMHandle(MethodHandle):
         return out
 
 
-@register_method("mixphm", MixPHMConfig)
+@register_method("mixphm", MixPHMConfig, family="layer: PHM adapters", main_knob=("num_experts", (1, 2, 4, 8)))
 def apply_mixphm(model, config: MixPHMConfig) -> MethodHandle:
     d = model.d_model
     m = bottleneck_size(d, config.reduction_factor, config.bottleneck, "mixphm")
     check_phm_dims(d, m, config.n, "mixphm down-projection (d_model -> bottleneck)")
     points = sublayer_points(model, ("ffn",))
-    encoder, decoder = model.lm.get_encoder(), model.lm.get_decoder()
     # Everything is valid: now change the model.
     freeze_backbone(model)
     dtype = lm_dtype(model)
@@ -391,12 +336,4 @@ def apply_mixphm(model, config: MixPHMConfig) -> MethodHandle:
         mod.record = config.w_red > 0 or config.w_mi > 0
         model.add_sublayer_modification(point.name, mod, name="mixphm")
         modules[point.name], stacks[point.name] = mod, point.stack
-    recorder = _Recorder(list(modules.values()))
-    recorder.train(model.training)
-    model.peft_recorder = recorder
-    model.lm.register_forward_pre_hook(recorder.on_lm, with_kwargs=True)
-    encoder.register_forward_pre_hook(recorder.on_encoder, with_kwargs=True)
-    encoder.register_forward_hook(recorder.after_encoder, with_kwargs=True)
-    decoder.register_forward_pre_hook(recorder.on_decoder, with_kwargs=True)
-    decoder.register_forward_hook(recorder.after_decoder, with_kwargs=True)
-    return MixPHMHandle(model, config, modules, recorder, stacks)
+    return MixPHMHandle(model, config, modules, stacks)

@@ -1,13 +1,14 @@
-"""The other ``peft`` tuners that work on T5 and BART, applied to ``model.lm`` like ``lora``.
+"""LoRA and the other ``peft`` tuners that work on T5 and BART, applied to ``model.lm``.
 
 Each tuner is injected with ``peft.inject_adapter_in_model`` into the HF model (no wrapper model);
 targets are projection short names (``q k v o wi wo``) resolved through the backbone's insertion
-points (:func:`workbench.methods.lora.projection_targets`), so one config serves T5 and BART.
+points (:func:`projection_targets`), so one config serves T5 and BART (``q`` / ``q_proj``).
 Every registered name has its own config class; defaults are peft's (= the papers'):
 
 ========== =========================================== ====================================
 name       default                                     step 0
 ========== =========================================== ====================================
+lora       r = 8, alpha = r on q, v, lr 1e-3           unchanged (B starts at 0)
 ia3        (IA)^3 on k, v and the FFN input of wo      unchanged (vectors start at 1)
            (``feedforward=("wo",)``), lr 3e-3 (T-Few)
 loha       r = 8, alpha = 8 on q, v                    unchanged (one factor starts at 0)
@@ -30,10 +31,9 @@ injects in place) and keeps the injected model; the projections stay referenced 
 since they are regenerated from ``projection_prng_key`` they are not saved with the method
 (``handle.state_dict`` holds the trainable lambdas).
 
-Further tuners that pass a forward/backward on tiny T5 and BART (hra, fourierft, boft, oft) are
-registered only when :func:`workbench.methods.base.count_parameters` recognises their parameter
-prefix as a method parameter (``base._METHOD_MARKERS``); otherwise their parameters would be
-reported as unfrozen backbone. Not offered: AdaLoRA (its rank allocator and orthogonality loss live
+Further tuners that pass a forward/backward on tiny T5 and BART are registered too (hra, fourierft,
+boft, oft). Each registration records the tuner's parameter prefix (``lora_``, ``boft_``, ...), which
+:func:`workbench.methods.count_parameters` matches exactly. Not offered: AdaLoRA (its rank allocator and orthogonality loss live
 on the peft wrapper model that ``inject_adapter_in_model`` drops), VB-LoRA (shared state, like VeRA,
 with a trainable shared bank), and the prompt-learning tuners (the workbench has its own prompt and
 prefix tuning).
@@ -47,10 +47,77 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from .base import MethodConfig, MethodHandle, _is_method_param, freeze_backbone, register_method
-from .lora import PeftTunerHandle, projection_targets
+from .base import MethodConfig, MethodHandle, freeze_backbone, register_method
 
 PROJECTIONS = {"q", "k", "v", "o", "wi", "wo", "wi_0", "wi_1"}
+LOW_RANK = "layer: low-rank / reparam."
+
+
+def _is_tuner_parameter(name: str, prefix: str) -> bool:
+    # exact on name components: "oft_" must not claim boft's "boft_R"
+    return any(part.startswith(prefix) for part in name.split("."))
+
+
+@dataclass
+class LoraConfig(MethodConfig):
+    r: int = 8
+    alpha: float | None = None  # None: alpha = r (scale 1)
+    dropout: float = 0.0
+    targets: tuple = ("q", "v")  # projection short names at every attention insertion point
+    lr: float = 1e-3
+
+    def validate(self):
+        super().validate()
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"lora: rank r must be a positive int, got {self.r!r}")
+        bad = set(self.targets) - {"q", "k", "v", "o", "wi", "wo", "wi_0", "wi_1"}
+        if bad or not self.targets:
+            raise ValueError(f"lora: targets must be projection names among q k v o wi wo, got {self.targets}")
+
+
+def projection_targets(model, names) -> list[str]:
+    """Paths (relative to ``model.lm``) of the projections called ``names`` in every layer."""
+    points = [p for p in model.insertion_points(kind="projection").values() if p.projection in names]
+    if not points:
+        raise ValueError(f"the backbone has no projection insertion points named {sorted(names)}")
+    return [p.lm_path for p in points]
+
+
+class PeftTunerHandle(MethodHandle):
+    """Handle of a peft tuner; :meth:`merge` folds the tuner into the base weights and unloads it."""
+
+    def merge(self) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        lm = self.model.lm
+        for name, module in list(lm.named_modules()):
+            if not isinstance(module, BaseTunerLayer):
+                continue
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = lm.get_submodule(parent_name) if parent_name else lm
+            setattr(parent, child, module.get_base_layer())
+
+
+@register_method("lora", LoraConfig, family=LOW_RANK, param_prefixes=("lora_",), main_knob=("r", (2, 4, 8, 16, 32)))
+def apply_lora(model, config: LoraConfig) -> MethodHandle:
+    import peft
+
+    freeze_backbone(model)
+    peft_config = peft.LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha if config.alpha is not None else config.r,
+        lora_dropout=config.dropout,
+        target_modules=projection_targets(model, config.targets),
+        bias="none",
+    )
+    peft.inject_adapter_in_model(peft_config, model.lm)
+    for n, p in model.lm.named_parameters():
+        if _is_tuner_parameter(n, "lora_"):
+            p.requires_grad_(True)
+    return PeftTunerHandle(model, config)
+
+
 
 
 def _check_projections(names, what: str) -> tuple:
@@ -242,38 +309,36 @@ def apply_peft_tuner(model, config: PeftTunerConfig) -> MethodHandle:
     # peft leaves exactly its adapter parameters trainable (frozen random bases such as VeRA's are
     # buffers); make sure nothing of the backbone slipped through.
     for n, p in model.lm.named_parameters():
-        if p.requires_grad and config.param_prefix not in n:
+        if p.requires_grad and not _is_tuner_parameter(n, config.param_prefix):
             p.requires_grad_(False)
     return PeftTunerHandle(model, config)
 
 
+# name -> (config class, family, main knob)
 TUNERS = {
-    "ia3": IA3Config,
-    "loha": LoHaConfig,
-    "lokr": LoKrConfig,
-    "vera": VeraConfig,
-    "dora": DoraConfig,
-    "randlora": RandLoraConfig,
-    "delora": DeloraConfig,
-    "gralora": GraloraConfig,
-    # registered once count_parameters knows their prefix (see the module docstring)
-    "hra": HRAConfig,
-    "fourierft": FourierFTConfig,
-    "boft": BOFTConfig,
-    "oft": OFTConfig,
+    "ia3": (IA3Config, "layer: rescaling", None),
+    "loha": (LoHaConfig, LOW_RANK, ("r", (2, 4, 8, 16))),
+    "lokr": (LoKrConfig, LOW_RANK, ("r", (2, 4, 8, 16))),
+    "vera": (VeraConfig, LOW_RANK, ("r", (64, 128, 256))),
+    "dora": (DoraConfig, LOW_RANK, ("r", (2, 4, 8, 16, 32))),
+    "randlora": (RandLoraConfig, LOW_RANK, None),
+    "delora": (DeloraConfig, LOW_RANK, None),
+    "gralora": (GraloraConfig, LOW_RANK, None),
+    "hra": (HRAConfig, "layer: orthogonal", None),
+    "fourierft": (FourierFTConfig, LOW_RANK, None),
+    "boft": (BOFTConfig, "layer: orthogonal", None),
+    "oft": (OFTConfig, "layer: orthogonal", None),
 }
 
 
 def _register_all():
-    for name, cls in TUNERS.items():
-        if not _is_method_param(f"lm.x.{cls.param_prefix}A.default"):
-            continue  # its parameters would be counted as backbone: not offered until base knows them
+    for name, (cls, family, knob) in TUNERS.items():
 
         def apply_fn(model, config, _name=name):
             return apply_peft_tuner(model, config)
 
         apply_fn.__name__ = f"apply_{name}"
-        register_method(name, cls)(apply_fn)
+        register_method(name, cls, family=family, param_prefixes=(cls.param_prefix,), main_knob=knob)(apply_fn)
 
 
 _register_all()

@@ -2,7 +2,7 @@
 
 The public PETAL code has neither the gate nor the learnable threshold nor the information-bottleneck
 loss that the paper describes, so this module is **the workbench's reading of the paper**
-(spec/methods.md, "PETAL"). Three parts, all trainable, the backbone frozen (the visual projector
+(docs/methods.md#petal). Three parts, all trainable, the backbone frozen (the visual projector
 trains, as in every method):
 
 1. **Dynamic mode approximation** (projection modifications on the ``q k v o`` projections of every
@@ -36,10 +36,10 @@ trains, as in every method):
    t = sum_i a_i x~_i; a Gaussian encoder q(z|t) = N(m(t), diag exp(logvar(t))) gives z
    (reparameterised in training, the mean in eval); a head maps z to d_model and scores it against
    the frozen output embedding of the LM (tied classifier, no vocabulary-sized parameters).
-   ``L_IB = CE(head(z), y) + beta * KL(q(z|t) || N(0, I))`` (variational IB, the spec's
+   ``L_IB = CE(head(z), y) + beta * KL(q(z|t) || N(0, I))`` (variational IB, the textbook
    ``CE(head(t), y)`` with the head on the sampled code). y is the *first content token of the
    answer*: the first label that is not -100 and not a special token (BART's labels start with
-   <s>), read by a forward pre-hook on ``model.lm`` that sees the ``labels`` of each forward call.
+   <s>), read from the model's forward context (``model.context.labels``).
    ``handle.extra_losses()`` returns ``{"ib": w_ib * L_IB}`` after a forward with labels (``{}``
    otherwise), so the total is ``L = L_task + w_ib * L_IB``; with ``w_gate > 0`` also
    ``{"gate": w_gate * mean(gate)}``, an optional L1 push that lets the threshold switch modes off.
@@ -223,19 +223,17 @@ class InstructionMoE(nn.Module):
                              persistent=False)
         self.last_probs: torch.Tensor | None = None
         self._ib = None  # (z, mean, logvar) of the last forward
-        self._labels = None  # the labels of the last forward (set by _LabelsHook)
 
     def forward(self, inputs):
-        nv = inputs.n_visual
+        ts, vs = inputs.text_slice, inputs.visual_slice  # either layout: [visual; text] or [text; visual]
         emb, mask = inputs.embeds, inputs.mask
-        self._labels = None
-        txt = emb[:, nv:]
+        txt = emb[:, ts]
         if txt.shape[1] == 0:  # no prompt: nothing to instruct
             self._ib = None
             return inputs
         dtype = emb.dtype
-        tmask = mask[:, nv:].to(dtype)
-        vmask = mask[:, :nv].to(dtype)
+        tmask = mask[:, ts].to(dtype)
+        vmask = mask[:, vs].to(dtype)
         n_q = tmask.sum(1)  # [B]
         q_sum = (txt * tmask.unsqueeze(-1)).sum(1)  # [B, d]
         T = self.templates.to(dtype)
@@ -243,8 +241,8 @@ class InstructionMoE(nn.Module):
         # e_m: the question rendered with template m, mean-pooled over [T_m ; question]
         e = (q_sum.unsqueeze(1) + T.sum(1).unsqueeze(0)) / (n_q + L).view(-1, 1, 1)  # [B, M, d]
         e_bar = e.mean(1)
-        if nv > 0:
-            v_bar = (emb[:, :nv] * vmask.unsqueeze(-1)).sum(1) / vmask.sum(1, keepdim=True).clamp_min(1.0)
+        if inputs.n_visual > 0:
+            v_bar = (emb[:, vs] * vmask.unsqueeze(-1)).sum(1) / vmask.sum(1, keepdim=True).clamp_min(1.0)
         else:
             v_bar = torch.zeros_like(e_bar)
         probs = torch.softmax(self.gate(torch.cat([v_bar, e_bar], -1).to(self.gate.weight.dtype)), -1).to(dtype)
@@ -254,10 +252,8 @@ class InstructionMoE(nn.Module):
         mixed = txt + mu.unsqueeze(1) * tmask.unsqueeze(-1)
         self.last_probs = probs.detach()
         self._ib = self._bottleneck(mu, mixed, tmask) if self.use_ib else None
-        embeds = torch.cat([emb[:, :nv], mixed], 1)
-        extras = dict(inputs.extras)
-        extras["petal_routing"] = self.last_probs
-        return type(inputs)(embeds, inputs.mask, nv, inputs.input_ids, inputs.visual_feats, extras)
+        embeds = torch.cat([emb[:, : ts.start], mixed, emb[:, ts.stop :]], 1)
+        return inputs.replace(embeds=embeds, petal_routing=self.last_probs)
 
     def _bottleneck(self, mu, mixed, tmask):
         scores = (mixed @ mu.unsqueeze(-1)).squeeze(-1) / math.sqrt(self.d)  # [B, S]
@@ -278,12 +274,12 @@ class InstructionMoE(nn.Module):
         y = labels.gather(1, first.unsqueeze(1)).squeeze(1)
         return y.masked_fill(~valid.any(1), -100)
 
-    def ib_loss(self, beta: float):
-        """``(L_IB, CE, KL)`` for the last forward, or None without labels."""
-        if self._ib is None or self._labels is None:
+    def ib_loss(self, beta: float, labels: torch.Tensor | None):
+        """``(L_IB, CE, KL)`` for the last forward given its ``labels`` (``model.context.labels``), or
+        None without labels."""
+        if self._ib is None or labels is None:
             return None
         z, mean, logvar = self._ib
-        labels = self._labels
         if labels.shape[0] != z.shape[0]:
             return None
         y = self.answer_tokens(labels.to(z.device))
@@ -297,29 +293,14 @@ class InstructionMoE(nn.Module):
         return ce + beta * kl, ce, kl
 
 
-class _LabelsHook:
-    """Forward pre-hook on ``model.lm``: hand the labels of each forward call to the MoE module
-    (a callable object, not a closure, so that ``copy.deepcopy(model)`` rebinds it)."""
-
-    def __init__(self, moe: InstructionMoE):
-        self.moe = moe
-
-    def __call__(self, module, args, kwargs):
-        labels = kwargs.get("labels")
-        self.moe._labels = labels if isinstance(labels, torch.Tensor) else None
-        return None
-
-
 # ------------------------------------------------------------------------------------ the handle
 class PetalHandle(MethodHandle):
     """PETAL's handle: modes on, routing probabilities, the IB loss, merging the mode updates."""
 
-    def __init__(self, model, config: PetalConfig, modules: dict, bank: ModeBank, moe: InstructionMoE | None,
-                 hook_handle=None):
+    def __init__(self, model, config: PetalConfig, modules: dict, bank: ModeBank, moe: InstructionMoE | None):
         super().__init__(model, config, modules)
         self.bank = bank
         self.moe = moe
-        self._hook_handle = hook_handle
         self.merged = False
         self.last_ib: dict | None = None
 
@@ -355,7 +336,7 @@ class PetalHandle(MethodHandle):
         """``{"ib": w_ib * L_IB}`` after a forward with labels (and ``{"gate": ...}`` if w_gate > 0)."""
         cfg, out = self.config, {}
         if self.moe is not None and cfg.w_ib > 0:
-            terms = self.moe.ib_loss(cfg.beta)
+            terms = self.moe.ib_loss(cfg.beta, self.model.context.labels)
             if terms is not None:
                 loss, ce, kl = terms
                 self.last_ib = {"ib": float(loss.detach()), "ce": float(ce.detach()), "kl": float(kl.detach())}
@@ -391,7 +372,7 @@ def _targets(model, config: PetalConfig) -> list:
     return points
 
 
-@register_method("petal", PetalConfig)
+@register_method("petal", PetalConfig, family="layer: PETAL", main_knob=("rank", (16, 32, 64, 128)))
 def apply_petal(model, config: PetalConfig) -> MethodHandle:
     points = _targets(model, config)
     lm = model.lm
@@ -409,7 +390,7 @@ def apply_petal(model, config: PetalConfig) -> MethodHandle:
         mod = ModeProjection(bank, p.in_dim, p.out_dim, config.scale)
         model.add_projection_modification(p.name, mod, name="petal")
         modules[p.name] = mod
-    moe, hook = None, None
+    moe = None
     if config.moe:
         with torch.no_grad():
             ids = torch.randint(0, model.config.vocab_size, (config.n_templates, config.template_len),
@@ -418,5 +399,4 @@ def apply_petal(model, config: PetalConfig) -> MethodHandle:
         special = list(getattr(model.tokenizer, "all_special_ids", []) or [])
         moe = InstructionMoE(d, config, template_init, out_embedding, special)
         model.add_input_modifier(moe)
-        hook = lm.register_forward_pre_hook(_LabelsHook(moe), with_kwargs=True)
-    return PetalHandle(model, config, modules, bank, moe, hook)
+    return PetalHandle(model, config, modules, bank, moe)

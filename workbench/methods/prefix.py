@@ -187,7 +187,7 @@ def _attention_module(model, point):
     return model.get_submodule(point.module_path)
 
 
-@register_method("prefix", PrefixConfig)
+@register_method("prefix", PrefixConfig, family="embedding composition", main_knob=("length", (5, 10, 20, 40)))
 def apply_prefix(model, config: PrefixConfig) -> PrefixHandle:
     d = model.d_model
     n_layers = {"encoder": model.config.n_enc_layers, "decoder_self": model.config.n_dec_layers,

@@ -1,8 +1,9 @@
 """Prompt tuning (Lester et al., 2021): L trainable vectors in the encoder input.
 
-The soft prompt is inserted by an input modifier (``model.add_input_modifier``) *after the visual
-tokens and before the text*: ``[v_1 .. v_n] ++ [p_1 .. p_L] ++ embed(prompt)``, with the attention
-mask extended by L ones. ``VLModel.build_encoder_inputs`` runs the modifiers in ``forward``,
+The soft prompt is inserted by an input modifier (``model.add_input_modifier``) *just before the
+text*: ``[v_1 .. v_n] ++ [p_1 .. p_L] ++ embed(prompt)`` in the ``visual_first`` layout,
+``[p_1 .. p_L] ++ embed(prompt) ++ [v_1 .. v_n]`` in ``text_first``, with the attention mask extended
+by L ones. ``VLModel.build_encoder_inputs`` runs the modifiers in ``forward``,
 ``encode`` and ``generate`` alike, so decoding sees the same prompt as training.
 
 Defaults: L = 20 (Lester et al. report that 20 tokens already recover most of the gain of 100;
@@ -54,7 +55,7 @@ class SoftPrompt(nn.Module):
         return self.prompt.shape[0]
 
     def forward(self, inputs):
-        return inputs.insert(inputs.n_visual, self.prompt)
+        return inputs.insert(inputs.text_start, self.prompt)
 
 
 def _special_ids(tokenizer) -> set:
@@ -87,7 +88,7 @@ class PromptHandle(MethodHandle):
         return self.modules["prompt"].prompt
 
 
-@register_method("prompt", PromptConfig)
+@register_method("prompt", PromptConfig, family="embedding composition", main_knob=("length", (5, 10, 20, 40)))
 def apply_prompt(model, config: PromptConfig) -> PromptHandle:
     if len(model.input_modifiers) or model.modifications():
         raise ValueError("prompt: the model already carries modifications; load a fresh backbone")

@@ -1,7 +1,7 @@
 """VL-PET (Hu et al., ICCV 2023): granularity-controlled modular modifications, lightweight decoder.
 
 Faithful to the official code (HenryHZY/VL-PET, ``src/my_transformers/modeling_{bart,t5}.py``,
-``src/trainer_base.py`` and ``scripts/image-text/*VL-PET-*.sh``) and to spec/methods.md:
+``src/trainer_base.py`` and ``scripts/image-text/*VL-PET-*.sh``) and to docs/methods.md#vlpet:
 
 Encoder, every layer, both sub-layers (self-attention and FFN), with X the sub-layer input (the
 residual stream) and H its output before dropout and residual::
@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import MethodConfig, MethodHandle, freeze_backbone, get_config, register_method
+from .base import MethodConfig, MethodHandle, freeze_backbone, get_config, list_methods, method_spec, register_method
 
 GRANULARITIES = ("large", "middleX", "middleY", "small")
 MIDDLEY_FORMS = ("one_plus_z", "one_plus_sigmoid")
@@ -217,36 +217,6 @@ class MultiHeadModification(nn.Module):
         return h + self.up(gelu_tanh(F.linear(h, w, b)))
 
 
-class _EncoderMask:
-    """Holds the encoder attention mask of the current forward (plain object: not a submodule)."""
-
-    def __init__(self):
-        self.mask = None
-
-
-class _RecordEncoderMask:
-    """Forward pre-hook on the encoder stack: remember its 2-D attention mask for the small gates."""
-
-    def __init__(self, ctx: _EncoderMask):
-        self.ctx = ctx
-
-    def __call__(self, module, args, kwargs):
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        self.ctx.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        return None
-
-
-class _ClearEncoderMask:
-    """Forward hook on the encoder stack: drop the mask once the encoder is done."""
-
-    def __init__(self, ctx: _EncoderMask):
-        self.ctx = ctx
-
-    def __call__(self, module, args, output):
-        self.ctx.mask = None
-        return None
-
-
 class LargeGate(nn.Module):
     """G = sigmoid(GELU_tanh(X W_ld + b) W_lu + b'): shape [batch, N, d]."""
 
@@ -296,10 +266,10 @@ class MiddleYGate(nn.Module):
 class SmallGate(nn.Module):
     """g = mean over tokens of sigmoid([X ; H~] w + b): shape [batch, 1, 1].
 
-    ``mask_padding=True`` averages over the valid tokens of the encoder attention mask recorded for
-    the current forward (the 2-D mask the encoder stack receives); ``False`` averages over every
-    position (official). Without a recorded 2-D mask (the encoder called without one, or with a
-    prepared 4-D mask) every position counts, as in the official code.
+    ``mask_padding=True`` averages over the valid tokens of the encoder attention mask of the current
+    forward (``model.context.encoder_mask``, the 2-D mask the encoder stack receives); ``False``
+    averages over every position (official). Without a mask (a gate used outside a VLModel) every
+    position counts, as in the official code.
     """
 
     granularity = "small"
@@ -308,7 +278,7 @@ class SmallGate(nn.Module):
         super().__init__()
         self.linear = nn.Linear(2 * d_model, 1)
         self.mask_padding = mask_padding
-        self._mask_ctx: _EncoderMask | None = None
+        self.context = None  # the model's ForwardContext (a plain reference, set when applied)
 
     def token_gates(self, x, h_tilde):
         """Per-token sigmoid scores before the mean, [batch, N, 1]."""
@@ -316,8 +286,8 @@ class SmallGate(nn.Module):
 
     def forward(self, x, h_tilde, mask: torch.Tensor | None = None):
         g = self.token_gates(x, h_tilde)
-        if mask is None and self.mask_padding and self._mask_ctx is not None:
-            mask = self._mask_ctx.mask
+        if mask is None and self.mask_padding and self.context is not None:
+            mask = self.context.encoder_mask
         if not self.mask_padding or mask is None:
             return g.mean(dim=1, keepdim=True)
         if tuple(mask.shape) != tuple(g.shape[:2]):
@@ -500,8 +470,6 @@ def _encoder_layernorm_params(model) -> list:
 
 
 def _apply_vlpet(model, config: VlpetConfig) -> VlpetHandle:
-    from . import base
-
     cfg = config.resolved(model.family)
     cfg.validate()
     d = model.d_model
@@ -517,12 +485,12 @@ def _apply_vlpet(model, config: VlpetConfig) -> VlpetHandle:
                          f"({list(model.modifications())[:3]}...); load a fresh backbone")
     inner_fn = inner_cfg = None
     if cfg.inner != "multihead":
-        if cfg.inner not in base._REGISTRY:
+        if cfg.inner not in list_methods():
             raise ValueError(
                 f"{cfg.method_name}: the inner method {cfg.inner!r} is not registered (its module in "
-                f"workbench/methods is missing?); registered: {', '.join(base.list_methods())}"
+                f"workbench/methods is missing?); registered: {', '.join(list_methods())}"
             )
-        _, inner_fn = base._lookup(cfg.inner)
+        inner_fn = method_spec(cfg.inner).apply_fn
         inner_cfg = get_config(cfg.inner, **cfg.inner_options)  # validates the inner options
 
     # --- build ---
@@ -549,14 +517,13 @@ def _apply_vlpet(model, config: VlpetConfig) -> VlpetHandle:
         if not inners:
             raise RuntimeError(f"{cfg.method_name}: inner method {cfg.inner!r} put no module on an encoder sub-layer")
 
-    mask_ctx = _EncoderMask() if cfg.granularity == "small" and cfg.small_mask_padding else None
     gated: dict[str, GatedModification] = {}
     for p in enc_points:
         if p.name not in inners:
             continue
         gate = make_gate(cfg.granularity, d, cfg.r_gate, cfg.middley_form, cfg.small_mask_padding)
-        if mask_ctx is not None:
-            gate._mask_ctx = mask_ctx
+        if isinstance(gate, SmallGate):
+            gate.context = model.context
         gated[p.name] = GatedModification(inners[p.name], gate, cfg.scale)
     decoder = {p.name: DecoderValueAdapter(p.in_dim, cfg.decoder_r, p.out_dim) for p in dec_points}
     init_std = float(getattr(model.lm.config, "init_std", 0.02) or 0.02)
@@ -566,10 +533,6 @@ def _apply_vlpet(model, config: VlpetConfig) -> VlpetHandle:
         model.add_sublayer_modification(name, mod, name="vlpet")
     for name, mod in decoder.items():
         model.add_projection_modification(name, mod, name="vlpet_lw")
-    if mask_ctx is not None:
-        enc = model.lm.get_encoder()
-        enc.register_forward_pre_hook(_RecordEncoderMask(mask_ctx), with_kwargs=True)
-        enc.register_forward_hook(_ClearEncoderMask(mask_ctx))
     for mod in list(gated.values()) + list(decoder.values()):
         mod.requires_grad_(True)
     if cfg.train_encoder_layernorms:
@@ -578,6 +541,8 @@ def _apply_vlpet(model, config: VlpetConfig) -> VlpetHandle:
     return VlpetHandle(model, cfg, gated, decoder, inner_handle)
 
 
-register_method("vlpet", VlpetConfig)(_apply_vlpet)
-register_method("houlsby+g+lw", HoulsbyGLwConfig)(_apply_vlpet)
-register_method("compacter+g+lw", CompacterGLwConfig)(_apply_vlpet)
+_GATED = "layer: gated (VL-PET)"
+register_method("vlpet", VlpetConfig, family=_GATED,
+                main_knob=("granularity", ("large", "middleX", "middleY", "small")))(_apply_vlpet)
+register_method("houlsby+g+lw", HoulsbyGLwConfig, family=_GATED)(_apply_vlpet)
+register_method("compacter+g+lw", CompacterGLwConfig, family=_GATED)(_apply_vlpet)

@@ -5,29 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-# The knob that matters most for each method family, with the values the widget offers.
-MAIN_KNOBS: dict[str, tuple[str, tuple]] = {
-    "lora": ("r", (2, 4, 8, 16, 32)),
-    "dora": ("r", (2, 4, 8, 16, 32)),
-    "loha": ("r", (2, 4, 8, 16)),
-    "lokr": ("r", (2, 4, 8, 16)),
-    "vera": ("r", (64, 128, 256)),
-    "houlsby": ("reduction_factor", (4, 8, 12, 24, 48)),
-    "pfeiffer": ("reduction_factor", (4, 8, 12, 24, 48)),
-    "parallel": ("reduction_factor", (4, 8, 12, 24, 48)),
-    "compacter": ("reduction_factor", (4, 8, 16, 32)),
-    "compacter++": ("reduction_factor", (4, 8, 16, 32)),
-    "mixphm": ("num_experts", (1, 2, 4, 8)),
-    "vlpet": ("granularity", ("large", "middleX", "middleY", "small")),
-    "prompt": ("length", (5, 10, 20, 40)),
-    "prefix": ("length", (5, 10, 20, 40)),
-    "petal": ("rank", (16, 32, 64, 128)),
-}
+from ..methods import list_methods, method_spec
 
 
 def main_knob(method: str) -> tuple[str, tuple] | None:
-    """``(config field, choices)`` of a method's main knob, or None if it has none."""
-    return MAIN_KNOBS.get(method)
+    """``(config field, choices)`` of a method's main knob (recorded with its registration), or None."""
+    return method_spec(method).main_knob if method in list_methods() else None
 
 
 @dataclass

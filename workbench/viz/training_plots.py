@@ -6,6 +6,8 @@ from typing import Sequence
 
 import matplotlib.pyplot as plt
 
+from ..methods import list_methods, method_spec
+
 
 def results_table(results: Sequence, digits: int = 3):
     """One row per run: method, N, seed, test accuracy (dev-best and last), per type, trainable %.
@@ -52,43 +54,14 @@ def plot_learning_curves(results: Sequence, title: str = "learning curves"):
     return fig
 
 
-# The 2403.08433 study groups PEFT methods into embedding composition (prompt, prefix) and layer
-# composition (LoRA, serial and parallel adapters); the workbench's other methods are placed in the
-# layer-composition sub-families they belong to. Used to colour plot_accuracy_vs_params.
-METHOD_FAMILIES: dict[str, str] = {
-    "prompt": "embedding composition",
-    "prefix": "embedding composition",
-    "houlsby": "layer: adapters",
-    "pfeiffer": "layer: adapters",
-    "parallel": "layer: adapters",
-    "compacter": "layer: PHM adapters",
-    "compacter++": "layer: PHM adapters",
-    "mixphm": "layer: PHM adapters",
-    "vlpet": "layer: gated (VL-PET)",
-    "houlsby+g+lw": "layer: gated (VL-PET)",
-    "compacter+g+lw": "layer: gated (VL-PET)",
-    "petal": "layer: PETAL",
-    "lora": "layer: low-rank / reparam.",
-    "dora": "layer: low-rank / reparam.",
-    "loha": "layer: low-rank / reparam.",
-    "lokr": "layer: low-rank / reparam.",
-    "vera": "layer: low-rank / reparam.",
-    "randlora": "layer: low-rank / reparam.",
-    "delora": "layer: low-rank / reparam.",
-    "gralora": "layer: low-rank / reparam.",
-    "fourierft": "layer: low-rank / reparam.",
-    "oft": "layer: orthogonal",
-    "boft": "layer: orthogonal",
-    "hra": "layer: orthogonal",
-    "ia3": "layer: rescaling",
-    "bitfit": "selective",
-    "full": "full fine-tuning",
-}
-
-
 def method_family(method: str) -> str:
-    """The family of a registered method name (``"other"`` if the table above does not know it)."""
-    return METHOD_FAMILIES.get(method, "other")
+    """The family a method registered with (``"other"`` for a name that is not registered).
+
+    The 2403.08433 study groups PEFT methods into embedding composition (prompt, prefix) and layer
+    composition (LoRA, serial and parallel adapters); the workbench's other methods sit in the
+    layer-composition sub-families they belong to. Used to colour ``plot_accuracy_vs_params``.
+    """
+    return method_spec(method).family if method in list_methods() else "other"
 
 
 def run_label(result) -> str:
