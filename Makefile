@@ -44,7 +44,7 @@ bench: setup  ## benchmark scripts: print speed/memory figures as ratios
 	  echo "== $$b"; OMP_NUM_THREADS=2 $(PY) $$b || exit 1; done
 
 pretrain: setup  ## rebuild the embedded checkpoint data/checkpoints/vlt5-tiny
-	$(PY) -m workbench.models.pretrain
+	$(PY) -m workbench.train.pretrain
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from workbench.models.pretrain import PretrainConfig, pretrain
+from workbench.train.pretrain import PretrainConfig, pretrain
 from workbench.train import RunConfig, run
 
 DEFAULT_FINE_TUNING = [["full", 1000, 1e-3, 15], ["lora", 1000, 5e-3, 15], ["full", 64, 1e-3, 40]]

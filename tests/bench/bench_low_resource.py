@@ -24,7 +24,7 @@ import numpy as np
 from workbench.data import COLORS, SHAPES, SIZES, ShapesWorld, load_scene, load_task
 from workbench.methods import get_config
 from workbench.models import VLModel, load_backbone
-from workbench.models.pretrain import grounding_targets
+from workbench.train.pretrain import grounding_targets
 from workbench.train import RunConfig, run
 from workbench.utils import seed_everything
 

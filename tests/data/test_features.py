@@ -55,9 +55,18 @@ def test_get_batch_fixed(fixed_store):
     np.testing.assert_array_equal(feats[1], FIXED["9"])
 
 
+def test_missing_and_shape_read_no_features(fixed_store):
+    assert fixed_store.missing(["9", 25, "404", "9", "404", "7"]) == ["404", "7"]
+    assert fixed_store.missing([]) == []
+    assert fixed_store.shape("30") == (4, 8) and fixed_store.shape(9) == (4, 8)
+    with pytest.raises(KeyError, match="'404'"):
+        fixed_store.shape("404")
+
+
 @pytest.mark.parametrize("suffix", [".npz", ".h5"])
 def test_variable_length_padding(tmp_path, suffix):
     store = FeatureStore(FeatureStore.write(tmp_path / f"var{suffix}", VARIABLE))
+    assert store.shape("COCO_val2014_000000000073") == (5, 6)
     assert store.n_visual is None
     assert store.feat_dim == 6
     ids = ["COCO_val2014_000000000042", "COCO_val2014_000000000073"]
@@ -234,3 +243,22 @@ def test_pickles_and_reopens(fixed_store):
     np.testing.assert_array_equal(clone["9"], FIXED["9"])
     fixed_store.close()
     np.testing.assert_array_equal(fixed_store["30"], FIXED["30"])  # reopened lazily
+
+
+def test_hdf5_external_links_merge_stores(tmp_path, monkeypatch):
+    """data/README.md's recipe: one store over VL-T5's train2014 and val2014 files, linked, not copied."""
+    FeatureStore.write(tmp_path / "train2014_obj36.h5", {"COCO_train2014_000000000009": FIXED["9"]},
+                       boxes={"COCO_train2014_000000000009": np.zeros((4, 4))})
+    FeatureStore.write(tmp_path / "val2014_obj36.h5", {"COCO_val2014_000000000042": VARIABLE[
+        "COCO_val2014_000000000042"][:, :2].repeat(4, axis=1)}, layout="vlt5")
+    with h5py.File(tmp_path / "coco_obj36.h5", "w") as out:
+        for name in ("train2014_obj36.h5", "val2014_obj36.h5"):
+            with h5py.File(tmp_path / name, "r") as f:
+                for key in f:
+                    out[key] = h5py.ExternalLink(name, key)
+    monkeypatch.chdir("/")  # links resolve beside the linking file, not in the working directory
+    store = FeatureStore(tmp_path / "coco_obj36.h5", feat_dim=8)
+    assert store.layout == "vlt5" and len(store) == 2
+    feats, mask = store.get_batch(["COCO_train2014_000000000009", "COCO_val2014_000000000042"])
+    assert feats.shape == (2, 4, 8) and mask.sum(1).tolist() == [4, 2]
+    np.testing.assert_array_equal(feats[0], FIXED["9"])

@@ -85,9 +85,9 @@ def test_store_write_is_atomic(tmp_path, monkeypatch):
     assert not store.is_finished("abc") and list(tmp_path.iterdir()) == []
 
 
-def test_non_finite_loss_stops_and_is_recorded(small_config, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_and_is_recorded(small_config, tmp_path, request):
     from workbench.methods import base
-    from workbench.methods.full import FullConfig, apply_full
+    from workbench.methods.full import FullConfig
 
     class Exploding(base.MethodHandle):  # a method whose extra loss turns NaN at the 3rd step
         calls = 0
@@ -96,7 +96,11 @@ def test_non_finite_loss_stops_and_is_recorded(small_config, tmp_path, monkeypat
             Exploding.calls += 1
             return {"boom": torch.tensor(float("nan") if Exploding.calls >= 3 else 0.0)}
 
-    monkeypatch.setitem(base._REGISTRY, "exploding", (FullConfig, lambda m, c: Exploding(m, c)))
+    class ExplodingConfig(FullConfig):  # its own class: registration records the method name on it
+        pass
+
+    base.register_method("exploding", ExplodingConfig, family="test")(lambda m, c: Exploding(m, c))
+    request.addfinalizer(lambda: base.METHODS.unregister("exploding"))
     store = RunStore(tmp_path / "runs")
     cfg = small_config.replace(method="exploding")
     with pytest.raises(NonFiniteLossError, match="at step 2"):

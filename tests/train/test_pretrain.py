@@ -1,4 +1,4 @@
-"""The pre-training objectives derived from captions (workbench.models.pretrain)."""
+"""The pre-training objectives derived from captions (workbench.train.pretrain)."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from workbench.data.shapesworld import ShapesWorld, parse_caption
 from workbench.models import load_backbone
-from workbench.models.pretrain import (
+from workbench.train.pretrain import (
     PretrainConfig,
     _task_mix,
     fill_example,

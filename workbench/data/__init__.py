@@ -1,4 +1,4 @@
-"""Data layer: ShapesWorld, task loaders, low-resource splits, real-dataset readers, feature stores."""
+"""Data layer: ShapesWorld, registered tasks (TaskSpec), low-resource splits, real-dataset readers, feature stores."""
 
 from .example import Example
 from .features import FeatureStore
@@ -14,7 +14,17 @@ from .shapesworld import (
     ShapesWorld,
 )
 from .splits import SEEDS, SHOTS, low_resource_split
-from .tasks import list_tasks, load_image, load_images, load_scene, load_task, register_task
+from .tasks import (
+    TaskSpec,
+    get_task_spec,
+    list_tasks,
+    load_image,
+    load_images,
+    load_scene,
+    load_task,
+    register_task,
+    unregister_task,
+)
 
 __all__ = [
     "ANSWER_VOCAB",
@@ -33,6 +43,8 @@ __all__ = [
     "Scene",
     "ShapeObject",
     "ShapesWorld",
+    "TaskSpec",
+    "get_task_spec",
     "list_tasks",
     "load_image",
     "load_images",
@@ -40,4 +52,5 @@ __all__ = [
     "load_task",
     "low_resource_split",
     "register_task",
+    "unregister_task",
 ]

@@ -12,7 +12,7 @@ class Example:
     Attributes:
         id: unique id of the example within its task (question id, caption id, ...).
         image_id: id of the image; the key into a feature store.
-        prompt: the text fed to the encoder after the visual tokens (e.g. ``"vqa: how many ...?"``).
+        prompt: the text fed to the encoder beside the visual tokens (e.g. ``"vqa: how many ...?"``).
         answers: the reference answers (10 human answers for VQA v2, one for ShapesWorld,
             several captions for captioning). The first one is the training target.
         question_type: the question's type, for per-type accuracy (``None`` for captions).

@@ -21,7 +21,7 @@ import numpy as np
 from workbench.utils import atomic_path
 
 SUPPORTED_EXTENSIONS = (".h5", ".hdf5", ".npz")
-_README = "data/README.md, section 'Real datasets'"
+_README = "data/README.md, section 'Feature stores'"
 
 
 def _kind_of(path: Path) -> str:
@@ -235,6 +235,34 @@ class FeatureStore:
     def keys(self) -> list[str]:
         """All image ids, in file order (HDF5 lists them sorted by name)."""
         return list(self._keys)
+
+    def missing(self, image_ids: Iterable) -> list[str]:
+        """The image ids (as store keys) that the store lacks, in the order given, without duplicates.
+
+        Only the key list is consulted (no feature is read), so checking a whole split is cheap.
+        """
+        out, seen = [], set()
+        for image_id in image_ids:
+            key = _to_key(image_id)
+            if key not in self._key_set and key not in seen:
+                seen.add(key)
+                out.append(key)
+        return out
+
+    def shape(self, image_id) -> tuple[int, ...]:
+        """The shape of one image's feature array, ``(n_visual, feat_dim)``, read from metadata only.
+
+        Raises:
+            KeyError: the image id is not in the store.
+        """
+        key = _to_key(image_id)
+        if key not in self._key_set:
+            raise self._missing(key)
+        if self._shapes is not None:
+            return self._shapes[key]
+        if self._kind == "h5":
+            return tuple(self._features_node(key).shape)
+        return tuple(self._raw(key).shape)
 
     @property
     def feat_dim(self) -> int | None:

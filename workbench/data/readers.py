@@ -9,13 +9,16 @@ offending record and field.
 Conventions shared by all readers:
 
 * ``Example.id`` and ``Example.image_id`` are strings. ``image_id`` is
-  ``image_id_format.format(image_id=<id from the file>)`` (default ``"{image_id}"``), so that
-  it can be made to match the keys of a feature store, e.g.
-  ``"COCO_val2014_{image_id:012d}"`` (VQA / COCO ids are ints in the files).
+  ``image_id_format.format(image_id=<id from the file>, split=<COCO folder>)`` (default
+  ``"{image_id}"``), so that it can be made to match the keys of a feature store, e.g.
+  ``"COCO_val2014_{image_id:012d}"`` (VQA / COCO ids are ints in the files). ``{split}`` is the
+  COCO image folder (``train2014``, ``val2014``, ...): for VQA v2 / OK-VQA and official COCO
+  files the split in the file name, for Karpathy's file each image's ``filepath``; so
+  ``"COCO_{split}_{image_id:012d}"`` matches VL-T5's feature keys whatever the split.
 * VQA v2 / OK-VQA: ``answers`` holds the human answers of the annotation file, every one of
   them exactly once (10 per question), reordered so that ``answers[0]`` (``Example.target``,
   the training target) is the ``multiple_choice_answer``. Order does not matter to
-  :func:`workbench.train.metrics.vqa_accuracy`, so ``vqa_accuracy(pred, ex.answers)`` is the
+  :func:`workbench.eval.vqa_accuracy`, so ``vqa_accuracy(pred, ex.answers)`` is the
   official accuracy. The raw ``multiple_choice_answer`` is also kept in
   ``meta["multiple_choice_answer"]``.
 * Files without answers (VQA v2 test questions, GQA test / challenge) give examples with
@@ -94,9 +97,11 @@ def _check_prompt(prompt: str) -> None:
         raise ValueError(f"prompt must be a str containing '{{question}}', got {prompt!r}")
 
 
-def _format_image_id(image_id_format: str, image_id, where: str, path) -> str:
+def _format_image_id(image_id_format: str, image_id, where: str, path, split: str | None = None) -> str:
     try:
-        return image_id_format.format(image_id=image_id)
+        if split is None:
+            return image_id_format.format(image_id=image_id)
+        return image_id_format.format(image_id=image_id, split=split)
     except (ValueError, KeyError, IndexError) as e:
         raise ValueError(
             f"image_id_format {image_id_format!r} cannot format image id {image_id!r} of "
@@ -238,7 +243,7 @@ def _load_vqa_pair(
         examples.append(
             Example(
                 id=qid,
-                image_id=_format_image_id(image_id_format, q["image_id"], where, questions_path),
+                image_id=_format_image_id(image_id_format, q["image_id"], where, questions_path, split),
                 prompt=prompt.format(question=q["question"]),
                 answers=answers,
                 question_type=qtype,
@@ -264,7 +269,8 @@ def load_vqa_v2(
             none): the examples then have empty ``answers`` and ``question_type`` None.
         prompt: the encoder text, formatted with ``question=``.
         image_id_format: how the integer image id becomes ``Example.image_id`` (the feature
-            store key), e.g. ``"COCO_val2014_{image_id:012d}"``.
+            store key), e.g. ``"COCO_val2014_{image_id:012d}"``; ``{split}`` is the file's split
+            (``"COCO_{split}_{image_id:012d}"``).
         type_field: the annotation field used as ``Example.question_type``: ``"answer_type"``
             (``yes/no``, ``number``, ``other``; default) or ``"question_type"`` (the 65 question
             prefixes such as ``"what color is the"``).
@@ -304,7 +310,8 @@ def load_okvqa(
         questions_path: ``OpenEnded_mscoco_{split}2014_questions.json``.
         annotations_path: ``mscoco_{split}2014_annotations.json``, or None (no answers).
         prompt: the encoder text, formatted with ``question=``.
-        image_id_format: how the integer image id becomes ``Example.image_id``.
+        image_id_format: how the integer image id becomes ``Example.image_id`` (``{split}``: the
+            file's split, e.g. ``train2014``).
         type_field: the annotation field used as ``Example.question_type``. The default
             ``"question_type"`` is OK-VQA's knowledge category (its ``answer_type`` is ``"other"``
             throughout, so useless for per-type accuracy).
@@ -441,7 +448,8 @@ def load_coco_captions(
             ``restval``) or of any split in a list (e.g. ``["train", "restval"]``); None keeps
             all. The official files are one split each, so ``split`` must be None for them.
         prompt: the encoder text of every example.
-        image_id_format: how the integer COCO id becomes ``Example.image_id``.
+        image_id_format: how the integer COCO id becomes ``Example.image_id``; ``{split}`` is the
+            image's folder (Karpathy: its ``filepath``; official files: the file's split).
         image_root: if given, ``image_ref`` = ``image_root / file name`` (the Karpathy
             ``filepath/filename``, or the official ``file_name``); otherwise None.
 
@@ -483,7 +491,7 @@ def load_coco_captions(
                 f"split={split!r} only applies to Karpathy's dataset_coco.json; {path} is an "
                 "official COCO captions file, which is already one split"
             )
-        return _coco_official(path, data, images, prompt, image_id_format, root)
+        return _coco_official(path, data, images, prompt, image_id_format, root, coco_split)
     if images and isinstance(images[0], dict) and "sentences" in images[0]:
         return _coco_karpathy(path, images, split, prompt, image_id_format, root)
     raise ValueError(
@@ -492,7 +500,7 @@ def load_coco_captions(
     )
 
 
-def _coco_official(path, data, images, prompt, image_id_format, root) -> list[Example]:
+def _coco_official(path, data, images, prompt, image_id_format, root, coco_split) -> list[Example]:
     captions: dict[str, list[str]] = {}
     order = []
     info = {}
@@ -521,7 +529,7 @@ def _coco_official(path, data, images, prompt, image_id_format, root) -> list[Ex
         examples.append(
             Example(
                 id=key,
-                image_id=_format_image_id(image_id_format, image_id, where, path),
+                image_id=_format_image_id(image_id_format, image_id, where, path, coco_split),
                 prompt=prompt,
                 answers=tuple(captions[key]),
                 image_ref=str(root / file_name) if root is not None and file_name else None,
@@ -564,7 +572,7 @@ def _coco_karpathy(path, images, split, prompt, image_id_format, root) -> list[E
         examples.append(
             Example(
                 id=str(image_id),
-                image_id=_format_image_id(image_id_format, image_id, where, path),
+                image_id=_format_image_id(image_id_format, image_id, where, path, img.get("filepath", "")),
                 prompt=prompt,
                 answers=caps,
                 image_ref=str(root / rel) if root is not None and rel else None,

@@ -1,8 +1,8 @@
-"""Training: run configs, the trainer, the run store, metrics."""
+"""Training: run configs, the trainer, the run store (metrics re-exported from :mod:`workbench.eval`)."""
 
+from ..eval import accuracy_by_type, caption_scores, exact_match, normalize_answer, vqa_accuracy
 from .config import RunConfig
 from .loop import NonFiniteLossError, RunResult, load_results, load_run, run
-from .metrics import accuracy_by_type, caption_scores, exact_match, normalize_answer, vqa_accuracy
 from .store import RunStore
 
 __all__ = [

@@ -10,6 +10,9 @@ from ..data import SEEDS, list_tasks
 
 # Fields that change how a run is shown, not what it computes: left out of the hash.
 _NOT_HASHED = ("quiet",)
+# Fields added after runs were stored: left out of the hash while empty, so that every config
+# written before they existed keeps its hash (and its run directory).
+_HASHED_WHEN_SET = ("backbone_options",)
 
 
 @dataclass
@@ -19,9 +22,20 @@ class RunConfig:
     Defaults follow the MixPHM recipe (AdamW eps 1e-6, weight decay 0.01 except biases and
     LayerNorms, linear warm-up 5 %, gradient clipping 5, batch 16) with epoch budgets that fit a
     2-core CPU. ``lr=None`` takes the method's default learning rate.
+
+    ``backbone_options`` go to ``load_backbone(backbone, **backbone_options)`` (e.g.
+    ``{"feat_dim": 2048}`` for a T5/BART directory, ``{"layout": "text_first"}``).
+    ``task_options`` go to the task's loader (e.g. ``{"root": ..., "limit": ...}``), except two
+    that the trainer reads: ``"features"`` (a feature store path, required by real datasets) and
+    ``"target"`` (VQA training target: ``"sample"``, the default, draws an answer in proportion to
+    its soft score each time an example is used; ``"most_frequent"`` always trains on the first
+    answer). ``pool_size`` sets the pool's size for tasks whose spec has a pool-size option
+    (ShapesWorld's ``n_scenes``). Decoding uses ``max(max_new_tokens, the task's
+    max_answer_length)`` new tokens.
     """
 
     backbone: str = "vlt5-tiny"
+    backbone_options: dict = field(default_factory=dict)
     task: str = "shapes-vqa"
     n_shots: int = 64
     seed: int = 13
@@ -55,7 +69,18 @@ class RunConfig:
     def __post_init__(self):
         problems = []
         if self.task not in list_tasks():
-            problems.append(f"task {self.task!r} is unknown; known: {list_tasks()}")
+            problems.append(f"unknown task {self.task!r}; registered tasks: {', '.join(list_tasks())}")
+        for name in ("backbone_options", "task_options", "method_config"):
+            if not isinstance(getattr(self, name), dict):
+                problems.append(f"{name} must be a dict, got {type(getattr(self, name)).__name__}")
+        if isinstance(self.backbone_options, dict) and "device" in self.backbone_options:
+            problems.append("backbone_options cannot set 'device'; use RunConfig.device")
+        if self.pool_size is not None and (isinstance(self.pool_size, bool) or not isinstance(self.pool_size, int)
+                                           or self.pool_size < 1):
+            problems.append(f"pool_size must be a positive int or None, got {self.pool_size!r}")
+        if self.test_size is not None and (isinstance(self.test_size, bool) or not isinstance(self.test_size, int)
+                                           or self.test_size < 1):
+            problems.append(f"test_size must be a positive int or None, got {self.test_size!r}")
         for name in ("n_shots", "batch_size", "epochs", "grad_accum", "eval_every", "patience", "num_beams", "max_new_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -93,7 +118,8 @@ class RunConfig:
         """
         from ..models.factory import backbone_fingerprint
 
-        d = {k: v for k, v in self.to_dict().items() if k not in _NOT_HASHED}
+        d = {k: v for k, v in self.to_dict().items()
+             if k not in _NOT_HASHED and not (k in _HASHED_WHEN_SET and not v)}
         d["backbone_fingerprint"] = backbone_fingerprint(self.backbone)
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]

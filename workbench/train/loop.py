@@ -1,9 +1,15 @@
 """The trainer: ``run(config) -> RunResult`` under the low-resource protocol.
 
-One run = build the backbone, draw the (train, dev) split, look up the cached visual features,
-apply the method, train with AdamW + linear warm-up/decay + clipping, evaluate on dev every
+One run = build the backbone, draw the (train, dev) split from the task's pool, look up the
+visual features (the embedded encoder's cache, or a feature store streamed batch by batch), apply
+the method, train with AdamW + linear warm-up/decay + clipping, evaluate on dev every
 ``eval_every`` epochs keeping the best trainable state, stop early, score the last and the
 dev-best states on test, and write everything to the run store atomically.
+
+Everything task-specific comes from the task's :class:`~workbench.data.TaskSpec` (answer length,
+metric, pool split and size, whether a feature store is required), never from its name. Bad input
+(missing files, images missing from the store, a feature dimension that disagrees) is reported
+before training starts.
 """
 
 from __future__ import annotations
@@ -17,13 +23,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import Example, load_task, low_resource_split
+from ..data import Example, FeatureStore, TaskSpec, get_task_spec, low_resource_split
+from ..eval import answer_soft_scores, evaluate
 from ..utils import pick_device, seed_everything
+from . import optim
 from .config import RunConfig
-from .metrics import accuracy_by_type, caption_scores
 from .store import RunStore
 
-CAPTION_TASKS = ("shapes-caption",)
+# task_options read by the trainer itself; every other option goes to the task's loader.
+TRAINER_TASK_OPTIONS = ("features", "target")
+# VQA training targets: "sample" (the official VL-T5 / MixPHM code) or "most_frequent".
+TARGETS = ("sample", "most_frequent")
+# Salt of the answer-sampling generator's seed: its draws never touch the shuffling generator.
+_ANSWER_SEED_SALT = 0xA75
 
 
 class NonFiniteLossError(RuntimeError):
@@ -69,33 +81,168 @@ class RunResult:
 
 # ------------------------------------------------------------------------------------ data
 @dataclass
+class Batch:
+    """One batch; unpacks as ``feats, prompt_ids, prompt_mask, labels`` (the visual mask is extra).
+
+    ``visual_mask`` is ``[b, n_visual]`` bool, False on zero-padded regions, or None when every
+    image of the split has the same number of visual tokens (then nothing is padded).
+    """
+
+    feats: torch.Tensor
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    labels: torch.Tensor
+    visual_mask: torch.Tensor | None = None
+
+    def __iter__(self):
+        return iter((self.feats, self.prompt_ids, self.prompt_mask, self.labels))
+
+
+class AnswerTable:
+    """Training targets sampled in proportion to their VQA soft scores (:func:`workbench.eval.answer_soft_scores`).
+
+    Only examples with more than one distinct (normalised) answer get an entry: the others always
+    train on ``Example.target``, and drawing nothing for them keeps one-answer tasks unchanged.
+    """
+
+    def __init__(self, model, examples):
+        texts, self.rows, self.probs = [], {}, {}
+        for i, e in enumerate(examples):
+            scored = answer_soft_scores(e.answers)
+            if len(scored) < 2:
+                continue
+            self.rows[i] = np.arange(len(texts), len(texts) + len(scored))
+            weights = np.array([s for _, s in scored], dtype=np.float64)
+            self.probs[i] = np.cumsum(weights / weights.sum())
+            texts += [a for a, _ in scored]
+        self.labels = model.encode_targets(texts) if texts else None
+
+    def __len__(self):
+        return len(self.rows)
+
+    def draw(self, indices: list[int], rng: np.random.Generator) -> tuple[list[int], list[int]]:
+        """``(batch rows, label rows)`` for the examples of ``indices`` that have a choice."""
+        rows = [r for r, i in enumerate(indices) if i in self.rows]
+        if not rows:
+            return [], []
+        u = rng.random(len(rows))
+        picked = []
+        for k, r in enumerate(rows):
+            cum = self.probs[indices[r]]
+            j = min(int(np.searchsorted(cum, u[k] * cum[-1], side="right")), len(cum) - 1)
+            picked.append(int(self.rows[indices[r]][j]))
+        return rows, picked
+
+
+@dataclass
 class Split:
-    """A split ready for the model: features, tokenised prompts and targets, the examples."""
+    """A split ready for the model: tokenised prompts and targets, the examples, their features.
+
+    Features are either held in memory (``feats [n, n_visual, feat_dim]``, the embedded encoder's
+    cache) or streamed batch by batch from a :class:`FeatureStore` (``store`` with ``image_ids``),
+    so that scoring a split of hundreds of thousands of questions never holds all its features.
+    """
 
     examples: list
-    feats: torch.Tensor  # [n, n_visual, feat_dim]
+    feats: torch.Tensor | None  # [n, n_visual, feat_dim], or None when streamed from `store`
     prompt_ids: torch.Tensor  # [n, Lp], padded
     prompt_mask: torch.Tensor
-    labels: torch.Tensor  # [n, Lt], -100 padded
+    labels: torch.Tensor  # [n, Lt], -100 padded: Example.target
+    visual_mask: torch.Tensor | None = None  # [n, n_visual] for in-memory features of unequal sizes
+    store: FeatureStore | None = None
+    image_ids: list | None = None
+    device: torch.device | None = None
+    answers: AnswerTable | None = None  # sampled VQA targets (training split only)
 
     def __len__(self):
         return len(self.examples)
 
-    def batch(self, idx):
+    def batch(self, idx, answer_rng: np.random.Generator | None = None) -> Batch:
+        """The batch of rows ``idx`` (a tensor on the split's device).
+
+        With ``answer_rng`` and an answer table, each example with several distinct answers gets
+        a target drawn in proportion to its soft score; the others keep ``Example.target``.
+        """
         ids, mask, labels = self.prompt_ids[idx], self.prompt_mask[idx], self.labels[idx]
+        if answer_rng is not None and self.answers is not None and len(self.answers):
+            rows, picked = self.answers.draw(idx.tolist(), answer_rng)
+            if rows:
+                choice = self.answers.labels[picked]
+                width = max(labels.shape[1], choice.shape[1])
+                new = torch.full((labels.shape[0], width), -100, dtype=labels.dtype, device=labels.device)
+                new[:, : labels.shape[1]] = labels
+                new[rows] = torch.nn.functional.pad(choice, (0, width - choice.shape[1]), value=-100).to(labels.device)
+                labels = new
         lp = int(mask.sum(1).max())  # trim columns that are padding for the whole batch
         lt = int((labels != -100).sum(1).max())
-        return self.feats[idx], ids[:, :lp].contiguous(), mask[:, :lp].contiguous(), labels[:, :lt].contiguous()
+        if self.feats is not None:
+            feats = self.feats[idx]
+            vmask = self.visual_mask[idx] if self.visual_mask is not None else None
+        else:
+            x, m = self.store.get_batch([self.image_ids[i] for i in idx.tolist()])
+            feats, vmask = _to_device(torch.from_numpy(x), self.device), _to_device(torch.from_numpy(m), self.device)
+        return Batch(feats, ids[:, :lp].contiguous(), mask[:, :lp].contiguous(), labels[:, :lt].contiguous(), vmask)
 
 
-def features_for(model, examples, cfg: RunConfig) -> dict:
-    """Visual features per image id: the embedded encoder (cached on disk) or a feature store."""
-    store_path = cfg.task_options.get("features")
-    if store_path is not None:
-        from ..data import FeatureStore
+def _to_device(x: torch.Tensor, device) -> torch.Tensor:
+    if device is not None and device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x if device is None else x.to(device)
 
-        store = FeatureStore(store_path, feat_dim=model.config.feat_dim)
-        return {e.image_id: store[e.image_id] for e in examples}
+
+def loader_options(cfg: RunConfig) -> dict:
+    """``cfg.task_options`` without the ones the trainer reads (``features``, ``target``)."""
+    return {k: v for k, v in cfg.task_options.items() if k not in TRAINER_TASK_OPTIONS}
+
+
+def open_feature_store(cfg: RunConfig, feat_dim: int | None = None) -> FeatureStore | None:
+    """The store named by ``task_options["features"]`` (None without one); errors name the option."""
+    path = cfg.task_options.get("features")
+    if path is None:
+        return None
+    try:
+        return FeatureStore(path, feat_dim=feat_dim)
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"task_options['features']: {e}") from None
+
+
+def check_task_options(cfg: RunConfig, spec: TaskSpec) -> None:
+    """Reject trainer options that cannot work with this task (before anything is loaded)."""
+    target = cfg.task_options.get("target", "sample")
+    if target not in TARGETS:
+        raise ValueError(f"task_options['target'] must be one of {list(TARGETS)}, got {target!r}")
+    if spec.needs_features and cfg.task_options.get("features") is None:
+        raise ValueError(
+            f"task {cfg.task!r} needs a feature store: set task_options['features'] to an HDF5 or npz file of "
+            "visual features keyed by image id (see data/README.md); its images are not rendered or encoded "
+            "by the backbone"
+        )
+    if cfg.pool_size is not None and not spec.has_pool_size:
+        raise ValueError(
+            f"pool_size applies to tasks whose pool size is an option (e.g. ShapesWorld's n_scenes); task "
+            f"{cfg.task!r} has a fixed pool: leave pool_size=None (use task_options['limit'] where the task has it)"
+        )
+
+
+def features_for(model, examples, cfg: RunConfig):
+    """Visual features per image id: a :class:`FeatureStore` (``task_options["features"]``, read
+    batch by batch) or the embedded encoder's features (a dict, cached on disk).
+
+    A store serves real datasets, and embedded tasks on a backbone without a visual encoder; it is
+    refused for an embedded task on a backbone with its own encoder (it would bypass the encoder).
+    """
+    store = open_feature_store(cfg, feat_dim=model.config.feat_dim)
+    if store is not None:
+        if model.visual_encoder is not None and not get_task_spec(cfg.task).needs_features:
+            # The backbone's projector was trained on its own encoder's features: a store would
+            # silently replace them. A store serves backbones without an encoder.
+            raise ValueError(
+                f"task {cfg.task!r} has images that backbone {cfg.backbone!r} encodes with its own visual encoder; "
+                "task_options['features'] would bypass it: drop the option, or use a backbone without a visual "
+                "encoder for precomputed features"
+            )
+        check_store(store, examples, model, cfg)
+        return store
     if model.visual_encoder is None:
         raise ValueError(
             f"backbone {cfg.backbone!r} has no visual encoder: set task_options={{'features': <feature store path>}}"
@@ -105,82 +252,127 @@ def features_for(model, examples, cfg: RunConfig) -> dict:
     return extract_features(model.visual_encoder, examples, key=f"{cfg.task}", quiet=cfg.quiet)
 
 
-def prepare_split(model, examples: list[Example], feats: dict, device) -> Split:
+def check_store(store: FeatureStore, examples, model, cfg: RunConfig) -> None:
+    """Every image of ``examples`` is in the store and has the backbone's feature dimension."""
+    missing = store.missing(e.image_id for e in examples)
+    if missing:
+        raise ValueError(
+            f"the feature store {store.path} (task_options['features']) has no features for {len(missing)} "
+            f"image(s) of task {cfg.task!r}, e.g. image {missing[0]!r} (others: {missing[1:4]}); the store's keys "
+            f"look like {store.keys()[:3]}: build the store over these images, or match its keys with "
+            "task_options['image_id_format']"
+        )
+    if not examples:
+        return
+    first = examples[0].image_id
+    dim = store.shape(first)[-1]
+    if dim != model.config.feat_dim:
+        source = (f"backbone_options['feat_dim']={cfg.backbone_options['feat_dim']}"
+                  if "feat_dim" in cfg.backbone_options else f"the backbone's feat_dim {model.config.feat_dim}")
+        raise ValueError(
+            f"{source} disagrees with the feature store {store.path} (task_options['features']): its image "
+            f"{first!r} has feat_dim {dim}; set backbone_options={{'feat_dim': {dim}}} or use a store of "
+            f"{model.config.feat_dim}-d features"
+        )
+
+
+def prepare_split(model, examples: list[Example], feats, device, sample_answers: bool = False) -> Split:
+    """Tokenise a split and attach its features (``feats``: a dict ``image_id -> array`` or a store).
+
+    ``sample_answers`` builds the table of soft-scored answers that training draws targets from.
+    """
     ids, mask = model.encode_prompts([e.prompt for e in examples])
     labels = model.encode_targets([e.target for e in examples])
-    x = torch.from_numpy(np.stack([feats[e.image_id] for e in examples]).astype(np.float32))
+    answers = AnswerTable(model, examples) if sample_answers else None
+    common = dict(device=device, answers=answers)
+    if isinstance(feats, FeatureStore):
+        return Split(examples, None, ids.to(device), mask.to(device), labels.to(device), store=feats,
+                     image_ids=[e.image_id for e in examples], **common)
+    arrays = [feats[e.image_id] for e in examples]
+    visual_mask = None
+    if len({a.shape for a in arrays}) <= 1:
+        x = torch.from_numpy(np.stack(arrays).astype(np.float32))
+    else:  # unequal numbers of visual tokens: zero-pad and mask
+        n = max(a.shape[0] for a in arrays)
+        x = torch.zeros(len(arrays), n, arrays[0].shape[1])
+        visual_mask = torch.zeros(len(arrays), n, dtype=torch.bool)
+        for row, a in enumerate(arrays):
+            x[row, : a.shape[0]] = torch.from_numpy(np.asarray(a, dtype=np.float32))
+            visual_mask[row, : a.shape[0]] = True
+        visual_mask = visual_mask.to(device)
     if device.type == "cuda":
         x = x.pin_memory()  # one pinned host->device copy per split
-    return Split(examples, x.to(device, non_blocking=True), ids.to(device), mask.to(device), labels.to(device))
+    return Split(examples, x.to(device, non_blocking=True), ids.to(device), mask.to(device), labels.to(device),
+                 visual_mask=visual_mask, **common)
 
 
 def load_splits(cfg: RunConfig):
-    """(train, dev, test) example lists under the low-resource protocol."""
-    opts = {k: v for k, v in cfg.task_options.items() if k != "features"}
+    """(train, dev, test) example lists under the low-resource protocol.
+
+    The pool is the spec's ``pool_split`` (its size set by ``cfg.pool_size`` where the spec has a
+    pool-size option), train and dev the seeded draw of ``n_shots`` each, test the spec's
+    ``test_split`` (its first ``cfg.test_size`` examples).
+    """
+    spec = get_task_spec(cfg.task)
+    check_task_options(cfg, spec)
+    opts = loader_options(cfg)
     pool_opts = dict(opts)
-    if cfg.pool_size is not None and cfg.task.startswith("shapes"):
-        pool_opts["n_scenes"] = cfg.pool_size
-    pool = load_task(cfg.task, "train", **pool_opts)
+    if cfg.pool_size is not None:
+        pool_opts[spec.pool_size_option] = cfg.pool_size
+    pool = spec.load(spec.pool_split, **pool_opts)
     train, dev = low_resource_split(pool, cfg.n_shots, cfg.seed)
-    test = load_task(cfg.task, "test", **opts)
+    test = spec.load(spec.test_split, **opts)
     if cfg.test_size is not None:
         test = test[: cfg.test_size]
+    for name, examples in (("train", train), ("dev", dev), ("test", test)):
+        unscored = next((e for e in examples if not e.answers), None)
+        if unscored is not None:
+            raise ValueError(
+                f"task {cfg.task!r}: example {unscored.id!r} of the {name} split has no reference answer; "
+                "a run needs annotated splits (the test questions of VQA v2 / GQA come without answers)"
+            )
     return train, dev, test
 
 
 # ------------------------------------------------------------------------------ optimiser
-def _no_decay(name: str) -> bool:
-    n = name.lower()
-    return n.endswith("bias") or "layer_norm" in n or "layernorm" in n or ".norm" in n or "projector.1." in n
-
-
 def build_optimizer(handle, cfg: RunConfig, lr: float, total_steps: int):
-    """AdamW without weight decay on biases and LayerNorms; linear warm-up then linear decay."""
+    """The run's AdamW and schedule (:func:`workbench.train.optim.build_optimizer`): no weight decay on
+    biases and LayerNorms, linear warm-up over ``warmup_ratio`` of the steps, then linear decay to 0."""
     params = handle.trainable_parameters()
     if not params:
         raise ValueError(f"method {cfg.method!r} left no trainable parameter")
-    groups = [
-        {"params": [p for n, p in params if not _no_decay(n)], "weight_decay": cfg.weight_decay},
-        {"params": [p for n, p in params if _no_decay(n)], "weight_decay": 0.0},
-    ]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, eps=cfg.adam_eps)
-    warmup = max(1, int(cfg.warmup_ratio * total_steps))
-
-    def schedule(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    return optim.build_optimizer(params, lr, total_steps, warmup_steps=max(1, int(cfg.warmup_ratio * total_steps)),
+                                 weight_decay=cfg.weight_decay, eps=cfg.adam_eps, decay="linear")
 
 
 # ------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def predict(model, split: Split, cfg: RunConfig, batch_size: int = 256) -> list[str]:
-    """Greedy (or beam) decoding of every example of ``split``."""
+    """Greedy (or beam) decoding of every example of ``split``, batch by batch.
+
+    The budget is ``max(cfg.max_new_tokens, the task's max_answer_length)`` new tokens.
+    """
     was_training = model.training
     model.eval()
     out = []
-    max_new = cfg.max_new_tokens if cfg.task not in CAPTION_TASKS else max(cfg.max_new_tokens, 64)
+    max_new = max(cfg.max_new_tokens, get_task_spec(cfg.task).max_answer_length)
     try:
         for start in range(0, len(split), batch_size):
-            idx = torch.arange(start, min(start + batch_size, len(split)))
-            feats, ids, mask, _ = split.batch(idx)
-            with _autocast(feats.device, cfg.bf16):
-                out += model.generate_text(feats, ids, mask, num_beams=cfg.num_beams, max_new_tokens=max_new)
+            idx = torch.arange(start, min(start + batch_size, len(split)), device=split.prompt_ids.device)
+            b = split.batch(idx)
+            with _autocast(b.feats.device, cfg.bf16):
+                out += model.generate_text(b.feats, b.prompt_ids, b.prompt_mask, visual_mask=b.visual_mask,
+                                           num_beams=cfg.num_beams, max_new_tokens=max_new)
     finally:
         model.train(was_training)
     return out
 
 
-def score(predictions: list[str], examples: list[Example], task: str) -> dict:
-    """Accuracy overall and per question type (VQA), or CIDEr / BLEU-4 (captioning)."""
-    if task in CAPTION_TASKS:
-        scores = caption_scores(
-            {e.id: p for e, p in zip(examples, predictions)}, {e.id: list(e.answers) for e in examples}
-        )
-        return {"overall": scores["CIDEr"], **scores, "per_type": {}}
-    return accuracy_by_type(predictions, examples)
+def score(predictions: list[str], examples: list[Example], task: str | TaskSpec) -> dict:
+    """The task's metric (:func:`workbench.eval.evaluate`): accuracy overall and per question type
+    (``"vqa"``, ``"exact"``), or CIDEr-D with BLEU-4 (``"cider"``)."""
+    spec = task if isinstance(task, TaskSpec) else get_task_spec(task)
+    return evaluate(predictions, examples, spec.metric)
 
 
 def _autocast(device, bf16: bool):
@@ -196,6 +388,23 @@ def _peak_memory_mb(device) -> float:
 
 
 # ------------------------------------------------------------------------------------ run
+def build_backbone(cfg: RunConfig, device, store: FeatureStore | None = None):
+    """``load_backbone(cfg.backbone, device=device, **cfg.backbone_options)``; errors name the option."""
+    from ..models import load_backbone
+
+    try:
+        return load_backbone(cfg.backbone, device=device, **cfg.backbone_options)
+    except TypeError as e:  # an option load_backbone does not know
+        raise TypeError(f"RunConfig.backbone_options: {e}") from None
+    except ValueError as e:
+        if "feat_dim" in str(e) and "feat_dim" not in cfg.backbone_options:
+            hint = ""
+            if store is not None and len(store):
+                hint = f" (the feature store has feat_dim {store.shape(store.keys()[0])[-1]})"
+            raise ValueError(f"{e}; set RunConfig.backbone_options={{'feat_dim': ...}}{hint}") from None
+        raise
+
+
 def run(config: RunConfig | None = None, *, force: bool = False, store: RunStore | str | None = None,
         **overrides) -> RunResult:
     """Train and evaluate one configuration, or return the stored result.
@@ -205,13 +414,23 @@ def run(config: RunConfig | None = None, *, force: bool = False, store: RunStore
         force: retrain even if the run store already holds this configuration.
         store: a :class:`RunStore` or a directory (default ``runs/`` or ``$WORKBENCH_RUNS``).
 
+    Before training starts, bad input raises with the option to fix named: a missing dataset
+    folder or official file (FileNotFoundError), a task that needs a feature store without
+    ``task_options["features"]``, an image missing from the store, a ``feat_dim`` that disagrees
+    with the store, an unknown option.
+
+    VQA training targets: with ``task_options["target"] = "sample"`` (default) each use of an
+    example with several distinct human answers trains on one answer drawn in proportion to its
+    VQA soft score (0.3 / 0.6 / 0.9 / 1 for 1 / 2 / 3 / 4+ humans, the table of the official
+    VL-T5 / MixPHM code), from a generator of its own seeded by ``cfg.seed``; ``"most_frequent"``
+    always trains on ``Example.target``. One-answer tasks draw nothing and are unaffected.
+
     Raises:
         NonFiniteLossError: the loss became NaN/inf (the failure is recorded in the store).
     """
     from tqdm.auto import tqdm
 
     from .. import methods
-    from ..models import load_backbone
 
     cfg = (config or RunConfig()).replace(**overrides) if overrides else (config or RunConfig())
     store = store if isinstance(store, RunStore) else RunStore(store)
@@ -219,12 +438,19 @@ def run(config: RunConfig | None = None, *, force: bool = False, store: RunStore
         return load_run(cfg.hash, store)
 
     t_start = time.perf_counter()
+    spec = get_task_spec(cfg.task)
+    check_task_options(cfg, spec)
+    feature_store = open_feature_store(cfg)  # a missing file fails before the backbone is built
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    model = load_backbone(cfg.backbone, device=device)
+    model = build_backbone(cfg, device, feature_store)
+    if feature_store is not None:
+        feature_store.close()  # reopened with the backbone's feat_dim by features_for
     train_ex, dev_ex, test_ex = load_splits(cfg)
     feats = features_for(model, train_ex + dev_ex + test_ex, cfg)
-    train, dev, test = (prepare_split(model, ex, feats, device) for ex in (train_ex, dev_ex, test_ex))
+    sample = spec.kind == "vqa" and cfg.task_options.get("target", "sample") == "sample"
+    train = prepare_split(model, train_ex, feats, device, sample_answers=sample)
+    dev, test = (prepare_split(model, ex, feats, device) for ex in (dev_ex, test_ex))
 
     handle = methods.apply(model, cfg.method, **cfg.method_config)
     params = methods.count_parameters(model)
@@ -235,6 +461,7 @@ def run(config: RunConfig | None = None, *, force: bool = False, store: RunStore
     trainable = [p for _, p in handle.trainable_parameters()]
 
     gen = torch.Generator().manual_seed(cfg.seed)
+    answer_rng = np.random.default_rng([cfg.seed, _ANSWER_SEED_SALT]) if sample else None
     history, best, best_state, bad_evals = [], -1.0, None, 0
     step, samples, train_time = 0, 0, 0.0
     if device.type == "cuda":
@@ -248,9 +475,9 @@ def run(config: RunConfig | None = None, *, force: bool = False, store: RunStore
             losses = []
             micro = [order[i : i + cfg.batch_size] for i in range(0, len(train), cfg.batch_size)]
             for k, idx in enumerate(micro):
-                feats_b, ids, mask, labels = train.batch(idx.to(train.feats.device))
+                b = train.batch(idx.to(train.prompt_ids.device), answer_rng=answer_rng)
                 with _autocast(device, cfg.bf16):
-                    out = model(feats_b, ids, mask, labels=labels)
+                    out = model(b.feats, b.prompt_ids, b.prompt_mask, labels=b.labels, visual_mask=b.visual_mask)
                     loss = out.loss + sum(handle.extra_losses().values(), torch.zeros((), device=device))
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(step, float(loss.detach()), cfg.hash)
@@ -270,7 +497,7 @@ def run(config: RunConfig | None = None, *, force: bool = False, store: RunStore
             train_time += time.perf_counter() - t0
             record = {"epoch": epoch, "step": step, "loss": float(np.mean(losses))}
             if epoch % cfg.eval_every == 0 or step >= total_steps or epoch == cfg.epochs:
-                record["dev"] = score(predict(model, dev, cfg), dev_ex, cfg.task)["overall"]
+                record["dev"] = score(predict(model, dev, cfg), dev_ex, spec)["overall"]
                 if record["dev"] > best:
                     best, best_state, bad_evals = record["dev"], handle.state_dict(), 0
                 else:
@@ -287,11 +514,11 @@ def run(config: RunConfig | None = None, *, force: bool = False, store: RunStore
     bar.close()
 
     test_pred_last = predict(model, test, cfg)
-    last = score(test_pred_last, test_ex, cfg.task)
+    last = score(test_pred_last, test_ex, spec)
     handle.load_state_dict(best_state)
     test_pred = predict(model, test, cfg)
     metrics = {
-        "test": score(test_pred, test_ex, cfg.task),
+        "test": score(test_pred, test_ex, spec),
         "test_last": last,
         "dev_best": best,
         "best_epoch": max((h for h in history if "dev" in h), key=lambda h: h["dev"])["epoch"],

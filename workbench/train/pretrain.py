@@ -1,7 +1,7 @@
 """Pre-train the embedded backbone ``vlt5-tiny`` on ShapesWorld captions (no VQA).
 
-    python -m workbench.models.pretrain            # or: make pretrain
-    python -m workbench.models.pretrain --steps 200 --out /tmp/ckpt   # a quick smoke run
+    python -m workbench.train.pretrain            # or: make pretrain
+    python -m workbench.train.pretrain --steps 200 --out /tmp/ckpt   # a quick smoke run
 
 Trains the visual CNN, the projector and a small T5 end to end on ``shapes-caption/pretrain``
 (captions only, like VL-T5 "novqa"), deterministically (fixed seed and thread count), then
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -24,11 +23,9 @@ import torch
 
 from ..data import load_images, load_task
 from ..data.shapesworld import COLORS, POSITIONS, SHAPES, SIZES, ShapesWorld, caption_correctness, parse_caption
+from ..models import VLModel, VisualEncoder, build_lm_config, train_tokenizer
 from ..utils import repo_root, seed_everything
-from .families import build_lm_config
-from .tokenizer import train_tokenizer
-from .visual import VisualEncoder
-from .vl_model import VLModel
+from .optim import build_optimizer, no_decay_vectors
 
 
 @dataclass
@@ -228,7 +225,7 @@ def tokenizer_corpus(captions: list[str]) -> list[str]:
 @torch.no_grad()
 def evaluate_captions(model: VLModel, n_scenes: int, batch_size: int = 100, num_beams: int = 1) -> dict:
     """Caption ``n_scenes`` ShapesWorld test scenes; correctness rates plus CIDEr-D / BLEU-4."""
-    from ..train.metrics import caption_scores
+    from ..eval import caption_scores
 
     model.eval()
     examples = load_task("shapes-caption", "test", n_scenes=n_scenes)
@@ -280,29 +277,23 @@ def pretrain(cfg: PretrainConfig, out: Path | None = None, quiet: bool = False,
         grounding = GroundingHeads(cfg.feat_dim).to(device)
         targets_all = grounding_targets(captions).to(device)
 
-    groups = []
-    for visual in (False, True):
-        named = [(n, p) for n, p in model.named_parameters() if n.startswith("visual_encoder.") == visual]
-        if visual and grounding is not None:
-            named += list(grounding.named_parameters())
-        lr = cfg.lr * (cfg.visual_lr_mult if visual else 1.0)
-        groups.append({"params": [p for n, p in named if p.dim() > 1], "weight_decay": cfg.weight_decay, "lr": lr})
-        groups.append({"params": [p for n, p in named if p.dim() <= 1], "weight_decay": 0.0, "lr": lr})
-    opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    # The trainer's optimiser, with pre-training's settings: the CNN (and the grounding heads that
+    # train it) at visual_lr_mult, vectors not decayed, cosine decay to 5 %.
+    named = list(model.named_parameters())
+    if grounding is not None:
+        named += [(f"grounding.{n}", p) for n, p in grounding.named_parameters()]
 
-    def schedule(step):  # linear warm-up, cosine decay to 5 %
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
+    def lr_scale(name: str) -> float:
+        return cfg.visual_lr_mult if name.startswith(("visual_encoder.", "grounding.")) else 1.0
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    opt, sched = build_optimizer(named, cfg.lr, cfg.steps, warmup_steps=cfg.warmup, weight_decay=cfg.weight_decay,
+                                 decay="cosine", floor=0.05, no_decay=no_decay_vectors, lr_scale=lr_scale)
     gen = torch.Generator().manual_seed(cfg.seed)
     task_rng = np.random.RandomState(cfg.seed)
     model.train()
     losses = []
     bar = tqdm(range(cfg.steps), disable=quiet, desc="pretrain vlt5-tiny", unit="step")
-    trainable = [p for g in groups for p in g["params"]]
+    trainable = [p for g in opt.param_groups for p in g["params"]]
     for step in bar:
         idx = torch.randint(len(examples), (cfg.batch_size,), generator=gen)
         feats = model.encode_images(images[idx])
@@ -384,7 +375,7 @@ The CNN is also trained with a grounding objective derived from the same caption
 {cfg['grounding_weight']}): each of the 3x3 cells' visual tokens predicts the colour, shape and size that the
 caption names at that position (like VL-T5's visual-grounding pre-training task); its heads are discarded.
 
-Rebuild it with `make pretrain` (`python -m workbench.models.pretrain`): deterministic for a given machine,
+Rebuild it with `make pretrain` (`python -m workbench.train.pretrain`): deterministic for a given machine,
 seed {cfg['seed']}, {cfg['threads']} threads.
 
 | | |

@@ -7,6 +7,7 @@ Layout of ``runs/<hash>/``::
     history.json     per-evaluation records (epoch, step, loss, dev accuracy)
     params.json      trainable-parameter report
     timings.json     wall time, samples/s, peak memory, device
+    predictions.json the dev-best checkpoint's test predictions, {example id: generated text}
     method.safetensors   the trained method's weights (what the method made trainable)
     DONE             written last: a run without it is not finished
 

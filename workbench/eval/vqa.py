@@ -1,6 +1,6 @@
-"""Evaluation metrics: the official VQA accuracy, exact match, captioning scores.
+"""VQA scores: the official VQA accuracy and its answer normalisation, exact match, per-type means.
 
-The VQA normalisation reimplements the official evaluation script of the VQA API
+The normalisation reimplements the official evaluation script of the VQA API
 (``PythonEvaluationTools/vqaEvaluation/vqaEval.py`` in GT-Vision-Lab/VQA) behaviour for
 behaviour, quirks included, so that numbers are comparable with published VQA v2 / OK-VQA
 results. The quirks worth knowing (all reproduced on purpose):
@@ -18,10 +18,11 @@ results. The quirks worth knowing (all reproduced on purpose):
   look-ahead, so the preceding character is never checked): ``"3.5"`` is kept, ``"3."`` ->
   ``"3"``, ``"end."`` -> ``"end"``.
 
-Captioning scores go through pycocoevalcap's ``Cider`` (which is CIDEr-D: Gaussian length
-penalty, clipped n-gram counts) and ``Bleu`` scorers on tokens produced by
-:func:`normalize_caption` instead of the Java PTBTokenizer.
+Pure functions of strings: this module imports nothing else of the workbench. Examples are
+duck-typed (anything with ``id``, ``answers`` and ``question_type``, such as
+``workbench.data.Example``).
 """
+
 
 from __future__ import annotations
 
@@ -245,9 +246,9 @@ def accuracy_by_type(
     Args:
         predictions: the predicted answers, either a mapping from ``Example.id`` to text (extra
             ids are ignored) or a sequence aligned with ``examples``.
-        examples: the :class:`~workbench.data.example.Example` records scored; each needs at
-            least one reference answer. Examples whose ``question_type`` is None are grouped
-            under ``"untyped"``.
+        examples: the records scored (``workbench.data.Example`` or anything with ``id``,
+            ``answers`` and ``question_type``); each needs at least one reference answer.
+            Examples whose ``question_type`` is None are grouped under ``"untyped"``.
         metric: the per-example score, :func:`vqa_accuracy` (default) or :func:`exact_match`
             (GQA).
 
@@ -293,7 +294,8 @@ def accuracy_by_type(
             )
         score = metric(pred, ex.answers)
         scores.append(score)
-        qtype = ex.question_type if ex.question_type is not None else "untyped"
+        qtype = getattr(ex, "question_type", None)
+        qtype = qtype if qtype is not None else "untyped"
         per_type.setdefault(qtype, []).append(score)
     return {
         "overall": sum(scores) / len(scores),
@@ -304,83 +306,45 @@ def accuracy_by_type(
 
 
 # --------------------------------------------------------------------------------------------
-# Captioning
+# Soft scores: the training targets of the official VL-T5 / MixPHM VQA code
 # --------------------------------------------------------------------------------------------
 
-_NON_WORD = re.compile(r"[^\w\s]|_")
+# The score of an answer given by k of the 10 humans, as in the bottom-up-attention / LXMERT
+# preprocessing (``get_score``) whose labels VL-T5 and MixPHM train on. It is the official
+# accuracy rounded per count (0.3 for one human, not 1/3), so it is kept as a table.
+SOFT_SCORE_TABLE: tuple[float, ...] = (0.0, 0.3, 0.6, 0.9, 1.0)
 
 
-def normalize_caption(s: str) -> str:
-    """Tokenise a caption for scoring: lower-case, punctuation removed, single spaces.
-
-    A Java-free stand-in for the PTBTokenizer that pycocoevalcap normally uses: every character
-    that is neither a letter, a digit nor whitespace becomes a space (so ``"dog's"`` gives the
-    tokens ``dog s``).
-
-    Args:
-        s: a caption.
-
-    Returns:
-        The space-joined tokens.
-
-    Raises:
-        TypeError: if ``s`` is not a string.
-    """
-    if not isinstance(s, str):
-        raise TypeError(f"normalize_caption expects a str, got {type(s).__name__}: {s!r}")
-    return " ".join(_NON_WORD.sub(" ", s.lower()).split())
+def soft_score(count: int) -> float:
+    """The VQA soft score of an answer that ``count`` humans gave: 0, 0.3, 0.6, 0.9, then 1."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"soft_score: count must be a non-negative int, got {count!r}")
+    return SOFT_SCORE_TABLE[min(count, len(SOFT_SCORE_TABLE) - 1)]
 
 
-def caption_scores(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> dict:
-    """Corpus CIDEr-D and BLEU-4 of generated captions, with pycocoevalcap's scorers.
+def answer_soft_scores(answers: Sequence[str]) -> list[tuple[str, float]]:
+    """The distinct answers of a question with their soft scores (:func:`soft_score` of their count).
 
-    Both texts are tokenised by :func:`normalize_caption`. CIDEr is a corpus-level score (its
-    IDF weights come from the references of all images), so it is only meaningful over many
-    images; with a single image it is 0. Scales are pycocoevalcap's: CIDEr roughly in
-    [0, 10] (x10 inside the scorer), BLEU-4 in [0, 1].
+    Answers are grouped by :func:`normalize_answer` (``"Two"`` and ``"2"`` are one answer); each
+    group is represented by its first raw spelling in ``answers`` and listed in order of first
+    appearance (the readers put the ``multiple_choice_answer`` first, so it leads the list).
+    Sampling a training target in proportion to these scores is what the official VL-T5 / MixPHM
+    VQA code does each time an example is used.
 
     Args:
-        predictions: ``{image or example id: generated caption}``.
-        references: ``{same id: list of reference captions}``; the ids must match those of
-            ``predictions`` exactly.
+        answers: the human answers of one question (10 for VQA v2 / OK-VQA).
 
     Returns:
-        ``{"CIDEr": float, "BLEU-4": float}``.
+        ``[(answer, score), ...]``, one entry per distinct normalised answer.
 
     Raises:
-        TypeError: if the arguments are not mappings of str / sequences of str.
-        ValueError: if there is nothing to score, ids differ, or an id has no reference.
+        TypeError / ValueError: as :func:`vqa_accuracy` (not a sequence of str, or empty).
     """
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-
-    if not isinstance(predictions, Mapping) or not isinstance(references, Mapping):
-        raise TypeError("caption_scores: predictions and references must be dicts keyed by id")
-    if not predictions:
-        raise ValueError("caption_scores: no predictions to score")
-    missing_refs = [k for k in predictions if k not in references]
-    missing_preds = [k for k in references if k not in predictions]
-    if missing_refs or missing_preds:
-        raise ValueError(
-            "caption_scores: predictions and references must have the same ids; "
-            f"without references: {missing_refs[:5]}, without prediction: {missing_preds[:5]}"
-        )
-    gts, res = {}, {}
-    for key, pred in predictions.items():
-        refs = references[key]
-        if not isinstance(pred, str):
-            raise TypeError(f"caption_scores: prediction for {key!r} must be a str, got {pred!r}")
-        if isinstance(refs, str) or not isinstance(refs, Sequence):
-            raise TypeError(
-                f"caption_scores: references for {key!r} must be a list of str, got {refs!r}"
-            )
-        if len(refs) == 0:
-            raise ValueError(f"caption_scores: id {key!r} has no reference caption")
-        for r in refs:
-            if not isinstance(r, str):
-                raise TypeError(f"caption_scores: a reference of {key!r} is not a str: {r!r}")
-        res[key] = [normalize_caption(pred)]
-        gts[key] = [normalize_caption(r) for r in refs]
-    cider, _ = Cider().compute_score(gts, res)
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    return {"CIDEr": float(cider), "BLEU-4": float(bleu[3])}
+    refs = _check_answers("", answers, "answer_soft_scores")
+    first: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    for raw in refs:
+        key = normalize_answer(raw)
+        first.setdefault(key, raw)
+        counts[key] = counts.get(key, 0) + 1
+    return [(first[key], soft_score(counts[key])) for key in first]

@@ -1,4 +1,4 @@
-"""Metrics: the official VQA normalisation and accuracy, exact match, captioning scores."""
+"""workbench.eval: the official VQA normalisation and accuracy, exact match, captioning scores."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
 from workbench.data.example import Example
-from workbench.train.metrics import (
+from workbench.eval import (
     CONTRACTIONS,
     accuracy_by_type,
     caption_scores,
