@@ -2,10 +2,12 @@
 
 The package is layered in one direction::
 
-    data -> models -> methods -> train -> probes -> viz -> notebooks
+    data -> models -> methods -> train -> studies -> viz -> notebooks
 
-``probes`` is pure maths over tensors and may be used by ``methods``; it never imports
-``train`` or ``methods``.
+A module imports its own layer and the layers before it. ``probes`` (RSA, CKA, MI, routing) and
+``eval`` (VQA accuracy, caption scores) are pure maths, and ``utils`` / ``registry`` are shared
+infrastructure: every layer may import them and they import nothing else of the workbench.
+``tests/test_layers.py`` states this contract for every module.
 """
 
 __version__ = "0.1.0"

@@ -93,7 +93,7 @@ for family in sorted({method_family(m) for m in list_methods()}):
 # drawn with seed 13, up to 40 epochs of batch 16, dev accuracy every 2 epochs with early
 # stopping after 10 evaluations without progress, and the dev-best checkpoint scored on 500 test
 # questions. Every PEFT method trains with lr 5e-3, the learning rate of the official MixPHM
-# recipe for VL-T5 (spec/data.md), full fine-tuning with 3e-4. A method whose defaults do not
+# recipe for VL-T5 (docs/data.md#low-resource-protocol), full fine-tuning with 3e-4. A method whose defaults do not
 # fit the tiny backbone would be listed with the reason instead of a number.
 #
 # **MixPHM at its defaults does not fit vlt5-tiny**: its bottleneck is d // 12 = 128 // 12 = 10,
