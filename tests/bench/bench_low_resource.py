@@ -3,7 +3,7 @@
     python tests/bench/bench_low_resource.py              # (make bench), about 12 minutes on 2 cores
     python tests/bench/bench_low_resource.py --more-data  # + where the limit is (+ 12 minutes)
 
-Targets (issue 3): at N = 1000 the better of full fine-tuning and LoRA reaches at least 75 %
+Targets: at N = 1000 the better of full fine-tuning and LoRA reaches at least 75 %
 test accuracy on shapes-vqa, and accuracy grows clearly from N = 16 to N = 1000. Seed 13, the
 first 500 test questions, the methods' default learning rates: full 3e-4, LoRA 1e-3. (At 1e-3
 full fine-tuning stays on a plateau; on this checkpoint LoRA gives 0.69 at N = 1000 with 1e-3 or

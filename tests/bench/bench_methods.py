@@ -68,8 +68,12 @@ class Trainee:
     def step(self, batch) -> float:
         feats, ids, mask, labels = batch
         t0 = time.perf_counter()
-        loss = self.model(feats, ids, mask, labels=labels).loss
-        extra = self.handle.extra_losses()
+        def forward():
+            return self.model(feats, ids, mask, labels=labels)
+
+        out = forward()
+        loss = out.loss
+        extra = self.handle.training_losses(out, forward)
         if extra:
             loss = loss + sum(extra.values())
         loss.backward()

@@ -15,7 +15,9 @@ modules at named insertion points of the :class:`~workbench.models.VLModel`, and
 handle. The trainer only talks to the handle:
 
 * ``trainable_parameters()`` -- what the optimiser updates (the visual projector always trains);
-* ``extra_losses()`` -- losses the method adds after each forward (MixPHM, PETAL), as a dict;
+* ``training_losses(out, forward)`` -- losses the method adds to the task loss of a training
+  forward, as a dict; by default its ``extra_losses()`` (MixPHM, PETAL); a method that needs a
+  second pass over the same batch (AdaMix's consistency) calls ``forward()``;
 * ``state_dict()`` / ``load_state_dict()`` -- the method's own weights (for the run store);
 * training vs eval behaviour follows ``model.train()`` / ``model.eval()`` as usual in torch.
 """
@@ -23,7 +25,7 @@ handle. The trainer only talks to the handle:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
@@ -37,9 +39,18 @@ tensors a method shares across sites, input modifiers. The default parameter pre
 
 @dataclass
 class MethodConfig:
-    """Base of every method config. ``lr`` is the method's default learning rate."""
+    """Base of every method config.
+
+    ``lr`` is the method's default learning rate. ``train_projector`` decides whether the visual
+    projector trains: ``None`` follows the method's official code (:attr:`OFFICIAL_TRAIN_PROJECTOR`;
+    e.g. MixPHM keeps the pre-trained visual embedding frozen). A freshly initialised projector (an
+    HF directory wrapped with a new one) always trains, whatever the setting, and the handle says so.
+    """
+
+    OFFICIAL_TRAIN_PROJECTOR: ClassVar[bool] = True
 
     lr: float = 1e-3
+    train_projector: bool | None = None
 
     @property
     def method_name(self) -> str:
@@ -49,6 +60,9 @@ class MethodConfig:
         """Raise ValueError for impossible settings (called by :func:`apply` before any change)."""
         if not self.lr > 0:
             raise ValueError(f"{self.method_name}: lr must be > 0, got {self.lr}")
+        if self.train_projector not in (None, True, False):
+            raise ValueError(f"{self.method_name}: train_projector must be None (official), True or False, "
+                             f"got {self.train_projector!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -150,6 +164,7 @@ class MethodHandle:
         self.model = model
         self.config = config
         self.modules = dict(modules or {})
+        self.projector_note = ""  # why the projector trains or not (set by apply)
 
     @property
     def name(self) -> str:
@@ -157,6 +172,14 @@ class MethodHandle:
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def training_losses(self, out, forward: Callable) -> dict[str, torch.Tensor]:
+        """The losses added to ``out.loss`` for one training batch.
+
+        ``out`` is the model's output for the batch and ``forward()`` runs the same batch through the
+        model again (a fresh draw of anything stochastic). The default is :meth:`extra_losses`.
+        """
+        return self.extra_losses()
 
     def extra_losses(self) -> dict[str, torch.Tensor]:
         """Losses added to the task loss after a forward pass (none by default)."""
@@ -181,11 +204,25 @@ class MethodHandle:
 
 
 def freeze_backbone(model: nn.Module) -> None:
-    """Freeze everything except the visual projector (trainable in every method)."""
+    """Freeze everything except the visual projector (:func:`apply` then sets the projector as the
+    method's ``train_projector`` resolves)."""
     for p in model.parameters():
         p.requires_grad_(False)
     for p in model.projector.parameters():
         p.requires_grad_(True)
+
+
+def projector_decision(model: nn.Module, config: MethodConfig) -> tuple[bool, str]:
+    """``(trains, why)`` for the visual projector under ``config`` on ``model``."""
+    official = type(config).OFFICIAL_TRAIN_PROJECTOR
+    wanted = official if config.train_projector is None else config.train_projector
+    source = "the official setting" if config.train_projector is None else "train_projector"
+    if getattr(model, "projector_fresh", False):
+        if not wanted:
+            return True, (f"trained: the projector is freshly initialised (a new one around this backbone), so it "
+                          f"trains although {source} of {config.method_name} keeps it frozen")
+        return True, "trained: freshly initialised projector"
+    return wanted, f"{'trained' if wanted else 'frozen'} ({source} of {config.method_name})"
 
 
 def applied_method(model: nn.Module) -> str | None:
@@ -218,6 +255,9 @@ def apply(model: nn.Module, name_or_config, **overrides) -> MethodHandle:
     spec = method_spec(name)
     check_not_applied(model, name)
     handle = spec.apply_fn(model, cfg)  # apply functions validate against the model before changing it
+    trains, handle.projector_note = projector_decision(model, cfg)
+    if not trains:
+        model.projector.requires_grad_(False)
     model._peft_handle = handle  # applied_method / handle_of / save_method / merge find it here
     return handle
 

@@ -151,6 +151,7 @@ class CheckpointMixin:
                     layout=config.layout)
         model.config.max_new_tokens = config.max_new_tokens
         model.load_weights(weights)
+        model.projector_fresh = False
         model.eval()
         if device is not None:
             model.to(device)

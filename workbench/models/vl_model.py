@@ -100,7 +100,8 @@ class VLModel(SitesMixin, CheckpointMixin, nn.Module):
     Attributes:
         lm, projector, visual_encoder, tokenizer, family (``"t5"``/``"bart"``), config
         (:class:`VLConfig`), input_modifiers (``nn.ModuleList``), context
-        (:class:`~workbench.models.context.ForwardContext`).
+        (:class:`~workbench.models.context.ForwardContext`), projector_fresh (``True`` until the
+        projector's weights come from a checkpoint: a method that keeps it frozen trains it then).
     """
 
     config_class = VLConfig
@@ -136,6 +137,8 @@ class VLModel(SitesMixin, CheckpointMixin, nn.Module):
             self.projector = nn.Sequential(nn.Linear(feat_dim, sizes["d_model"]), nn.LayerNorm(sizes["d_model"]))
         dtype = next(lm.parameters()).dtype
         self.projector.to(device=next(lm.parameters()).device, dtype=dtype)
+        # A new projector is random until trained; from_pretrained clears this once weights load.
+        self.projector_fresh = True
         self.input_modifiers = nn.ModuleList()
         self._points = insertion_points(lm, fam, prefix="lm")
         # The model's own hook points: the context is filled here and read by methods and capture.

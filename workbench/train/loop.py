@@ -453,7 +453,7 @@ def run(config: RunConfig | None = None, *, force: bool = False, store: RunStore
     dev, test = (prepare_split(model, ex, feats, device) for ex in (dev_ex, test_ex))
 
     handle = methods.apply(model, cfg.method, **cfg.method_config)
-    params = methods.count_parameters(model)
+    params = {**methods.count_parameters(model), "projector_note": handle.projector_note}
     lr = cfg.lr if cfg.lr is not None else handle.config.lr
     steps_per_epoch = math.ceil(len(train) / (cfg.batch_size * cfg.grad_accum))
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
@@ -477,8 +477,12 @@ def run(config: RunConfig | None = None, *, force: bool = False, store: RunStore
             for k, idx in enumerate(micro):
                 b = train.batch(idx.to(train.prompt_ids.device), answer_rng=answer_rng)
                 with _autocast(device, cfg.bf16):
-                    out = model(b.feats, b.prompt_ids, b.prompt_mask, labels=b.labels, visual_mask=b.visual_mask)
-                    loss = out.loss + sum(handle.extra_losses().values(), torch.zeros((), device=device))
+                    def forward(b=b):
+                        return model(b.feats, b.prompt_ids, b.prompt_mask, labels=b.labels, visual_mask=b.visual_mask)
+
+                    out = forward()
+                    extra = handle.training_losses(out, forward)
+                    loss = out.loss + sum(extra.values(), torch.zeros((), device=device))
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(step, float(loss.detach()), cfg.hash)
                 (loss / cfg.grad_accum).backward()
