@@ -79,11 +79,13 @@ def test_parallel_reads_the_sublayer_input(tiny_model, tiny_batch):
     torch.testing.assert_close(seen["src"], xs[0])
 
 
-@pytest.mark.parametrize("name, per_adapter_sites", [("houlsby", 10), ("pfeiffer", 4), ("parallel", 4)])
-def test_adapter_counts_by_hand(name, per_adapter_sites, tiny_model):
+# Bottlenecks on the tiny d = 96: houlsby d // 8 (VL-Adapter's --reduction_factor 8; it was d // 12 before
+# houlsby followed VL-Adapter), pfeiffer and parallel d // 12.
+@pytest.mark.parametrize("name, per_adapter_sites, m", [("houlsby", 10, 12), ("pfeiffer", 4, 8), ("parallel", 4, 8)])
+def test_adapter_counts_by_hand(name, per_adapter_sites, m, tiny_model):
     model = tiny_model("t5")
     methods.apply(model, name)
-    d, m = 96, 96 // 12
+    d = 96
     per_adapter = d * m + m + m * d + d
     assert methods.count_parameters(model)["method"] == per_adapter_sites * per_adapter
     model = tiny_model("t5")
@@ -91,8 +93,68 @@ def test_adapter_counts_by_hand(name, per_adapter_sites, tiny_model):
     assert methods.count_parameters(model)["method"] == per_adapter_sites * (d * 5 + 5 + 5 * d + d)
 
 
+def test_houlsby_defaults_are_vl_adapter():
+    """VL_adapter: single_adapter.sh (--reduction_factor 8 --unfreeze_layer_norms, lr 1e-3),
+    adapters/config.py (gelu_new), param.py (--add_adapter_cross_attn True)."""
+    cfg = methods.get_config("houlsby")
+    assert (cfg.reduction_factor, cfg.activation, cfg.init, cfg.train_layer_norms, cfg.lr) == (
+        8, "gelu_new", "official", True, 1e-3)
+    assert set(cfg.sublayers) == {"attn", "self_attn", "cross_attn", "ffn"}
+    assert cfg.resolved_init("t5") == "torch" and cfg.resolved_init("bart") == "normal"
+    assert type(cfg).OFFICIAL_TRAIN_PROJECTOR  # VL-Adapter always trains its visual_embedding
+
+
+def test_pfeiffer_defaults_are_mixphm_baseline():
+    """MixPHM: FFN only, ReLU, adapter_size 64 = 768 // 12, default nn.Linear, only '*adapter*' trains."""
+    cfg = methods.get_config("pfeiffer")
+    assert (cfg.sublayers, cfg.activation, cfg.reduction_factor, cfg.train_layer_norms) == (("ffn",), "relu", 12, False)
+    assert cfg.resolved_init("t5") == cfg.resolved_init("bart") == "torch"
+    assert not type(cfg).OFFICIAL_TRAIN_PROJECTOR
+
+
+def test_adapter_init_options():
+    torch.manual_seed(0)
+    zero = Adapter(16, 4, "gelu_new", init="zero_up")
+    assert torch.all(zero.up.weight == 0) and torch.all(zero.up.bias == 0) and zero.down.weight.abs().sum() > 0
+    normal = Adapter(256, 64, "gelu_new", init="normal", init_std=0.02)
+    for lin in (normal.down, normal.up):
+        assert torch.all(lin.bias == 0) and 0.018 < float(lin.weight.detach().std()) < 0.022
+    default = Adapter(256, 64, "gelu_new", init="torch")
+    bound = 1 / math.sqrt(64)
+    assert 0.9 * bound < float(default.up.weight.detach().abs().max()) <= bound and default.up.bias.abs().sum() > 0
+    with pytest.raises(ValueError, match="init"):
+        Adapter(16, 4, init="official")  # resolved by the method config, not by the module
+    with pytest.raises(ValueError, match="init"):
+        methods.get_config("houlsby", init="xavier")
+
+
+def test_former_houlsby_behaviour_is_an_option(tiny_model, tiny_batch):
+    """The workbench's former houlsby (d // 12, exact GELU, zero-initialised Up, LayerNorms frozen)
+    is still available through options, and leaves the model unchanged at step 0."""
+    model = tiny_model("bart")
+    batch = tiny_batch(model)
+    with torch.no_grad():
+        before = model(**batch).logits
+    methods.apply(model, "houlsby", reduction_factor=12, activation="gelu", init="zero_up", train_layer_norms=False)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, before)
+    assert methods.count_parameters(model)["backbone"] == 0
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_houlsby_unfreezes_every_layer_norm_of_the_lm(family, tiny_model):
+    model = tiny_model(family)
+    methods.apply(model, "houlsby")
+    lm_trainable = {n for n, p in model.lm.named_parameters() if p.requires_grad and ".peft_mods." not in n}
+    norms = {n for n, _ in model.lm.named_parameters() if "layer_norm" in n or "layernorm" in n}
+    assert lm_trainable == norms and norms
+    counts = methods.count_parameters(model)
+    assert counts["backbone"] == sum(p.numel() for n, p in model.lm.named_parameters() if n in norms)
+
+
 @pytest.mark.parametrize("overrides", [{"reduction_factor": 500}, {"sublayers": ("mlp",)}, {"activation": "nope"},
-                                       {"bottleneck": 0}, {"reduction_factor": 0}])
+                                       {"bottleneck": 0}, {"reduction_factor": 0}, {"init": "nope"},
+                                       {"train_layer_norms": "yes"}])
 def test_adapter_bad_config(overrides, tiny_model):
     model = tiny_model("t5")
     with pytest.raises(ValueError):
@@ -164,13 +226,51 @@ def test_compacter_counts_by_hand(name, sites, tiny_model):
     assert methods.count_parameters(model)["method"] == sites * (down + up) + n ** 3
 
 
+def test_compacter_defaults_are_compacter_json():
+    """rabeehk/compacter seq2seq/configs/compacter.json, value by value."""
+    cfg = methods.get_config("compacter")
+    assert (cfg.n, cfg.rank, cfg.reduction_factor, cfg.activation, cfg.rule_init_std, cfg.shared_rule,
+            cfg.train_layer_norms, cfg.lr) == (4, 1, 32, "gelu_new", 1e-4, True, True, 3e-3)
+    assert cfg.sublayers == ("attn", "self_attn", "ffn")
+    assert methods.get_config("compacter++").sublayers == ("ffn",)  # add_adapter_in_self_attention: false
+
+
 def test_compacter_options(tiny_model):
     model = tiny_model("t5")
-    methods.apply(model, "compacter", reduction_factor=12, train_layer_norms=True,
-                  sublayers=("attn", "self_attn", "cross_attn", "ffn"))
+    methods.apply(model, "compacter", reduction_factor=12, sublayers=("attn", "self_attn", "cross_attn", "ffn"))
     assert "decoder.0.cross_attn" in model.modifications()
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert any("layer_norm" in n for n in trainable)
+    assert any("layer_norm" in n for n in trainable)  # compacter.json unfreeze_layer_norms: true
+    model = tiny_model("t5")
+    methods.apply(model, "compacter", reduction_factor=12, train_layer_norms=False)  # the former default
+    assert not any("layer_norm" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_compacter_own_rules_unfactorised(tiny_model):
+    """VL-Adapter's / VL-PET's single_compacter.sh form: --shared_phm_rule False --factorized_phm False."""
+    model = tiny_model("t5")
+    handle = methods.apply(model, "compacter", n=2, rank=None, reduction_factor=8, shared_rule=False,
+                           rule_init_std=0.01)
+    assert not hasattr(model, "peft_shared")
+    rules = [layer.phm_rule for mod in handle.modules.values() for layer in (mod.down, mod.up)]
+    assert len({id(r) for r in rules}) == len(rules) == 16
+    assert 0.003 < float(torch.cat([r.detach().flatten() for r in rules]).std()) < 0.03
+    d, m, n = 96, 12, 2
+    per_adapter = (d * m // n + m + n ** 3) + (m * d // n + d + n ** 3)
+    assert methods.count_parameters(model)["method"] == 8 * per_adapter
+
+
+def test_phm_adapter_parallel_form():
+    from workbench.methods.compacter import PHMAdapter
+
+    torch.manual_seed(0)
+    mod = PHMAdapter(8, 4, n=2, rank=None, act="gelu_new", shared_rule=None, rule_init_std=1.0, reads="x",
+                     out_dim=6)
+    x, y = torch.randn(3, 8), torch.randn(3, 6)
+    expected = y + mod.up(torch.nn.functional.gelu(mod.down(x), approximate="tanh"))
+    torch.testing.assert_close(mod(x, y), expected)
+    with pytest.raises(ValueError, match="reads"):
+        PHMAdapter(8, 4, n=2, rank=None, act="gelu_new", shared_rule=None, reads="z")
 
 
 def test_compacter_bottleneck_not_divisible_by_n(tiny_model):
@@ -180,6 +280,8 @@ def test_compacter_bottleneck_not_divisible_by_n(tiny_model):
     assert not model.modifications() and not hasattr(model, "peft_shared")
     with pytest.raises(ValueError):
         methods.get_config("compacter", rank=0)
+    with pytest.raises(ValueError, match="shared_rule"):
+        methods.get_config("compacter", shared_rule="no")
 
 
 # ------------------------------------------------------------------------------------ BitFit

@@ -32,7 +32,7 @@ EXACT_IDENTITY = {
     "full", "bitfit",  # nothing inserted
     "lora", "dora", "loha", "lokr", "vera", "randlora", "delora", "gralora",  # one factor starts at zero
     "ia3",  # scaling vectors start at one
-    "houlsby", "pfeiffer", "parallel",  # Up starts at zero
+    "parallel",  # Up starts at zero (houlsby and pfeiffer keep nn.Linear's default init, as officially)
     "petal",  # p_j = 0 and zero expert up-projections
 }
 # Official init with a small random shared A: nearly unchanged (relative to the logits' scale).

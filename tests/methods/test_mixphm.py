@@ -37,7 +37,38 @@ def test_t5_base_parameter_count_is_874048(meta_backbone):
     method_params = {n: p for n, p in model.named_parameters() if "peft_" in n}
     assert sum(p.numel() for p in method_params.values()) == 874_048
     assert methods.count_parameters(model)["method"] == 874_048
+    # The meta backbone wraps the LM with a *fresh* projector, which always trains (base.apply), even
+    # though MixPHM's official setting keeps a pre-trained one frozen (next test).
+    assert model.projector_fresh
     assert methods.count_parameters(model)["projector"] == 2048 * 768 + 768 + 2 * 768
+
+
+def test_t5_base_trains_only_the_method_with_a_pretrained_projector(meta_backbone):
+    """The official train.py trains only ``phm_adapter_moe`` / ``phm_rule`` parameters: with a
+    pre-trained projector (``projector_fresh = False``, as ``load_backbone`` of a saved checkpoint sets
+    it) exactly the 874,048 method parameters train."""
+    assert type(methods.get_config("mixphm")).OFFICIAL_TRAIN_PROJECTOR is False
+    model = meta_backbone("t5")
+    model.projector_fresh = False
+    handle = methods.apply(model, "mixphm")
+    counts = methods.count_parameters(model)
+    assert (counts["method"], counts["projector"], counts["backbone"]) == (874_048, 0, 0)
+    assert counts["trainable"] == 874_048
+    assert sum(p.numel() for _, p in handle.trainable_parameters()) == 874_048
+    assert "frozen" in handle.projector_note
+    # train_projector=True trains it on top.
+    model = meta_backbone("t5")
+    model.projector_fresh = False
+    methods.apply(model, "mixphm", train_projector=True)
+    counts = methods.count_parameters(model)
+    assert (counts["method"], counts["projector"]) == (874_048, 2048 * 768 + 768 + 2 * 768)
+
+
+def test_the_defaults_are_the_official_settings():
+    cfg = methods.get_config("mixphm")
+    assert (cfg.encoder_tokens, cfg.decoder_tokens, cfg.mi_pool) == ("official", "official", "all")
+    assert (cfg.w_red, cfg.w_mi, cfg.red_lambda, cfg.lr, cfg.merge) == (0.2, 0.2, 3.9e-3, 5e-3, "official")
+    assert cfg.train_projector is None  # follows OFFICIAL_TRAIN_PROJECTOR (False)
 
 
 def test_bart_base_count(meta_backbone):
@@ -281,15 +312,27 @@ def _official_mi(seq, ctx, mask):
 
 @pytest.mark.parametrize("family", ["t5", "bart"])
 @pytest.mark.parametrize("mi_pool", ["masked", "all"])
-def test_losses_match_a_direct_computation(family, mi_pool, tiny_model, tiny_batch):
+def test_masked_losses_match_a_direct_computation(family, mi_pool, tiny_model, tiny_batch):
+    """The ``"masked"`` token selection (the workbench's earlier default, now an option): the losses
+    over the tokens of the stacks' masks (encoder attention mask; decoder ``labels != -100``).
+
+    This test used to run with the defaults; the defaults are now the official selection (the first
+    ``mask.sum()`` encoder tokens in VL-T5's [text; visual] order, every decoder position), checked
+    against the official code in ``test_official_mixphm.py``. Here the official formulas are applied
+    to the masked token sets: on this visual_first model [visual; text] with right-padded text, the
+    prefix of ``mask.sum()`` positions *is* the set of masked positions, so the transcribed prefix
+    slicing below selects exactly the masked tokens.
+    """
     model = tiny_model(family)
     batch = tiny_batch(model, n=3)
     assert (batch["attention_mask"] == 0).any()  # there is padding to exclude
+    assert model.layout == "visual_first"
     ffn = {p.name: model.get_point_module(p.name) for p in model.insertion_points(kind="sublayer").values()
            if p.sublayer == "ffn"}
     f_out, h_out = {}, {}
     hooks = [m.register_forward_hook(lambda mod, a, o, n=n: f_out.__setitem__(n, o)) for n, m in ffn.items()]
-    handle = methods.apply(model, "mixphm", mi_pool=mi_pool)  # its hook runs after ours: we see f
+    handle = methods.apply(model, "mixphm", mi_pool=mi_pool, encoder_tokens="masked",
+                           decoder_tokens="masked")  # its hook runs after ours: we see f
     hooks += [m.register_forward_hook(lambda mod, a, o, n=n: h_out.__setitem__(n, o)) for n, m in ffn.items()]
     _perturb(handle)
     model.train()
@@ -399,7 +442,8 @@ def test_impossible_shapes_raise_before_any_change(tiny_model, overrides, match)
 
 
 @pytest.mark.parametrize("overrides", [{"rank": 0}, {"num_experts": 0}, {"merge": "mean"}, {"shared_side": "both"},
-                                       {"w_red": -1.0}, {"mi_pool": "max"}, {"activation": "nope"}])
+                                       {"w_red": -1.0}, {"mi_pool": "max"}, {"activation": "nope"},
+                                       {"encoder_tokens": "all"}, {"decoder_tokens": "labels"}])
 def test_invalid_options(overrides):
     with pytest.raises(ValueError):
         methods.get_config("mixphm", **overrides)

@@ -5,6 +5,13 @@ T5-base: d 768, d_ff 3072, 12 + 12 layers, 12 heads, vocab 32128 (222,903,552 pa
 tied LM head). BART-base: d 768, d_ff 3072, 6 + 6 layers, vocab 50265 (139,420,416).
 Attention sub-layers: T5-base 12 encoder + 24 decoder (self + cross) = 36, FFNs 24; BART-base 18, 12.
 MixPHM's 874,048 is also checked module by module in ``test_mixphm.py``.
+
+``count_parameters`` counts as ``method`` only the tensors under the method's parameter prefixes (the
+inserted modules); pre-trained LayerNorms a method unfreezes are LM tensors, counted under
+``backbone``. So VL-Adapter's 8,899,200 on T5-base (``houlsby``: 60 adapters x 148,320, d // 8 = 96)
+is the adapters alone; its ``--unfreeze_layer_norms`` adds the 62 LayerNorm weights of T5-base
+(47,616) to ``backbone`` -- as Compacter's ``unfreeze_layer_norms: true`` does (BART-base: 32
+LayerNorms with bias, 49,152).
 """
 
 from __future__ import annotations
@@ -48,8 +55,8 @@ def expected(name: str, family: str) -> int:
         return (enc_attn + dec_self + ffn) * _phm_adapter(D, D // 32) + 4 ** 3
     if name == "compacter++":
         return ffn * _phm_adapter(D, D // 32) + 4 ** 3
-    if name == "houlsby":  # every attention (cross too) and FFN
-        return (attn + ffn) * _adapter(D, D // 12)
+    if name == "houlsby":  # VL-Adapter: every attention (cross too) and FFN, d // 8
+        return (attn + ffn) * _adapter(D, D // 8)
     if name in ("pfeiffer", "parallel"):
         return ffn * _adapter(D, D // 12)
     if name == "lora":  # r = 8 on q and v of every attention
@@ -65,6 +72,13 @@ def expected(name: str, family: str) -> int:
 
 CASES = ["mixphm", "compacter", "compacter++", "houlsby", "pfeiffer", "parallel", "lora", "ia3", "vera", "dora"]
 
+# Pre-trained tensors a method unfreezes (count_parameters' "backbone"): every LayerNorm of the LM for
+# VL-Adapter (--unfreeze_layer_norms) and Compacter (compacter.json unfreeze_layer_norms: true).
+# T5-base: 12 x 2 + 1 encoder and 12 x 3 + 1 decoder RMS norms (weight only); BART-base: 6 x 2 + 1
+# (layernorm_embedding) and 6 x 3 + 1, weight and bias.
+LAYER_NORMS = {"t5": (2 * 12 + 1 + 3 * 12 + 1) * D, "bart": (2 * 6 + 1 + 3 * 6 + 1) * 2 * D}
+UNFREEZES_LAYER_NORMS = {"houlsby", "compacter", "compacter++"}
+
 
 @pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("family", ["t5", "bart"])
@@ -73,7 +87,7 @@ def test_method_parameter_counts(name, family, meta_backbone):
     methods.apply(model, name)
     counts = methods.count_parameters(model)
     assert counts["method"] == expected(name, family)
-    assert counts["backbone"] == 0  # nothing of the pre-trained LM is unfrozen
+    assert counts["backbone"] == (LAYER_NORMS[family] if name in UNFREEZES_LAYER_NORMS else 0)
     assert counts["backbone_total"] == SHAPES[family]["total"]
     assert counts["projector"] == 2048 * D + D + 2 * D  # Linear(2048 -> 768) + LayerNorm
     assert counts["method_pct"] == pytest.approx(100 * counts["method"] / SHAPES[family]["total"])
@@ -86,6 +100,19 @@ def test_the_headline_numbers(meta_backbone):
     assert counts["method"] == 874_048
     assert round(counts["method_pct"], 2) == 0.39  # the 0.39% of the MixPHM paper's T5-base setting
     assert expected("compacter", "t5") == 114_112 and expected("compacter++", "t5") == 57_088
+
+
+def test_vl_adapter_headline_number(meta_backbone):
+    """VL-Adapter (single adapter, reduction factor 8) on T5-base: 60 adapters x 148,320 = 8,899,200
+    method parameters; the unfrozen LayerNorms (47,616) are reported separately, as backbone."""
+    model = meta_backbone("t5")
+    handle = methods.apply(model, "houlsby")
+    counts = methods.count_parameters(model)
+    assert len(handle.modules) == 60 and _adapter(D, 96) == 148_320
+    assert counts["method"] == 8_899_200 == 60 * 148_320
+    assert counts["backbone"] == 47_616 == 62 * D
+    print(f"houlsby on T5-base: method {counts['method']:,} ({counts['method_pct']:.2f} % of the LM), "
+          f"LayerNorms {counts['backbone']:,}, trainable {counts['trainable']:,} ({counts['trainable_pct']:.2f} %)")
 
 
 @pytest.mark.parametrize("family, trained", [("t5", (2 * 12 + 1 + 3 * 12 + 1) * D), ("bart", None)])

@@ -179,7 +179,21 @@ def test_parameter_count_and_save_load(tiny_model, tiny_batch, tmp_path):
     torch.testing.assert_close(logits(other, batch), ref)
 
 
+def test_paper_is_the_default_variant_with_unchanged_defaults():
+    cfg = methods.get_config("petal")
+    assert cfg.variant == "paper"
+    expected = dict(rank=64, form="cp", targets=("q", "k", "v", "o"), tau=0.1, threshold_init=0.5, scale=1.0,
+                    moe=True, n_templates=4, template_len=4, n_experts=4, expert_rank=16, z_dim=32, beta=1e-3,
+                    w_ib=0.1, w_gate=0.0, lr=1e-3)
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    assert (cfg.mode_dropout, cfg.embed_weight, cfg.expert_weight) == (None, None, None)  # released only
+    assert type(cfg)(**cfg.to_dict()) == cfg  # what save_method / load_method do
+
+
 @pytest.mark.parametrize("bad, match", [
+    (dict(variant="official"), "variant must be one of"),
+    (dict(mode_dropout=0.2), "mode_dropout applies to variant='released' only"),
+    (dict(embed_weight=0.5, expert_weight=0.5), "embed_weight, expert_weight apply to variant='released'"),
     (dict(rank=0), "rank"),
     (dict(form="tt"), "form"),
     (dict(targets=("wi",)), "targets"),

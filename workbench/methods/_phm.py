@@ -14,6 +14,18 @@ leading dimension (MixPHM's experts); every expert uses the same A. Init as in t
 (``hypercomplex/layers.py``): each slice S_i, T_i (or B_i) is Glorot-uniform with gain sqrt(2), the
 bias is zero, A ~ N(0, rule_init_std^2).
 
+Official files: rabeehk/compacter ``seq2seq/hypercomplex/layers.py`` (``PHMLinear``,
+``matvec_product``: ``y = x @ sum_i kron(A_i, W_i) + b`` with ``W = bmm(W_left, W_right)``),
+``kronecker.py`` (``kronecker_product_einsum_batched``) and ``inits.py`` (``xavier_uniform_(gain=sqrt(2))``);
+the same files are vendored in ylsung/VL_adapter (``VL-T5/src/adapters/hypercomplex/``), HenryHZY/VL-PET
+(``src/adapters/hypercomplex/``) and jingjing12110/MixPHM (``src/vl_t5/compacter/hypercomplex/``).
+``tests/methods/test_official_adapters.py`` compares Compacter's layers with that ``matvec_product``.
+
+Deliberate departures: the Kronecker sum is one einsum of a different index order (the same matrix);
+the ``experts`` dimension is the workbench's (MixPHM keeps one layer per expert); a layer's own A is
+drawn with ``rule_init_std`` (rabeehk's ``layers.py`` hard-codes std 0.01 there, VL-PET's copy uses
+``phm_init_range``); ``phm_c_init="uniform"``, a factorised A and a shared W are not implemented.
+
 A shared A lives on the model (``model.peft_shared["phm_rule"]``) so that state_dict, ``.to()`` and
 ``count_parameters`` see it once; layers keep a plain (unregistered) reference to its container.
 """

@@ -1,27 +1,76 @@
-"""Bottleneck adapters: serial (Houlsby, Pfeiffer) and parallel (He et al.), one ``Adapter`` class.
+"""Bottleneck adapters: serial (Houlsby / VL-Adapter, Pfeiffer / MixPHM's baseline) and parallel (He et al.).
 
-With X the sub-layer input (residual stream), H the sub-layer output before dropout and residual,
-Down: d -> m, Up: m -> d, act = GELU (docs/methods.md#bottleneck-adapters):
+One module class, :class:`Adapter`, placed as a sub-layer modification. With X the sub-layer input
+(residual stream), H the sub-layer output before dropout and residual, Down: d -> m, Up: m -> d
+(docs/methods.md#bottleneck-adapters)::
 
-- ``houlsby`` (Houlsby et al. 2019): serial, H' = H + Up(act(Down(H))) after the attention and the FFN
-  sub-layer of every layer; in the decoder also after cross-attention.
-- ``pfeiffer`` (Pfeiffer et al. 2021): the same serial adapter, FFN sub-layer only.
-- ``parallel`` (He et al. 2022, "Towards a unified view of PET"): H' = H + s * Up(act(Down(X))), the
-  adapter reads the sub-layer *input*; FFN sub-layer by default (option: attention too), s = 4.
+    serial    H' = H + Up(act(Down(H)))            (houlsby, pfeiffer)
+    parallel  H' = H + s * Up(act(Down(X)))        (parallel)
 
-Bottleneck m = d // reduction_factor (default 12: m = 64 on a d = 768 model, the adapter size of the
-MixPHM paper's adapter baselines, so a merged MixPHM and a Pfeiffer adapter have the same bottleneck),
-or ``bottleneck=`` directly. Up is zero-initialised (weight and bias), so the model is unchanged at
-step 0; Down keeps ``nn.Linear``'s default init (as He et al.'s LoRA-style init).
+then the backbone's own dropout + residual (+ LayerNorm for post-LN BART). Bottleneck
+m = d // ``reduction_factor`` or ``bottleneck=`` directly. Placement is a tuple of sub-layer names
+(``attn`` = encoder self-attention, ``self_attn`` / ``cross_attn`` = decoder attentions, ``ffn`` =
+every FFN), resolved through the backbone's insertion points, so one config serves T5 and BART.
 
-Placement is a tuple of sub-layer names (``attn`` = encoder self-attention, ``self_attn`` /
-``cross_attn`` = decoder attentions, ``ffn`` = every FFN), resolved through the backbone's
-insertion points, so the same config works for T5 and BART.
+``houlsby`` -- VL-Adapter's adapter (ylsung/VL_adapter, the VL-T5 code; the same files are vendored in
+HenryHZY/VL-PET ``src/``):
+
+- ``VL-T5/src/adapters/adapter_modeling.py`` ``Adapter``: ``down_sampler = nn.Linear(d, d // reduction_factor)``,
+  ``up_sampler = nn.Linear(m, d)``, no re-initialisation; ``adapter_controller.py``
+  ``AdapterController.forward``: ``adapter(x) + x`` (no adapter LayerNorm: ``add_layer_norm_before/after_adapter``
+  are off);
+- ``VL-T5/src/adapters/config.py`` ``AdapterConfig.non_linearity = "gelu_new"`` -> ``activation="gelu_new"``
+  (GELU, tanh approximation);
+- ``VL-T5/scripts/image/single_adapter.sh``: ``--reduction_factor 8`` -> m = d // 8 (96 at d = 768),
+  ``--unfreeze_layer_norms`` -> ``train_layer_norms=True``, ``--lr 1e-3`` -> ``lr``;
+- ``VL-T5/src/param.py`` ``--add_adapter_cross_attn`` default True and
+  ``VL-T5/src/my_transformers/modeling_{t5,bart}.py``: adapters after every self-attention, the decoder
+  cross-attention and every FFN, on the sub-layer output before dropout and residual;
+- ``VL-T5/src/trainer_base.py`` ``unfreeze_parameters``: ``--unfreeze_layer_norms`` unfreezes every
+  ``T5LayerNorm`` / ``nn.LayerNorm`` of the model (here: every LayerNorm of the LM; the projector's own
+  LayerNorm trains with the projector, as VL-Adapter's always-trainable ``visual_embedding``);
+- initialisation (``init="official"``): the modules keep ``nn.Linear``'s default init on T5 (the VL-T5
+  ``T5PreTrainedModel._init_weights`` only touches T5's own classes); on BART every new ``nn.Linear``
+  is re-drawn N(0, ``init_std``) with zero bias by ``BartPretrainedModel._init_weights``, which
+  ``VLBart.__init__`` runs through ``init_weights()`` before the pre-trained weights are loaded.
+
+T5-base: 60 adapters x 148,320 = 8,899,200 method parameters (2 * 768 * 96 + 96 + 768 each); the 62
+unfrozen LayerNorm weights (47,616) are pre-trained LM tensors, reported by ``count_parameters``
+under ``backbone``.
+
+``pfeiffer`` -- MixPHM's own adapter baseline (jingjing12110/MixPHM):
+
+- ``src/vl_t5/my_transformers/modeling_t5.py`` ``T5LayerFF``: ``Adapter(hidden, adapter_size,
+  'swish' if adapter_type == 'houlsby' else 'relu')`` on the FFN output, and only
+  ``adapter_type == 'houlsby'`` adds one to ``T5LayerSelfAttention`` -> FFN sub-layers only, ReLU;
+- ``src/vl_t5/param.py`` ``--adapter_size`` default 64 -> m = d // 12 (64 at d = 768);
+- ``src/vl_t5/adaMix/adapter.py`` ``Adapter``: ``adapter_B(act(adapter_A(x))) + x`` with two default
+  ``nn.Linear`` (``init="official"`` = torch's default on both families; MixPHM has no BART code);
+- ``src/vl_t5/train.py``: only parameters whose name contains ``adapter`` train -> no LayerNorm, and
+  the pre-trained visual embedding stays frozen (``OFFICIAL_TRAIN_PROJECTOR = False``).
+
+``parallel`` (He et al. 2022, "Towards a unified view of PET"): H' = H + s * Up(act(Down(X))), FFN by
+default (option: attention too), s = 4, exact GELU, Up zero-initialised and Down with ``nn.Linear``'s
+default init (their LoRA-style init, ``init="zero_up"``).
+
+Deliberate departures (all methods here):
+
+- the adapter is one module per site for all tasks (VL-Adapter's ``--use_single_adapter`` form; the
+  workbench trains one task at a time);
+- the official code applies the adapter inside the HF layer forward; here a forward hook replaces H
+  at the same place (the same computation);
+- the reduction factor, not an absolute size, is the knob of ``pfeiffer`` (``adapter_size=64`` is
+  d // 12 at d = 768 only; ``bottleneck=64`` gives it at any width).
+
+``init`` options: ``"official"`` (per method, above), ``"torch"`` (``nn.Linear`` default for Down and
+Up), ``"normal"`` (Down and Up N(0, ``init_std``), zero biases: the HF BART draw), ``"zero_up"`` (Down
+torch default, Up all zeros: the model is unchanged at step 0 -- the workbench's former default).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -30,6 +79,8 @@ from .base import MethodConfig, MethodHandle, freeze_backbone, register_method
 
 SUBLAYERS = ("attn", "self_attn", "cross_attn", "ffn")
 ATTENTION = ("attn", "self_attn", "cross_attn")
+INITS = ("official", "torch", "normal", "zero_up")
+"""Initialisations of an adapter's Down / Up (see the module docstring)."""
 
 
 def activation(name: str) -> nn.Module:
@@ -83,24 +134,51 @@ def lm_dtype(model) -> torch.dtype:
     return next(model.lm.parameters()).dtype
 
 
+def lm_init_std(model) -> float:
+    """The std of the LM's own ``_init_weights`` for new linears (BART ``init_std``; 0.02 otherwise)."""
+    return float(getattr(model.lm.config, "init_std", 0.02) or 0.02)
+
+
+def unfreeze_layer_norms(model) -> list[str]:
+    """Make every LayerNorm of the LM trainable (the official ``--unfreeze_layer_norms``: every
+    ``T5LayerNorm`` / ``nn.LayerNorm``); returns the names of the unfrozen parameters."""
+    names = []
+    for mname, module in model.lm.named_modules():
+        if isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("LayerNorm"):
+            for pname, p in module.named_parameters(recurse=False):
+                p.requires_grad_(True)
+                names.append(f"lm.{mname}.{pname}")
+    return names
+
+
 class Adapter(nn.Module):
     """Bottleneck adapter as a sub-layer modification ``(x, h) -> h'``.
 
     ``reads="h"`` (serial): h' = h + scale * Up(act(Down(h))); ``reads="x"`` (parallel):
-    h' = h + scale * Up(act(Down(x))). Up starts at zero, so h' = h at initialisation.
+    h' = h + scale * Up(act(Down(x))). ``init``: ``"zero_up"`` (default of the class: Up all zeros,
+    so h' = h at initialisation), ``"torch"`` (``nn.Linear``'s default for both), ``"normal"``
+    (both N(0, ``init_std``), zero biases). The methods pass their official choice.
     """
 
     def __init__(self, d_model: int, bottleneck: int, act: str = "gelu", reads: str = "h", scale: float = 1.0,
-                 device=None, dtype=None):
+                 init: str = "zero_up", init_std: float = 0.02, device=None, dtype=None):
         super().__init__()
         if reads not in ("h", "x"):
             raise ValueError(f"reads must be 'h' (serial) or 'x' (parallel), got {reads!r}")
+        if init not in ("torch", "normal", "zero_up"):
+            raise ValueError(f"Adapter init must be 'torch', 'normal' or 'zero_up', got {init!r}")
         self.reads, self.scale = reads, float(scale)
         self.down = nn.Linear(d_model, bottleneck, device=device, dtype=dtype)
         self.act = activation(act)
         self.up = nn.Linear(bottleneck, d_model, device=device, dtype=dtype)
-        nn.init.zeros_(self.up.weight)  # zero-init: the model is unchanged at step 0
-        nn.init.zeros_(self.up.bias)
+        with torch.no_grad():
+            if init == "normal":
+                for lin in (self.down, self.up):
+                    lin.weight.normal_(0.0, init_std)
+                    lin.bias.zero_()
+            elif init == "zero_up":
+                self.up.weight.zero_()
+                self.up.bias.zero_()
 
     def delta(self, src: torch.Tensor) -> torch.Tensor:
         return self.up(self.act(self.down(src)))
@@ -115,10 +193,25 @@ class Adapter(nn.Module):
 
 @dataclass
 class _AdapterConfig(MethodConfig):
+    """Fields shared by the adapter methods (each method sets its own official defaults).
+
+    Attributes:
+        reduction_factor: m = d // reduction_factor.
+        bottleneck: m directly (overrides ``reduction_factor``).
+        activation: a transformers activation name (``gelu_new``, ``gelu``, ``relu``, ...).
+        sublayers: where the adapters go (``attn``, ``self_attn``, ``cross_attn``, ``ffn``).
+        init: ``official`` (the method's official code, per backbone family), ``torch``, ``normal``,
+            ``zero_up``.
+        train_layer_norms: unfreeze every LayerNorm of the LM (the official ``--unfreeze_layer_norms``).
+        lr: learning rate.
+    """
+
     reduction_factor: int = 12
     bottleneck: int | None = None  # overrides reduction_factor when set
     activation: str = "gelu"
     sublayers: tuple = ("attn", "self_attn", "cross_attn", "ffn")
+    init: str = "zero_up"
+    train_layer_norms: bool = False
     lr: float = 1e-3
 
     def validate(self):
@@ -130,20 +223,51 @@ class _AdapterConfig(MethodConfig):
             raise ValueError(f"{name}: bottleneck must be a positive int or None, got {self.bottleneck!r}")
         self.sublayers = check_sublayers(self.sublayers, name)
         activation(self.activation)
+        if self.init not in INITS:
+            raise ValueError(f"{name}: init must be one of {list(INITS)}, got {self.init!r}")
+        if self.train_layer_norms not in (True, False):
+            raise ValueError(f"{name}: train_layer_norms must be True or False, got {self.train_layer_norms!r}")
+
+    def official_init(self, family: str) -> str:
+        """What ``init="official"`` means on a backbone ``family`` (``torch`` / ``normal`` / ``zero_up``)."""
+        return "zero_up"
+
+    def resolved_init(self, family: str) -> str:
+        return self.official_init(family) if self.init == "official" else self.init
 
 
 @dataclass
 class HoulsbyConfig(_AdapterConfig):
-    """Serial adapter after every attention (decoder: self and cross) and FFN sub-layer."""
+    """VL-Adapter's serial adapter after every attention (decoder: self and cross) and FFN sub-layer:
+    d // 8, ``gelu_new``, official init, LayerNorms unfrozen (see the module docstring for the files)."""
 
-    sublayers: tuple = ("attn", "self_attn", "cross_attn", "ffn")
+    reduction_factor: int = 8  # VL-T5/scripts/image/single_adapter.sh --reduction_factor 8
+    activation: str = "gelu_new"  # VL-T5/src/adapters/config.py AdapterConfig.non_linearity
+    sublayers: tuple = ("attn", "self_attn", "cross_attn", "ffn")  # param.py --add_adapter_cross_attn True
+    init: str = "official"  # nn.Linear default (T5) / BART _init_weights N(0, init_std) (BART)
+    train_layer_norms: bool = True  # single_adapter.sh --unfreeze_layer_norms
+    lr: float = 1e-3  # single_adapter.sh lr=1e-3
+
+    def official_init(self, family: str) -> str:
+        return "normal" if family == "bart" else "torch"
 
 
 @dataclass
 class PfeifferConfig(_AdapterConfig):
-    """Serial adapter after the FFN sub-layer only."""
+    """MixPHM's Pfeiffer baseline: serial adapter after the FFN only, ReLU, d // 12, ``nn.Linear``
+    default init, no LayerNorm, projector frozen (see the module docstring for the files)."""
 
+    OFFICIAL_TRAIN_PROJECTOR: ClassVar[bool] = False  # src/vl_t5/train.py trains only '*adapter*' tensors
+
+    reduction_factor: int = 12  # src/vl_t5/param.py --adapter_size 64 = 768 // 12
+    activation: str = "relu"  # modeling_t5.py: 'swish' if adapter_type == 'houlsby' else 'relu'
     sublayers: tuple = ("ffn",)
+    init: str = "official"  # adaMix/adapter.py: two default nn.Linear
+    train_layer_norms: bool = False
+    lr: float = 1e-3
+
+    def official_init(self, family: str) -> str:
+        return "torch"
 
 
 @dataclass
@@ -164,12 +288,16 @@ def _apply_adapters(model, config: _AdapterConfig, reads: str, scale: float) -> 
     d = model.d_model
     m = bottleneck_size(d, config.reduction_factor, config.bottleneck, name)
     points = sublayer_points(model, config.sublayers)  # validated before anything changes
+    init = config.resolved_init(model.family)
     freeze_backbone(model)
     modules = {}
     for point in points:
-        mod = Adapter(d, m, config.activation, reads=reads, scale=scale, device=model.device, dtype=lm_dtype(model))
+        mod = Adapter(d, m, config.activation, reads=reads, scale=scale, init=init, init_std=lm_init_std(model),
+                      device=model.device, dtype=lm_dtype(model))
         model.add_sublayer_modification(point.name, mod, name=name)
         modules[point.name] = mod
+    if config.train_layer_norms:
+        unfreeze_layer_norms(model)
     return MethodHandle(model, config, modules)
 
 

@@ -14,7 +14,7 @@ components of a parameter's name) and, through the config class, its default lea
 modules at named insertion points of the :class:`~workbench.models.VLModel`, and returns a
 handle. The trainer only talks to the handle:
 
-* ``trainable_parameters()`` -- what the optimiser updates (the visual projector always trains);
+* ``trainable_parameters()`` -- what the optimiser updates (the projector as the method's ``train_projector`` resolves);
 * ``training_losses(out, forward)`` -- losses the method adds to the task loss of a training
   forward, as a dict; by default its ``extra_losses()`` (MixPHM, PETAL); a method that needs a
   second pass over the same batch (AdaMix's consistency) calls ``forward()``;
@@ -55,6 +55,11 @@ class MethodConfig:
     @property
     def method_name(self) -> str:
         return getattr(type(self), "_method_name", type(self).__name__)
+
+    @property
+    def official_train_projector(self) -> bool:
+        """Whether the method's official code trains the visual projector (a variant may differ)."""
+        return type(self).OFFICIAL_TRAIN_PROJECTOR
 
     def validate(self) -> None:
         """Raise ValueError for impossible settings (called by :func:`apply` before any change)."""
@@ -214,7 +219,7 @@ def freeze_backbone(model: nn.Module) -> None:
 
 def projector_decision(model: nn.Module, config: MethodConfig) -> tuple[bool, str]:
     """``(trains, why)`` for the visual projector under ``config`` on ``model``."""
-    official = type(config).OFFICIAL_TRAIN_PROJECTOR
+    official = config.official_train_projector
     wanted = official if config.train_projector is None else config.train_projector
     source = "the official setting" if config.train_projector is None else "train_projector"
     if getattr(model, "projector_fresh", False):

@@ -2,24 +2,64 @@
 
 Each adapter is serial, H' = H + Up(act(Down(H))), with Down: d -> m and Up: m -> d PHM linears
 (:class:`~workbench.methods._phm.PHMLinear`): W = sum_{i=1..n} A_i (kron) B_i, B_i = s_i t_i^T of
-rank r. One A (n x n x n) is shared by *every* PHM layer of the model (both projections of all
-adapters); it lives at ``model.peft_shared["phm_rule"]``.
+rank r. By default one A (n x n x n) is shared by *every* PHM layer of the model (both projections
+of all adapters); it lives at ``model.peft_shared["phm_rule"]``.
 
-Official defaults (docs/methods.md#compacter; the authors' ``phm_adapters.json``): n = 4, r = 1, reduction
-factor 32 (m = d // 32), activation ``gelu_new``, A ~ N(0, 1e-4^2), s and t Glorot-uniform
-(gain sqrt 2), biases zero, lr 3e-3.
+Official code: rabeehk/compacter. Every default is a value of ``seq2seq/configs/compacter.json``
+(``compacter++.json`` for ``compacter++``):
 
-- ``compacter``: adapters after the self-attention and the FFN sub-layer of every encoder and decoder
-  layer (the official T5 code has none after cross-attention; ``sublayers`` adds it).
-- ``compacter++``: FFN sub-layers only.
+================================  ==========================  =======================================
+compacter.json                    value                       field here
+================================  ==========================  =======================================
+``hypercomplex_division``         4                           ``n``
+``factorized_phm`` / phm_rank     true / 1 (config default)   ``rank=1`` (``None``: unfactorised B_i)
+``task_reduction_factor``         32                          ``reduction_factor`` (m = d // 32)
+``non_linearity``                 ``gelu_new``                ``activation``
+``shared_phm_rule``               true                        ``shared_rule``
+``phm_c_init`` / phm_init_range   ``normal`` / 1e-4           ``rule_init_std`` (A ~ N(0, 1e-4^2))
+``hypercomplex_nonlinearity``     ``glorot-uniform``          S, T Glorot-uniform, gain sqrt 2 (fixed)
+``learn_phm``                     true                        A trains
+``factorized_phm_rule``           false                       (A is not factorised)
+``add_layer_norm_before/after``   false / false               (no adapter LayerNorm)
+``unfreeze_layer_norms``          true                        ``train_layer_norms=True``
+``unfreeze_lm_head``              false                       (the LM head stays frozen)
+``learning_rate``                 3e-3                        ``lr``
+``add_adapter_in_self_attention`` true (compacter++: false)   ``sublayers`` (``ffn`` only for ``++``)
+================================  ==========================  =======================================
+
+Placement (``seq2seq/third_party/models/t5/modeling_t5.py``): an ``AdapterController`` in
+``T5LayerSelfAttention`` and ``T5LayerFF`` of the encoder and the decoder, none in
+``T5LayerCrossAttention`` -> ``sublayers=("attn", "self_attn", "ffn")`` (``"cross_attn"`` adds it).
+The controller computes ``adapter(y) + y`` on the sub-layer output before dropout and residual
+(``seq2seq/adapters/adapter_controller.py``); the PHM layer is ``y = x @ sum_i kron(A_i, W_i) + b``
+(``seq2seq/hypercomplex/layers.py`` ``matvec_product``), biases zero, each W slice
+``xavier_uniform_(gain=sqrt(2))`` (``hypercomplex/inits.py``). ``--unfreeze_layer_norms``
+(``seq2seq/utils/utils.py`` ``freeze_model_params``) unfreezes every ``T5LayerNorm`` / ``nn.LayerNorm``
+outside the adapters, i.e. every LayerNorm of the LM; they are pre-trained tensors, reported by
+``count_parameters`` under ``backbone``.
 
 Not zero-initialised: with A ~ N(0, 1e-4^2) the adapters change the output by O(1e-4) relative at
-step 0 (the official init; the tests check "nearly unchanged"). The official scripts also unfreeze
-the LayerNorms; the counts in docs/methods.md cover only the adapters, so ``train_layer_norms`` defaults to False.
+step 0 (the official init; the tests check "nearly unchanged").
+
+Options beyond compacter.json, used by VL-PET's "Compacter + G + LW" (``workbench.methods.vlpet``),
+whose Compacter is the VL baselines' (ylsung/VL_adapter ``VL-T5/scripts/image/single_compacter.sh``,
+HenryHZY/VL-PET ``scripts/image-text/single_compacter.sh``: ``--hypercomplex_division 2
+--shared_phm_rule False --factorized_phm False --reduction_factor 8``): ``shared_rule=False`` gives
+every PHM layer its own A, drawn N(0, ``rule_init_std``^2) (VL-PET's ``src/adapters/hypercomplex/layers.py``
+draws it with ``phm_init_range``, ``src/param.py`` default 0.01); ``rank=None`` an unfactorised B_i.
+
+Deliberate departures:
+
+- the official code is a T5 text model; here the same adapters sit on the VL backbone (the projector
+  trains, as every method's does unless its official code says otherwise), and on BART at the same
+  sub-layers (self-attention and FFN);
+- rabeehk/compacter draws a non-shared A with a hard-coded std 0.01 (``layers.py`` ignores
+  ``phm_init_range`` there); the workbench uses ``rule_init_std`` for a shared and a per-layer A alike
+  (VL-PET's copy of ``layers.py`` does the same with ``phm_init_range``).
 
 Parameters: per adapter, Down n*(d/n)*r + n*r*(m/n) + m and Up n*(m/n)*r + n*r*(d/n) + d, plus n^3
-once for A. T5-base (d 768, m 24): 816 + 1,560 = 2,376 per adapter; compacter 48 adapters + 64 =
-114,112; compacter++ 24 adapters + 64 = 57,088.
+once for a shared A (2 n^3 per adapter when not shared). T5-base (d 768, m 24): 816 + 1,560 = 2,376
+per adapter; compacter 48 adapters + 64 = 114,112; compacter++ 24 adapters + 64 = 57,088.
 """
 
 from __future__ import annotations
@@ -30,35 +70,51 @@ import torch
 from torch import nn
 
 from ._phm import PHMLinear, check_phm_dims, init_rule
-from .adapters import activation, bottleneck_size, check_sublayers, lm_dtype, sublayer_points
+from .adapters import activation, bottleneck_size, check_sublayers, lm_dtype, sublayer_points, unfreeze_layer_norms
 from .base import MethodConfig, MethodHandle, freeze_backbone, register_method
 
 
 class PHMAdapter(nn.Module):
-    """Serial PHM adapter ``(x, h) -> h + Up(act(Down(h)))`` with a shared A."""
+    """PHM adapter ``(x, h) -> h + Up(act(Down(src)))`` with ``src = h`` (serial, ``reads="h"``) or
+    ``src = x`` (parallel, ``reads="x"``: VL-PET's decoder value adapter built from a Compacter).
 
-    def __init__(self, d_model: int, bottleneck: int, n: int, rank: int | None, act: str, shared_rule: tuple,
-                 device=None, dtype=None):
+    ``shared_rule``: ``(container, key)`` of a shared A, or ``None`` for an own A per PHM layer drawn
+    N(0, ``rule_init_std``^2). ``out_dim`` defaults to ``d_model`` (a projection modification may map
+    between different widths).
+    """
+
+    def __init__(self, d_model: int, bottleneck: int, n: int, rank: int | None, act: str, shared_rule: tuple | None,
+                 rule_init_std: float = 1e-4, reads: str = "h", out_dim: int | None = None, device=None, dtype=None):
         super().__init__()
-        kw = dict(n=n, rank=rank, shared_rule=shared_rule, device=device, dtype=dtype)
+        if reads not in ("h", "x"):
+            raise ValueError(f"reads must be 'h' (serial) or 'x' (parallel), got {reads!r}")
+        self.reads = reads
+        kw = dict(n=n, rank=rank, shared_rule=shared_rule, rule_init_std=rule_init_std, device=device, dtype=dtype)
         self.down = PHMLinear(d_model, bottleneck, **kw)
         self.act = activation(act)
-        self.up = PHMLinear(bottleneck, d_model, **kw)
+        self.up = PHMLinear(bottleneck, d_model if out_dim is None else out_dim, **kw)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return h + self.up(self.act(self.down(h)))
+        src = h if self.reads == "h" else x
+        return h + self.up(self.act(self.down(src)))
+
+    def extra_repr(self) -> str:
+        return f"reads={self.reads!r}"
 
 
 @dataclass
 class CompacterConfig(MethodConfig):
+    """Compacter options; the defaults are seq2seq/configs/compacter.json (see the module docstring)."""
+
     n: int = 4
     rank: int | None = 1  # None: unfactorised B_i (the plain "PHM-Adapter")
     reduction_factor: int = 32
     bottleneck: int | None = None  # overrides reduction_factor
     activation: str = "gelu_new"
     rule_init_std: float = 1e-4
+    shared_rule: bool = True  # compacter.json shared_phm_rule
     sublayers: tuple = ("attn", "self_attn", "ffn")
-    train_layer_norms: bool = False  # the official scripts' unfreeze_layer_norms
+    train_layer_norms: bool = True  # compacter.json unfreeze_layer_norms
     lr: float = 3e-3
 
     def validate(self):
@@ -74,17 +130,18 @@ class CompacterConfig(MethodConfig):
             raise ValueError(f"{name}: bottleneck must be a positive int or None, got {self.bottleneck!r}")
         if not self.rule_init_std >= 0:
             raise ValueError(f"{name}: rule_init_std must be >= 0, got {self.rule_init_std!r}")
+        for key in ("shared_rule", "train_layer_norms"):
+            if getattr(self, key) not in (True, False):
+                raise ValueError(f"{name}: {key} must be True or False, got {getattr(self, key)!r}")
         self.sublayers = check_sublayers(self.sublayers, name)
         activation(self.activation)
 
 
 @dataclass
 class CompacterPPConfig(CompacterConfig):
+    """Compacter++: FFN sub-layers only (compacter++.json ``add_adapter_in_self_attention: false``)."""
+
     sublayers: tuple = ("ffn",)
-
-
-def _is_layer_norm(name: str, module: nn.Module) -> bool:
-    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("LayerNorm")
 
 
 def _apply_compacter(model, config: CompacterConfig) -> MethodHandle:
@@ -96,18 +153,19 @@ def _apply_compacter(model, config: CompacterConfig) -> MethodHandle:
     # Everything is valid: now change the model.
     freeze_backbone(model)
     dtype = lm_dtype(model)
-    model.peft_shared = nn.ParameterDict({"phm_rule": init_rule(config.n, config.rule_init_std, model.device, dtype)})
-    shared = (model.peft_shared, "phm_rule")
+    shared = None
+    if config.shared_rule:
+        rule = init_rule(config.n, config.rule_init_std, model.device, dtype)
+        model.peft_shared = nn.ParameterDict({"phm_rule": rule})
+        shared = (model.peft_shared, "phm_rule")
     modules = {}
     for point in points:
-        mod = PHMAdapter(d, m, config.n, config.rank, config.activation, shared, device=model.device, dtype=dtype)
+        mod = PHMAdapter(d, m, config.n, config.rank, config.activation, shared, rule_init_std=config.rule_init_std,
+                         device=model.device, dtype=dtype)
         model.add_sublayer_modification(point.name, mod, name="compacter")
         modules[point.name] = mod
     if config.train_layer_norms:
-        for mname, module in model.lm.named_modules():
-            if _is_layer_norm(mname, module):
-                for p in module.parameters():
-                    p.requires_grad_(True)
+        unfreeze_layer_norms(model)
     return MethodHandle(model, config, modules)
 
 

@@ -1,4 +1,25 @@
-"""MixPHM (Jiang & Zheng, CVPR 2023; official code jingjing12110/MixPHM): a mixture of PHM experts.
+"""MixPHM (Jiang & Zheng, CVPR 2023): a mixture of PHM experts, after the official code.
+
+Official code followed (github.com/jingjing12110/MixPHM, ``src/vl_t5/``):
+
+- ``mixphm/phm_moe.py``: ``PHMAdapterMoE`` (the module: shared Down ``MoA_A``, Up experts ``MoA_B``,
+  ``Dropout(0.5)``, ``is_r2loss`` returns ``(up, residual)``) and ``PHMExpert`` (random routing in
+  training, ``expert_soup`` / ``expert_soup_forward`` for ``inference_level 3``);
+- ``compacter/hypercomplex/layers.py`` (+ ``kronecker.py``, ``inits.py``): ``PHMLinear``,
+  W = sum_i A_i kron (W_left_i W_right_i), Glorot-uniform with gain sqrt 2, zero bias;
+- ``my_transformers/modeling_t5.py``: ``T5LayerFF.forward`` (where the module sits, what it returns)
+  and ``T5Stack.forward`` (the decoder: ``R2Loss`` / ``MILoss`` per layer with the stack's
+  ``attention_mask``, which is all ones because ``vqa_model.py``'s ``train_step`` passes no
+  ``decoder_attention_mask``, and g = ``hidden_states.mean(1)``);
+- ``modeling_t5.py``: ``JointEncoder.forward`` (the encoder: input [text; visual], mask
+  ``cat([text_mask, vis_mask])``, the same two losses) and ``VLT5.forward`` (the weighting:
+  ``red_w * 0.5 * (mean_enc + mean_dec)`` and ``align_w * 0.5 * (mean_enc + mean_dec) * 0.2``);
+- ``losses/r2_loss.py``: ``R2Loss`` (redundancy) and ``MILoss`` (JSD mutual information);
+- ``train.py``: the trainable set, parameters whose name contains ``phm_adapter_moe`` or
+  ``phm_rule`` (``expert_score_weight`` fixed): the visual embedding stays frozen;
+- ``trainer_base.py`` / ``param.py`` / ``scripts/vqav2_vlt5_mixphm.sh``: the settings (n 4, rank 8,
+  reduction 12, 4 experts, ``--sharing_down 1 --sharing_up 0``, ``--inference_level 3``,
+  ``red_w = align_w = 0.2``, lr 5e-3, ``non_linearity = "gelu_new"``, ``phm_init_range 0.01``).
 
 Placement: one module in the FFN sub-layer of every encoder and decoder layer, none on attention.
 With f = FFN(LN(x)) the frozen FFN output (the sub-layer output H):
@@ -12,45 +33,85 @@ PHM experts (``_phm.PHMLinear``): Down (d -> m) and Up (m -> d) are factorised P
 W = sum_i A_i kron (S_i T_i), n = 4, rank r = 8, m = d // 12. One A [n, n, n] is shared by every
 layer, both projections and all experts (global sharing, A ~ N(0, 0.01^2), at
 ``model.peft_shared["phm_rule"]``); Down is shared by the experts of a module and Up has N_e = 4
-experts (local sharing: the official scripts' ``--sharing_down 1 --sharing_up 0``). S, T are
-Glorot-uniform (gain sqrt 2), biases zero; the official code builds the experts as deep copies of one
-layer, so they start identical (``expert_init="copy"``; ``"independent"`` draws each).
-Activation ``gelu_new`` (the official ``non_linearity``), lr 5e-3 (official scripts).
+experts (local sharing). S, T are Glorot-uniform (gain sqrt 2), biases zero; the official code
+builds the experts as deep copies of one layer, so they start identical (``expert_init="copy"``;
+``"independent"`` draws each). Activation ``gelu_new``, lr 5e-3.
 
 Routing: no gate. In training each module draws one expert uniformly at random per forward call
 (the whole batch uses it), from torch's global RNG (so a seed makes it deterministic); the draws are
 counted per module (:meth:`MixPHMHandle.draw_counts`). In eval mode the experts are merged once into
-one ("expert soup", the official ``inference_level 3``): ``merge="official"`` averages each stored
-tensor separately (S, T, b), ``merge="product"`` averages the products S_i T_i (the mean of the
-experts' linear maps). The merged weights are cached and recomputed only when a weight changes, so a
-merged MixPHM costs what one adapter of the same bottleneck costs: the cache is keyed on the identity,
-storage pointer, ``_version`` counter, device and dtype of every source tensor (an optimizer step, an
-in-place ``copy_`` / ``normal_`` / ``load_state_dict``, ``.to()``, a replaced parameter), and it is
-also dropped on every ``train()`` / ``eval()`` call and every ``load_state_dict``. Edits through
+one ("expert soup", ``inference_level 3``): ``merge="official"`` averages each stored tensor
+separately (S, T, b: the official ``expert_soup`` with ``softmax(expert_score_weight = 0)`` = uniform
+weights), ``merge="product"`` averages the products S_i T_i (the mean of the experts' linear maps).
+The merged weights are cached and recomputed only when a weight changes, so a merged MixPHM costs
+what one adapter of the same bottleneck costs: the cache is keyed on the identity, storage pointer,
+``_version`` counter, device and dtype of every source tensor (an optimizer step, an in-place
+``copy_`` / ``normal_`` / ``load_state_dict``, ``.to()``, a replaced parameter), and it is also
+dropped on every ``train()`` / ``eval()`` call and every ``load_state_dict``. Edits through
 ``p.data`` bypass the ``_version`` counters: call ``model.eval()`` (or :meth:`MixPHMHandle.merge`,
 which always recomputes) after them. (The adapter is non-linear, so it cannot be folded into the
 backbone's own weights.)
 
 Losses (``handle.extra_losses()``, computed from what the modules stored during the last *training*
 forward; the official code computes them in training only). Each module stores u = Delta(f) (before
-its skip) and f. Over the valid tokens of the batch:
+its skip) and f. Over the selected tokens of the batch (below):
 
 - redundancy (official ``R2Loss``): row-wise L2-normalise U and F, C = U_hat^T F_hat (d x d),
   L_red = lambda * (1/B) * sum_{i != j} C_ij^2, lambda = 3.9e-3, B = batch size;
 - task relevance (official ``MILoss``, Jensen-Shannon / Deep InfoMax): scores s_jb = u_j . g_b with
-  g_b the mean-pooled final output of the same stack (encoder or decoder), positives b = b(j),
-  negatives the other samples: L_MI = E_neg[softplus(s) - log 2] - E_pos[log 2 - softplus(-s)]
-  (no negatives when B = 1: that term is 0, where the official code divides by zero);
+  g_b the mean-pooled final output of the same stack (encoder or decoder, after its final LayerNorm
+  and dropout), positives b = b(j), negatives the other samples:
+  L_MI = E_neg[softplus(s) - log 2] - E_pos[log 2 - softplus(-s)];
 - total: ``{"redundancy": w_red * 1/2 (mean_enc L_red + mean_dec L_red),
   "mi": w_mi * 0.2 * 1/2 (mean_enc L_MI + mean_dec L_MI)}``, w_red = w_mi = 0.2 (0 drops the term).
 
-Which tokens are valid: the model's forward context (``model.context.token_mask``). The encoder's
-mask is the full mask the VLModel built (visual tokens + prompt + anything an input modifier
-inserted, so the mask always matches the encoder's sequence); on the decoder side, an explicit
-``decoder_attention_mask`` is used if given, otherwise the positions whose label is not -100 (the
-official code counts every decoder position: it passes no decoder mask). The stacks' final outputs
-(``model.context.encoder_output`` / ``decoder_output``) are the g of the MI term, mean-pooled over the valid tokens
-(``mi_pool="all"``: over every position, padding included, as the official ``hidden_states.mean(1)``).
+Which tokens (config fields; the defaults are the official behaviour, ``"masked"`` the workbench's
+earlier one):
+
+- ``encoder_tokens="official"``: per sample, the first ``mask.sum()`` positions (at least 1) of the
+  encoder sequence *in VL-T5's order* [text; visual], with mask = the encoder's attention mask
+  (``model.context.encoder_mask``: visual + text, after input modifiers). The official code slices
+  ``up[i][:seq_len[i]]`` on its [text (right-padded); visual] sequence, so it takes the text
+  padding and drops as many trailing visual tokens. On the ``text_first`` layout this is literally
+  the official slice; on ``visual_first`` ([visual; text]) the same tokens are selected: the
+  positions are ranked text first (every non-visual position, in order), then visual
+  (``model.context.inputs.visual_slice``), and the first ``mask.sum()`` of that ranking are taken.
+  ``"masked"``: the positions where the encoder's attention mask is 1.
+- ``decoder_tokens="official"``: every decoder position, padding included (the official decoder
+  stack's mask is all ones: no ``decoder_attention_mask`` is passed); if a 2-D
+  ``decoder_attention_mask`` is passed to the forward, the first ``mask.sum()`` positions per sample,
+  as the official ``R2Loss`` would slice it. ``"masked"``: that decoder mask when given, otherwise
+  the positions whose label is not -100 (``model.context.token_mask("decoder")``).
+- ``mi_pool="all"``: g = the mean of the stack's final output over every position, padding included
+  (the official ``hidden_states.mean(1)``); ``"masked"``: over the positions of the stack's mask
+  (the encoder's attention mask; the decoder mask or ``labels != -100``), whatever the token
+  selection.
+
+Trainable set: the MixPHM modules and the shared A only (``OFFICIAL_TRAIN_PROJECTOR = False``: the
+official ``train.py`` keeps the visual embedding frozen). ``train_projector=True`` trains it; a
+freshly initialised projector always trains (decided in :func:`workbench.methods.base.apply`).
+
+Deliberate departures from the official code:
+
+- Routing and merging: only the scripts' setting is implemented (no gate: random routing in
+  training, the uniform expert soup in eval = ``inference_level 3``); the token-, sentence- and
+  mean-level inference modes (0-2), the gates and ``ada_alpha`` (1.0 in the scripts) are not.
+  ``merge="product"`` is an extra option. The soup is cached instead of rebuilt (with a
+  ``deepcopy`` of expert 0) at every eval forward; the values are the same.
+- RNG stream: the official ``PHMExpert`` calls ``torch.randint`` also for the single (shared) Down
+  expert; the workbench draws only where there is a choice. Each draw is uniform in both, but a
+  seed does not reproduce the official sequence of experts (nor does it reproduce its dropout).
+- A batch of one: the official ``MILoss`` divides the negative term by ``N * (B - 1) = 0`` (inf or
+  nan); here that term is 0.
+- Precision: the losses are computed in float32 whatever the model's dtype.
+- Where they are computed: from tensors the modules keep, after the forward, by
+  ``handle.extra_losses()`` (the trainer adds them to the task loss), not inside the stacks'
+  ``forward``; the values are the same.
+- The encoder mask is the one the VLModel builds (the tokenizer's attention mask + the visual
+  mask); the official ``train_step`` derives the text mask as ``input_ids != pad``. They agree for
+  right-padded prompts that contain no pad token.
+- On the ``visual_first`` layout the official token selection is mapped to the same tokens (above);
+  on BART (the official code is T5 only) the module and the losses are applied the same way.
 
 Parameters (T5-base, d 768, m 64): Down 6,720 + 4 x Up 7,424 = 36,416 per module, 24 modules,
 + 64 for A = 874,048.
@@ -60,6 +121,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -74,9 +136,9 @@ LOG2 = math.log(2.0)
 
 # ------------------------------------------------------------------------------------ the losses
 def redundancy_loss(u: torch.Tensor, f: torch.Tensor, batch_size: int, lam: float = 3.9e-3) -> torch.Tensor:
-    """L_red = lam / B * sum_{i != j} C_ij^2, C = normalize(U)^T normalize(F), rows = valid tokens.
+    """L_red = lam / B * sum_{i != j} C_ij^2, C = normalize(U)^T normalize(F), rows = the selected tokens.
 
-    ``u``, ``f``: ``[N, d]`` (the valid tokens of a batch of ``batch_size`` samples).
+    ``u``, ``f``: ``[N, d]`` (the selected tokens of a batch of ``batch_size`` samples).
     """
     u_hat = F.normalize(u.float(), dim=1)
     f_hat = F.normalize(f.float(), dim=1)
@@ -89,7 +151,8 @@ def jsd_mi_loss(u: torch.Tensor, g: torch.Tensor, owner: torch.Tensor) -> torch.
     """Jensen-Shannon MI lower bound as a loss: E_neg[softplus(s) - log 2] - E_pos[log 2 - softplus(-s)].
 
     ``u``: ``[N, d]`` token representations, ``g``: ``[B, d]`` pooled sample representations,
-    ``owner``: ``[N]`` the sample of each token. s = u g^T; (j, owner[j]) are the positives.
+    ``owner``: ``[N]`` the sample of each token. s = u g^T; (j, owner[j]) are the positives. With
+    one sample there are no negatives and that term is 0 (the official code divides by zero).
     """
     s = u.float() @ g.float().T  # [N, B]
     pos = F.one_hot(owner, g.shape[0]).bool()
@@ -99,12 +162,44 @@ def jsd_mi_loss(u: torch.Tensor, g: torch.Tensor, owner: torch.Tensor) -> torch.
     return e_neg - e_pos
 
 
-def pool(final: torch.Tensor, valid: torch.Tensor, mode: str = "masked") -> torch.Tensor:
-    """Mean over the sequence of ``final`` [B, L, d]: over the valid tokens, or every position."""
-    if mode == "all":
+def pool(final: torch.Tensor, valid: torch.Tensor | None, mode: str = "all") -> torch.Tensor:
+    """Mean over the sequence of ``final`` [B, L, d]: over every position (``"all"``, the official
+    ``hidden_states.mean(1)``) or over the positions where ``valid`` is true (``"masked"``)."""
+    if mode == "all" or valid is None:
         return final.mean(1)
     w = valid.to(final.dtype).unsqueeze(-1)
     return (final * w).sum(1) / w.sum(1).clamp(min=1.0)
+
+
+# ------------------------------------------------------------------------------------ token selection
+def prefix_tokens(mask: torch.Tensor, length: int | None = None, rank: torch.Tensor | None = None) -> torch.Tensor:
+    """The official selection: per sample i, the first ``max(mask[i].sum(), 1)`` positions, as a bool [B, L].
+
+    This is ``R2Loss`` / ``MILoss``'s ``x[i][:seq_len[i]]`` with ``seq_len = clamp(mask.sum(-1), min=1)``.
+    ``rank`` ([L], a permutation) orders the positions first (position p is the ``rank[p]``-th); by
+    default the sequence order.
+    """
+    length = mask.shape[1] if length is None else length
+    counts = mask.long().sum(-1).clamp(min=1)
+    if rank is None:
+        rank = torch.arange(length, device=mask.device)
+    return rank.to(mask.device).unsqueeze(0) < counts.unsqueeze(1)
+
+
+def vlt5_rank(length: int, visual: slice | None, device=None) -> torch.Tensor:
+    """``rank[p]``: where position p of an encoder sequence comes in VL-T5's order [text; visual].
+
+    The text (every position outside ``visual``) keeps its order and comes first, then the visual
+    tokens in their order. On a ``text_first`` sequence this is the identity.
+    """
+    positions = torch.arange(length, device=device)
+    if visual is None:
+        return positions
+    is_visual = (positions >= visual.start) & (positions < visual.stop)
+    order = torch.cat([positions[~is_visual], positions[is_visual]])  # order[j] = the j-th position
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(length, device=device)
+    return rank
 
 
 # ------------------------------------------------------------------------------------ the module
@@ -115,7 +210,8 @@ class MixPHMModule(nn.Module):
                  shared_rule: tuple, act: str = "gelu_new", dropout: float = 0.5, expert_init: str = "copy",
                  merge: str = "official", device=None, dtype=None):
         super().__init__()
-        kw = dict(n=n, rank=rank, shared_rule=shared_rule, expert_init=expert_init, device=device, dtype=dtype)
+        kw = {"n": n, "rank": rank, "shared_rule": shared_rule, "expert_init": expert_init,
+              "device": device, "dtype": dtype}
         self.down = PHMLinear(d_model, bottleneck, experts=1 if shared_side == "down" else num_experts, **kw)
         self.act = activation(act)
         self.dropout = nn.Dropout(dropout)
@@ -196,6 +292,38 @@ class MixPHMModule(nn.Module):
 # ------------------------------------------------------------------------------------ config
 @dataclass
 class MixPHMConfig(MethodConfig):
+    """MixPHM's options; the defaults are the official scripts' (``scripts/vqav2_vlt5_mixphm.sh``).
+
+    Architecture:
+        num_experts: N_e (4). n: PHM divisions (4). rank: rank of B_i = S_i T_i (8; ``None``: an
+        unfactorised B_i). reduction_factor: m = d // 12; bottleneck: m directly (overrides it).
+        shared_side: the projection the experts share, ``"down"`` (official ``--sharing_down 1
+        --sharing_up 0``), ``"up"`` or ``"none"``. rule_init_std: A ~ N(0, 0.01^2).
+        expert_init: ``"copy"`` (official: the experts are deep copies, identical at the start) or
+        ``"independent"``. activation: ``"gelu_new"``. dropout: inside Delta (0.5).
+        merge: the eval-time expert soup, ``"official"`` (average S, T and b separately) or
+        ``"product"`` (average the products S T: the mean of the experts' maps).
+
+    Auxiliary losses (see the module docstring for the formulas):
+        w_red, w_mi: the weights (0.2 each, official ``red_w`` / ``align_w``; 0 drops the term).
+        red_lambda: lambda of the redundancy loss (3.9e-3).
+        encoder_tokens: which encoder tokens the two losses use.
+            ``"official"`` (default): per sample the first ``mask.sum()`` positions of the sequence in
+            VL-T5's order [text; visual] (text padding in, the last visual tokens out), whatever the
+            model's layout. ``"masked"``: the positions of the encoder's attention mask.
+        decoder_tokens: which decoder tokens. ``"official"`` (default): every position, padding
+            included (the first ``mask.sum()`` if a ``decoder_attention_mask`` is passed).
+            ``"masked"``: the decoder mask when given, else the positions whose label is not -100.
+        mi_pool: how g (the MI term's pooled stack output) is pooled. ``"all"`` (default): over every
+            position, padding included (official ``hidden_states.mean(1)``). ``"masked"``: over the
+            positions of the stack's mask.
+
+    Training: lr 5e-3 (official). The visual projector stays frozen (official ``train.py``);
+    ``train_projector=True`` trains it (a freshly initialised projector always trains).
+    """
+
+    OFFICIAL_TRAIN_PROJECTOR: ClassVar[bool] = False
+
     num_experts: int = 4
     n: int = 4
     rank: int | None = 8
@@ -210,7 +338,9 @@ class MixPHMConfig(MethodConfig):
     w_red: float = 0.2
     w_mi: float = 0.2
     red_lambda: float = 3.9e-3
-    mi_pool: str = "masked"  # "all": the official mean over every position, padding included
+    encoder_tokens: str = "official"  # "official": first mask.sum() in [text; visual] order; "masked"
+    decoder_tokens: str = "official"  # "official": every position; "masked": decoder mask / labels != -100
+    mi_pool: str = "all"  # "all": official mean over every position; "masked": over the stack's mask
     lr: float = 5e-3
 
     def validate(self):
@@ -226,7 +356,8 @@ class MixPHMConfig(MethodConfig):
         if self.bottleneck is not None and (not isinstance(self.bottleneck, int) or self.bottleneck < 1):
             raise ValueError(f"mixphm: bottleneck must be a positive int or None, got {self.bottleneck!r}")
         choices = {"shared_side": ("down", "up", "none"), "expert_init": ("copy", "independent"),
-                   "merge": ("official", "product"), "mi_pool": ("masked", "all")}
+                   "merge": ("official", "product"), "mi_pool": ("all", "masked"),
+                   "encoder_tokens": ("official", "masked"), "decoder_tokens": ("official", "masked")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"mixphm: {name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -273,34 +404,66 @@ class MixPHMHandle(MethodHandle):
             for mod in self.modules.values():
                 mod.soup(refresh=True)
 
-    def _valid(self, stack: str, u: torch.Tensor) -> torch.Tensor:
-        b, length = u.shape[:2]
-        mask = self.model.context.token_mask(stack, b, length)
-        if mask is None:
-            return torch.ones(b, length, dtype=torch.bool, device=u.device)
-        return mask.to(u.device).bool()
+    def stack_mask(self, stack: str, batch: int, length: int) -> torch.Tensor | None:
+        """The stack's mask from the forward context (``"masked"`` selection and pooling), or ``None``.
+
+        Encoder: its attention mask; decoder: the ``decoder_attention_mask`` when one was passed,
+        else ``labels != -100`` (:meth:`~workbench.models.context.ForwardContext.token_mask`).
+        """
+        mask = self.model.context.token_mask(stack, batch, length)
+        return None if mask is None else mask.bool()
+
+    def selected_tokens(self, stack: str, batch: int, length: int, device=None) -> torch.Tensor:
+        """Bool ``[batch, length]``: the tokens of ``stack`` the losses use under this config's
+        ``encoder_tokens`` / ``decoder_tokens`` (see :class:`MixPHMConfig`)."""
+        ctx = self.model.context
+        mode = self.config.encoder_tokens if stack == "encoder" else self.config.decoder_tokens
+        if mode == "masked":
+            mask = self.stack_mask(stack, batch, length)
+            out = torch.ones(batch, length, dtype=torch.bool) if mask is None else mask
+        elif stack == "encoder":
+            mask = ctx.token_mask("encoder", batch, length)
+            if mask is None:  # no mask known: every position is valid, the prefix is the sequence
+                mask = torch.ones(batch, length, dtype=torch.long)
+            inputs = ctx.inputs
+            visual = inputs.visual_slice if inputs is not None and inputs.embeds.shape[1] == length else None
+            out = prefix_tokens(mask, length, vlt5_rank(length, visual, mask.device))
+        else:
+            # The official decoder stack's mask: the decoder_attention_mask if one is passed, else ones.
+            dec = ctx.decoder_mask
+            if isinstance(dec, torch.Tensor) and dec.dim() == 2 and dec.shape[0] == batch and dec.shape[1] >= length:
+                out = prefix_tokens(dec[:, -length:], length)
+            else:
+                out = torch.ones(batch, length, dtype=torch.bool)
+        out = out.bool()
+        return out if device is None else out.to(device)
 
     def extra_losses(self) -> dict[str, torch.Tensor]:
         """``{"redundancy": ..., "mi": ...}`` from the last training forward (``{}`` if there is none)."""
         cfg = self.config
         per_stack = {"encoder": {"red": [], "mi": []}, "decoder": {"red": [], "mi": []}}
         recorded = False
+        selections, pooled = {}, {}
         for point, mod in self.modules.items():
             if mod.last is None:
                 continue
             recorded = True
             stack = self.stacks[point]
             u, f = mod.last
-            valid = self._valid(stack, u)
-            b = u.shape[0]
-            uu, ff = u[valid], f[valid]
+            b, length = u.shape[:2]
+            if stack not in selections:
+                selections[stack] = self.selected_tokens(stack, b, length, u.device)
+            sel = selections[stack]
+            uu, ff = u[sel], f[sel]
             if cfg.w_red > 0:
                 per_stack[stack]["red"].append(redundancy_loss(uu, ff, b, cfg.red_lambda))
             final = getattr(self.model.context, f"{stack}_output")
             if cfg.w_mi > 0 and final is not None:
-                g = pool(final, valid, cfg.mi_pool)
-                owner = torch.arange(b, device=u.device).unsqueeze(1).expand(b, u.shape[1])[valid]
-                per_stack[stack]["mi"].append(jsd_mi_loss(uu, g, owner))
+                if stack not in pooled:
+                    mask = self.stack_mask(stack, b, final.shape[1]) if cfg.mi_pool == "masked" else None
+                    pooled[stack] = pool(final, None if mask is None else mask.to(final.device), cfg.mi_pool)
+                owner = torch.arange(b, device=u.device).unsqueeze(1).expand(b, length)[sel]
+                per_stack[stack]["mi"].append(jsd_mi_loss(uu, pooled[stack], owner))
         if not recorded:
             return {}
 

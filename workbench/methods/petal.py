@@ -1,8 +1,14 @@
-"""PETAL (Zhai et al., arXiv 2312.12458): mode approximation, adaptive instruction MoE, IB loss.
+"""PETAL (Zhai et al., arXiv 2312.12458), in two variants: ``"paper"`` and ``"released"``.
 
-The public PETAL code has neither the gate nor the learnable threshold nor the information-bottleneck
-loss that the paper describes, so this module is **the workbench's reading of the paper**
-(docs/methods.md#petal). Three parts, all trainable, the backbone frozen (the visual projector
+``variant="paper"`` (the default) is **the workbench's reading of the paper**: the public code has
+neither the gate, nor the learnable threshold, nor the information-bottleneck loss that the paper
+describes. ``variant="released"`` reproduces **the released code** instead (melonking32/PETAL,
+LAVIS InstructBLIP: ``lavis/models/blip2_models/Qformer_PETAL_MOE.py``, where the updates and the
+experts act, and ``lavis/models/blip2_models/blip2_t5_instruct_petal_moe.py``, which owns the
+shared factors; ``train.py`` decides what trains), mapped from the Q-Former onto the workbench's
+encoder-decoder. Both are registered under the one name ``petal`` (docs/methods.md#petal).
+
+**variant="paper"**: three parts, all trainable, the backbone frozen (the visual projector
 trains, as in every method):
 
 1. **Dynamic mode approximation** (projection modifications on the ``q k v o`` projections of every
@@ -16,8 +22,8 @@ trains, as in every method):
    p_j in R^R belongs to matrix j, lambda in R^R are the mode strengths and Gamma a learnable
    threshold: a mode whose strength falls below Gamma is softly switched off.
    ``handle.modes_on()`` counts the modes with gate > 0.5 (|lambda_r| > Gamma). The projection
-   becomes ``y + scale * x V diag(lambda * p_j * gate) U^T``. Option ``form="tucker"``: the
-   official code's Tucker form, a full core G (R x R x R) with
+   becomes ``y + scale * x V diag(lambda * p_j * gate) U^T``. Option ``form="tucker"``: a full core
+   G (R x R x R), as the released code's ``CP_C``, with
    ``Delta W_j = U [sum_c G[:, :, c] (lambda * p_j * gate)_c] V^T`` (the gate acts on the
    per-matrix mode; the CP form is the superdiagonal core, which is G's initial value).
    Init: U, V ~ N(0, 1/dim) (unit-norm columns on average), lambda = 1, Gamma = 0.5, p_j = 0,
@@ -53,6 +59,77 @@ Parameters: shared U, V (in + out) R per shape group, lambda R, Gamma 1, (Tucker
 targeted matrix; MoE M L d + K (2 d r) + 2 d K + K; IB (d + 1) 2 z + (z + 1) d. On T5-base
 (d 768, 144 attention matrices): 98,304 + 65 + 9,216 mode parameters, 12,288 + 98,304 + 6,148 MoE,
 49,216 + 25,344 IB.
+
+**variant="released"**: what the released code computes, no gate, no threshold, no loss of its own
+(``handle.extra_losses()`` is always ``{}``):
+
+1. **Mode approximation on q, k, v** (``BertSelfAttention``: the query of every attention, the key
+   and value of every attention; the output projection is left alone). Two factor sets, each a
+   ``U`` (``CP_U = Linear(in, R, bias=False)``, PyTorch's default init), a ``V``
+   (``CP_V = Linear(R, out, bias=False)``, zeros) and a full core ``C`` (R x R x R, Xavier-uniform):
+   the ``"self"`` set (the code's ``CP_U, CP_V, CP_C``) for the projections that read the
+   attention's own stream (self-attention q k v, cross-attention q), the ``"cross"`` set (the
+   code's ``CP_U_Image, CP_V_Image, CP_C_Image``, which read the image features in the Q-Former)
+   for the cross-attention k and v, which read the encoder output here. Each targeted matrix j has
+   its own ``p_j`` (the code's ``q_CP`` / ``k_CP`` / ``v_CP``, R x 1, Xavier-uniform). The
+   projection becomes::
+
+       y + scale * V( dropout(U x) @ M_j ),    M_j = (C @ p_j)[:, :, 0],  M_j[a, b] = sum_c C[a, b, c] p_j[c]
+
+   i.e. ``Delta W_j = scale * V M_j^T U`` (dropout 0.1 on ``U x``, the code's ``self.dp``; one
+   draw per projection call). Delta W = 0 at step 0 (V = 0). ``merge`` folds it in.
+2. **Uniform instruction mixture** (``BertModel.forward``, on the embedding output)::
+
+       e' = 0.6 e + 0.4 * (1/K) sum_k B_k(A_k(e)),   A_k = Linear(d, r), B_k = Linear(r, d)
+
+   K = 6 affine experts of rank r = 64 (no activation in between; weights N(0, 0.02) and zero
+   biases, BERT's ``_init_weights``), averaged with fixed weights 1/K: no gate, no routing
+   probabilities. Here it is an input modifier on the text (prompt) tokens of the encoder input,
+   found with ``inputs.text_slice`` so that both layouts work.
+
+Options of variant ``"released"`` (defaults = the released code): ``rank`` (64), ``targets``
+(``("q", "k", "v")``, a subset of them), ``scale`` (1), ``mode_dropout`` (0.1), ``moe`` (True),
+``n_experts`` (6), ``expert_rank`` (64), ``embed_weight`` (0.6), ``expert_weight`` (0.4), ``lr``.
+The paper's options (``form tau threshold_init n_templates template_len z_dim beta w_ib w_gate``)
+do not apply and raise a ValueError when set; so do the released ones under ``"paper"``. Options
+whose default depends on the variant (``targets``, ``n_experts``, ``expert_rank``) and those that
+belong to one variant default to ``None`` in the signature and are filled in by the variant.
+
+Parameters (released): per factor set (in + out) R + R^3 (per distinct shape for U, V); R per
+targeted matrix; K (2 d r + r + d) experts. On T5-base (d 768, 108 q/k/v matrices, 24 of them
+cross-attention k/v): 2 x (98,304 + 262,144) + 6,912 + 594,816 = 1,322,624.
+
+Deliberate departures of ``"released"`` from the released code (what the mapping cannot keep, or
+keeps out on purpose):
+
+- *Where*: the code adapts InstructBLIP's Q-Former (BERT, post-LN) in front of a frozen FlanT5; here
+  the updates sit in the LM's own attentions (encoder self, decoder self and cross) and the
+  mixture on the encoder's text tokens. The "cross" factor set reads the encoder output (d_model
+  wide) where the code's reads the ViT features (1408 wide).
+- *Which tokens*: the code mixes every Q-Former input position, the 32 learned query tokens and the
+  instruction tokens (padding included); here the valid text tokens only (visual tokens and
+  padding keep their embeddings; padding is masked out of attention in both cases).
+- *Not reproduced*: the code also trains, under names containing ``CP``, a per-layer scale/shift
+  residual ``layer_output += 0.1 (a * CP_scaleself + CP_shiftself)`` (a = the self-attention
+  block's output; ``CP_scalecross``/``CP_shiftcross`` are created and set trainable, but their term
+  is commented out, so they never change), and adds ``0.1 x`` the *batch mean* of the first query token's self-attention
+  output to the cross-attention output of that token (``All_Context``, no parameters, couples the
+  examples of a batch). Neither is part of the paper's method nor maps onto the insertion points
+  (the residual skips the FFN sub-layer and its post-LN in BART); both are left out.
+- *Cached decoding*: the code skips the update of k, v in self-attention when it reuses a key/value
+  cache (a branch the Q-Former never takes in InstructBLIP); here every computed k, v is updated.
+- *Init under from_pretrained*: the code's per-matrix vectors are created inside
+  ``BertLMHeadModel.from_pretrained``; depending on the transformers version, its skip-init context
+  may leave them at their ``torch.zeros`` value (with V = 0 the update would then receive no
+  gradient). The workbench applies the init the code writes (Xavier-uniform).
+- *Projector and learning rate*: ``train.py`` (in the repository's ``PETAL_v3.zip``) trains only the
+  parameters whose name contains ``CP`` or ``Expert`` (the Q-Former, its query tokens and
+  ``t5_proj`` stay frozen); so ``"released"`` keeps a pre-trained projector frozen too
+  (``train_projector=True`` trains it; a freshly initialised one always trains). The
+  code's lr (2e-5, cosine, weight decay 0.02 on FlanT5-XXL,
+  ``lavis/projects/blip2/train/aurora_mixture/``) is not the default; ``lr`` stays 1e-3.
+- At step 0 the released variant does *not* compute the backbone's function: the text embeddings
+  are scaled by 0.6 (plus a small random expert term), as in the code.
 """
 
 from __future__ import annotations
@@ -67,58 +144,122 @@ from torch.nn import functional as F
 from .base import MethodConfig, MethodHandle, freeze_backbone, register_method
 
 FORMS = ("cp", "tucker")
+VARIANTS = ("paper", "released")
 ATTENTION_SUBLAYERS = ("attn", "self_attn", "cross_attn")
 PROJECTIONS = ("q", "k", "v", "o")
+RELEASED_PROJECTIONS = ("q", "k", "v")  # BertSelfAttention: query, key, value (not the output dense)
+
+# Options of one variant only (their defaults when that variant is used; None under the other).
+PAPER_ONLY = {"form": "cp", "tau": 0.1, "threshold_init": 0.5, "n_templates": 4, "template_len": 4,
+              "z_dim": 32, "beta": 1e-3, "w_ib": 0.1, "w_gate": 0.0}
+RELEASED_ONLY = {"mode_dropout": 0.1, "embed_weight": 0.6, "expert_weight": 0.4}
+# Options of both variants whose default depends on the variant.
+VARIANT_DEFAULTS = {
+    "paper": {"targets": PROJECTIONS, "n_experts": 4, "expert_rank": 16},
+    "released": {"targets": RELEASED_PROJECTIONS, "n_experts": 6, "expert_rank": 64},
+}
 
 
 @dataclass
 class PetalConfig(MethodConfig):
-    # dynamic mode approximation
+    """PETAL's options. ``None`` means "the variant's default" (see the module docstring); the
+    options of the other variant stay ``None`` and raise a ValueError when set."""
+
+    variant: str = "paper"  # "paper" (the workbench's reading of the paper) or "released" (the code)
+    # mode approximation (both variants)
     rank: int = 64  # R, the number of modes
-    form: str = "cp"  # "cp" (the paper's) or "tucker" (the official code's full core)
-    targets: tuple = PROJECTIONS  # projections of every attention
-    tau: float = 0.1  # temperature of the soft threshold
-    threshold_init: float = 0.5  # Gamma at step 0 (lambda starts at 1)
+    targets: tuple | None = None  # paper: q k v o of every attention; released: q k v
     scale: float = 1.0
-    # adaptive instruction mixture of experts
+    # paper only: the soft threshold and the form
+    form: str | None = None  # "cp" (the paper's) or "tucker" (a full core, as the released CP_C)
+    tau: float | None = None  # temperature of the soft threshold (0.1)
+    threshold_init: float | None = None  # Gamma at step 0 (0.5; lambda starts at 1)
+    # released only
+    mode_dropout: float | None = None  # dropout on U x (0.1, the code's self.dp)
+    # instruction mixture (both variants)
     moe: bool = True
-    n_templates: int = 4  # M
-    template_len: int = 4
-    n_experts: int = 4  # K
-    expert_rank: int = 16
-    # score-based information bottleneck
-    z_dim: int = 32
-    beta: float = 1e-3
-    w_ib: float = 0.1
-    w_gate: float = 0.0
+    n_experts: int | None = None  # K: paper 4, released 6
+    expert_rank: int | None = None  # paper 16, released 64
+    # paper only: the templates
+    n_templates: int | None = None  # M (4)
+    template_len: int | None = None  # (4)
+    # released only: e' = embed_weight * e + expert_weight * mean_k expert_k(e)
+    embed_weight: float | None = None  # 0.6
+    expert_weight: float | None = None  # 0.4
+    # paper only: score-based information bottleneck
+    z_dim: int | None = None  # (32)
+    beta: float | None = None  # (1e-3)
+    w_ib: float | None = None  # (0.1)
+    w_gate: float | None = None  # (0.0)
     lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        self._resolve()
+
+    def _resolve(self) -> None:
+        """Fill the ``None`` options of the chosen variant with its defaults (idempotent)."""
+        if self.variant not in VARIANTS:
+            return  # validate() says what is wrong
+        own = {**VARIANT_DEFAULTS[self.variant], **(PAPER_ONLY if self.variant == "paper" else RELEASED_ONLY)}
+        for name, default in own.items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+        if isinstance(self.targets, str):
+            self.targets = (self.targets,)
+        elif isinstance(self.targets, list):
+            self.targets = tuple(self.targets)
+
+    @property
+    def official_train_projector(self) -> bool:
+        # the released train.py trains only parameters named CP* / Expert*: the projection to T5 stays frozen
+        return self.variant != "released"
 
     def validate(self) -> None:
         super().validate()
-        for name in ("rank", "n_templates", "template_len", "n_experts", "expert_rank", "z_dim"):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"petal: variant must be one of {VARIANTS}, got {self.variant!r}")
+        self._resolve()
+        other = RELEASED_ONLY if self.variant == "paper" else PAPER_ONLY
+        other_name = "released" if self.variant == "paper" else "paper"
+        given = [n for n in other if getattr(self, n) is not None]
+        if given:
+            raise ValueError(f"petal: {', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to "
+                             f"variant={other_name!r} only, not to variant={self.variant!r}; leave "
+                             f"{'it' if len(given) == 1 else 'them'} unset")
+        ints = ["rank", "n_experts", "expert_rank"]
+        if self.variant == "paper":
+            ints += ["n_templates", "template_len", "z_dim"]
+        for name in ints:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"petal: {name} must be a positive int, got {v!r}")
+        allowed = PROJECTIONS if self.variant == "paper" else RELEASED_PROJECTIONS
+        targets = tuple(self.targets) if isinstance(self.targets, (tuple, list)) else (self.targets,)
+        if not targets or set(targets) - set(allowed):
+            why = "" if self.variant == "paper" else " (the released code modifies query, key and value only)"
+            raise ValueError(f"petal: targets must be a non-empty subset of {allowed} for "
+                             f"variant={self.variant!r}{why}, got {self.targets!r}")
+        if not isinstance(self.moe, bool):
+            raise ValueError(f"petal: moe must be True or False, got {self.moe!r}")
+        finite = ["scale"] + (["threshold_init"] if self.variant == "paper" else ["embed_weight", "expert_weight"])
+        for name in finite:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"petal: {name} must be a finite number, got {v!r}")
+        if self.variant == "released":
+            v = self.mode_dropout
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+                raise ValueError(f"petal: mode_dropout must be a number in [0, 1), got {v!r}")
+            return
         if self.form not in FORMS:
             raise ValueError(f"petal: form must be one of {FORMS}, got {self.form!r}")
-        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
-        bad = set(targets) - set(PROJECTIONS)
-        if bad or not targets:
-            raise ValueError(f"petal: targets must be a non-empty subset of {PROJECTIONS}, got {self.targets!r}")
-        for name in ("tau",):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"petal: {name} must be a number > 0, got {v!r}")
+        v = self.tau
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"petal: tau must be a number > 0, got {v!r}")
         for name in ("beta", "w_ib", "w_gate"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"petal: {name} must be a number >= 0, got {v!r}")
-        for name in ("threshold_init", "scale"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"petal: {name} must be a finite number, got {v!r}")
-        if not isinstance(self.moe, bool):
-            raise ValueError(f"petal: moe must be True or False, got {self.moe!r}")
         if self.w_ib > 0 and not self.moe:
             raise ValueError("petal: the information bottleneck reads the instruction mixture; "
                              "set w_ib=0 when moe=False")
@@ -293,23 +434,147 @@ class InstructionMoE(nn.Module):
         return ce + beta * kl, ce, kl
 
 
+# ----------------------------------------------------------------------- variant="released"
+class ReleasedModeBank(nn.Module):
+    """The released code's shared factors: per factor set (``"self"``, ``"cross"``) a core
+    C [R, R, R] and, per distinct (in, out) shape, U [R, in] (``CP_U.weight``) and V [out, R]
+    (``CP_V.weight``)."""
+
+    def __init__(self, groups: dict[str, list[tuple[int, int]]], rank: int):
+        super().__init__()
+        self.rank = rank
+        self.U = nn.ParameterDict()
+        self.V = nn.ParameterDict()
+        self.core = nn.ParameterDict()
+        for factor_set, shapes in groups.items():
+            core = torch.empty(rank, rank, rank)
+            nn.init.xavier_uniform_(core)  # CP_C
+            self.core[factor_set] = nn.Parameter(core)
+            for in_dim, out_dim in shapes:
+                key = self.key(factor_set, in_dim, out_dim)
+                U = torch.empty(rank, in_dim)
+                nn.init.kaiming_uniform_(U, a=math.sqrt(5))  # CP_U = nn.Linear(in, R, bias=False)
+                self.U[key] = nn.Parameter(U)
+                self.V[key] = nn.Parameter(torch.zeros(out_dim, rank))  # CP_V, zero-initialised
+
+    @staticmethod
+    def key(factor_set: str, in_dim: int, out_dim: int) -> str:
+        return f"{factor_set}_{out_dim}x{in_dim}"
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, sets={list(self.core.keys())}, groups={list(self.U.keys())}"
+
+
+class ReleasedModeProjection(nn.Module):
+    """Projection modification ``(x, y) -> y + scale * V(dropout(U x) @ M_j)``, M_j = (C @ p_j)[:, :, 0]."""
+
+    def __init__(self, bank: ReleasedModeBank, factor_set: str, in_dim: int, out_dim: int, scale: float,
+                 dropout: float):
+        super().__init__()
+        object.__setattr__(self, "_bank", bank)  # shared, registered once at model.peft_shared
+        self.factor_set = factor_set
+        self.group = ReleasedModeBank.key(factor_set, in_dim, out_dim)
+        self.scale = float(scale)
+        R = bank.rank
+        bound = math.sqrt(6.0 / (R + 1))  # xavier_uniform_ of an [R, 1] tensor (q_CP / k_CP / v_CP)
+        self.p = nn.Parameter(torch.empty(R).uniform_(-bound, bound))
+        self.dropout = nn.Dropout(dropout)
+
+    @property
+    def bank(self) -> ReleasedModeBank:
+        return self._bank
+
+    def mixing(self) -> torch.Tensor:
+        """M_j ``[R, R]``: ``M_j[a, b] = sum_c C[a, b, c] p_j[c]``."""
+        return torch.einsum("abc,c->ab", self.bank.core[self.factor_set], self.p)
+
+    def delta_weight(self) -> torch.Tensor:
+        """Delta W_j ``[out, in]`` (times ``scale``): ``V M_j^T U``."""
+        U, V = self.bank.U[self.group], self.bank.V[self.group]
+        return self.scale * V @ self.mixing().T @ U
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        U, V = self.bank.U[self.group].to(x.dtype), self.bank.V[self.group].to(x.dtype)
+        z = self.dropout(x @ U.T) @ self.mixing().to(x.dtype)
+        return y + self.scale * (z @ V.T).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"group={self.group!r}, scale={self.scale}"
+
+
+class UniformExpertMixture(nn.Module):
+    """Input modifier: ``e' = embed_weight * e + expert_weight * mean_k B_k(A_k(e))`` on the valid
+    text tokens (the released code's ``ExpertA`` / ``ExpertB``, averaged with fixed weights 1/K)."""
+
+    def __init__(self, d: int, n_experts: int, rank: int, embed_weight: float, expert_weight: float,
+                 init_std: float = 0.02):
+        super().__init__()
+        self.embed_weight, self.expert_weight = float(embed_weight), float(expert_weight)
+        self.down = nn.ModuleList(nn.Linear(d, rank) for _ in range(n_experts))  # ExpertA
+        self.up = nn.ModuleList(nn.Linear(rank, d) for _ in range(n_experts))  # ExpertB
+        for lin in (*self.down, *self.up):  # BERT's _init_weights (initializer_range 0.02)
+            nn.init.normal_(lin.weight, std=init_std)
+            nn.init.zeros_(lin.bias)
+
+    def mix(self, txt: torch.Tensor) -> torch.Tensor:
+        """The mixture of text embeddings ``[..., d]`` (every position)."""
+        dtype = txt.dtype
+        total = 0
+        for a, b in zip(self.down, self.up):
+            hidden = F.linear(txt, a.weight.to(dtype), a.bias.to(dtype))
+            total = total + F.linear(hidden, b.weight.to(dtype), b.bias.to(dtype))
+        return self.embed_weight * txt + self.expert_weight * (total / len(self.down))
+
+    def forward(self, inputs):
+        ts = inputs.text_slice  # either layout: [visual; text] or [text; visual]
+        emb = inputs.embeds
+        txt = emb[:, ts]
+        if txt.shape[1] == 0:  # no prompt: nothing to mix
+            return inputs
+        valid = inputs.mask[:, ts].bool().unsqueeze(-1)
+        mixed = torch.where(valid, self.mix(txt), txt)  # padding keeps its embedding
+        embeds = torch.cat([emb[:, : ts.start], mixed, emb[:, ts.stop :]], 1)
+        return inputs.replace(embeds=embeds)
+
+    def extra_repr(self) -> str:
+        return (f"experts={len(self.down)}, embed_weight={self.embed_weight}, "
+                f"expert_weight={self.expert_weight}")
+
+
 # ------------------------------------------------------------------------------------ the handle
 class PetalHandle(MethodHandle):
-    """PETAL's handle: modes on, routing probabilities, the IB loss, merging the mode updates."""
+    """PETAL's handle: modes on, routing probabilities, the IB loss, merging the mode updates.
 
-    def __init__(self, model, config: PetalConfig, modules: dict, bank: ModeBank, moe: InstructionMoE | None):
+    With ``variant="released"`` there is no threshold (``modes_on`` / ``mode_gates`` raise), no router
+    (``routing_probs`` raises: the experts are averaged with fixed weights 1/K) and no loss
+    (``extra_losses()`` is ``{}``); ``delta_weights`` and ``merge`` work for both variants.
+    """
+
+    def __init__(self, model, config: PetalConfig, modules: dict, bank: ModeBank | ReleasedModeBank,
+                 moe: InstructionMoE | UniformExpertMixture | None):
         super().__init__(model, config, modules)
         self.bank = bank
         self.moe = moe
         self.merged = False
         self.last_ib: dict | None = None
 
+    @property
+    def variant(self) -> str:
+        return self.config.variant
+
+    def _paper_only(self, what: str) -> None:
+        if self.variant != "paper":
+            raise ValueError(f"petal: {what} belongs to variant='paper'; variant={self.variant!r} has "
+                             "no gate, no threshold and no router (its experts are averaged uniformly)")
+
     def modes_on(self) -> int:
         """How many of the R modes are on (gate > 0.5, i.e. |lambda_r| > Gamma)."""
+        self._paper_only("modes_on (the learnable threshold)")
         return self.bank.modes_on()
 
     def mode_gates(self) -> torch.Tensor:
         """The soft gates ``[R]`` (detached)."""
+        self._paper_only("mode_gates (the learnable threshold)")
         with torch.no_grad():
             return self.bank.gate().detach().clone()
 
@@ -320,6 +585,7 @@ class PetalHandle(MethodHandle):
 
     def routing_probs(self) -> torch.Tensor:
         """The gate probabilities ``[batch, K]`` of the last forward (rows sum to 1)."""
+        self._paper_only("routing_probs (the gate of the instruction mixture)")
         if self.moe is None:
             raise ValueError("petal was applied with moe=False: there is no router")
         if self.moe.last_probs is None:
@@ -333,8 +599,11 @@ class PetalHandle(MethodHandle):
         return routing_stats(probs=self.routing_probs())
 
     def extra_losses(self) -> dict[str, torch.Tensor]:
-        """``{"ib": w_ib * L_IB}`` after a forward with labels (and ``{"gate": ...}`` if w_gate > 0)."""
+        """``{"ib": w_ib * L_IB}`` after a forward with labels (and ``{"gate": ...}`` if w_gate > 0);
+        always ``{}`` for ``variant="released"``."""
         cfg, out = self.config, {}
+        if self.variant != "paper":
+            return out
         if self.moe is not None and cfg.w_ib > 0:
             terms = self.moe.ib_loss(cfg.beta, self.model.context.labels)
             if terms is not None:
@@ -347,7 +616,7 @@ class PetalHandle(MethodHandle):
 
     def merge(self) -> None:
         """Fold every Delta W_j into its frozen projection weight and remove the mode modifications
-        (for inference; the instruction MoE stays, it depends on the input)."""
+        (for inference; the instruction mixture stays, it depends on the input)."""
         if self.merged:
             raise ValueError("petal: the mode updates are already merged")
         with torch.no_grad():
@@ -372,9 +641,17 @@ def _targets(model, config: PetalConfig) -> list:
     return points
 
 
+def released_factor_set(point) -> str:
+    """``"cross"`` for the cross-attention key and value (they read the encoder output, as the code's
+    ``CP_*_Image`` factors read the image features), ``"self"`` for every other q, k, v."""
+    return "cross" if point.sublayer == "cross_attn" and point.projection in ("k", "v") else "self"
+
+
 @register_method("petal", PetalConfig, family="layer: PETAL", main_knob=("rank", (16, 32, 64, 128)))
 def apply_petal(model, config: PetalConfig) -> MethodHandle:
     points = _targets(model, config)
+    if config.variant == "released":
+        return _apply_released(model, config, points)
     lm = model.lm
     out_embedding = lm.get_output_embeddings()
     if config.moe and config.w_ib > 0 and getattr(out_embedding, "weight", None) is None:
@@ -398,5 +675,30 @@ def apply_petal(model, config: PetalConfig) -> MethodHandle:
             template_init = model.family_spec.embed_text(lm, ids).float()
         special = list(getattr(model.tokenizer, "all_special_ids", []) or [])
         moe = InstructionMoE(d, config, template_init, out_embedding, special)
+        model.add_input_modifier(moe)
+    return PetalHandle(model, config, modules, bank, moe)
+
+
+def _apply_released(model, config: PetalConfig, points: list) -> MethodHandle:
+    """``variant="released"``: the code's q/k/v updates and the uniform expert mixture."""
+    groups: dict[str, list] = {}
+    for p in points:
+        shapes = groups.setdefault(released_factor_set(p), [])
+        if (p.in_dim, p.out_dim) not in shapes:
+            shapes.append((p.in_dim, p.out_dim))
+    # Everything is valid: now change the model.
+    freeze_backbone(model)
+    bank = ReleasedModeBank(groups, config.rank).to(model.device)
+    model.peft_shared = nn.ModuleDict({"petal_modes": bank})
+    modules = {}
+    for p in points:
+        mod = ReleasedModeProjection(bank, released_factor_set(p), p.in_dim, p.out_dim, config.scale,
+                                     config.mode_dropout)
+        model.add_projection_modification(p.name, mod, name="petal")
+        modules[p.name] = mod
+    moe = None
+    if config.moe:
+        moe = UniformExpertMixture(model.d_model, config.n_experts, config.expert_rank, config.embed_weight,
+                                   config.expert_weight)
         model.add_input_modifier(moe)
     return PetalHandle(model, config, modules, bank, moe)
