@@ -276,15 +276,28 @@ def test_options_that_do_not_apply_are_named(hf_backbones, real_data, tmp_path, 
 
 # ------------------------------------------------------------------------------ RunConfig
 def test_backbone_options_are_hashed_only_when_set():
-    # hashes of configs written before backbone_options existed (no checkpoint: fingerprint "missing")
-    assert RunConfig(backbone="/nonexistent/ckpt").hash == "742c1d4b19e3"
+    # pinned: a hash must not depend on the machine, the dict order or the Python session
+    assert RunConfig(backbone="/nonexistent/ckpt").hash == "553c336dbf22"
     old = RunConfig(backbone="/nonexistent/ckpt", task="shapes-caption", method="full", n_shots=16, pool_size=100,
                     task_options={"types": ["exist"]})
-    assert old.hash == "6000a3bb540a"
+    assert old.hash == "eb8e4d55cab4"
     assert RunConfig.from_dict({k: v for k, v in old.to_dict().items() if k != "backbone_options"}).hash == old.hash
     assert old.replace(backbone_options={"feat_dim": 2048}).hash != old.hash
     with pytest.raises(ValueError, match="backbone_options cannot set 'device'"):
         RunConfig(backbone_options={"device": "cpu"})
+
+
+def test_the_hash_covers_the_methods_resolved_defaults(monkeypatch):
+    import workbench.methods as methods_pkg
+
+    cfg = RunConfig(backbone="/nonexistent/ckpt", method="lora")
+    assert cfg.replace(method_config={"r": 8}).hash == cfg.hash  # spelling out a default: the same run
+    assert cfg.replace(method_config={"r": 16}).hash != cfg.hash
+    real = methods_pkg.get_config
+    monkeypatch.setattr(methods_pkg, "get_config", lambda name, **o: real(name, **{"r": 4, **o}))
+    assert RunConfig(backbone="/nonexistent/ckpt", method="lora").hash != "553c336dbf22"  # a new default: a new run
+    with pytest.raises(ValueError, match="unknown options"):
+        RunConfig(backbone="/nonexistent/ckpt", method="lora", method_config={"rank": 4}).hash
 
 
 def test_store_for_an_embedded_task_on_a_backbone_with_its_own_encoder(small_config, tmp_path, no_training):

@@ -113,13 +113,19 @@ class RunConfig:
     def hash(self) -> str:
         """A stable 12-hex-digit id of everything that determines the results.
 
-        It covers the config fields and the backbone checkpoint's contents, so re-building a
-        checkpoint never lets old runs be reused as if they belonged to the new one.
+        It covers the config fields, the method's resolved config (its defaults included) and the
+        backbone checkpoint's contents, so re-building a checkpoint or changing a method's default
+        never lets old runs be reused as if they belonged to the new one. An unknown method or an
+        invalid method option raises here, before anything is trained.
         """
+        from ..methods import get_config
         from ..models.factory import backbone_fingerprint
 
         d = {k: v for k, v in self.to_dict().items()
              if k not in _NOT_HASHED and not (k in _HASHED_WHEN_SET and not v)}
+        # The method's whole resolved config, defaults included: a default that changes in the code
+        # names a new run (never a stale one from the store), and spelling a default out changes nothing.
+        d["method_config"] = get_config(self.method, **self.method_config).to_dict()
         d["backbone_fingerprint"] = backbone_fingerprint(self.backbone)
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
