@@ -156,3 +156,21 @@ def method_config():
 def meta_backbone():
     """Factory: ``meta_backbone(family="t5")`` -> T5-base / BART-base-shaped VLModel on the meta device."""
     return meta_t5_base
+
+
+def perturb_trainable(handle, seed: int = 0, scale: float = 0.5, relative: bool = True) -> None:
+    """Move every trainable tensor away from its init (zero factors, identical experts), so that round
+    trips, merges and comparisons are not trivially true. ``relative``: noise of ``scale`` times the
+    tensor's mean magnitude (at least 1e-2); else absolute noise of standard deviation ``scale``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in handle.trainable_parameters():
+            noise = torch.randn(p.shape, generator=g).to(p.dtype)
+            p.add_(scale * (p.abs().mean().clamp(min=1e-2) if relative else 1.0) * noise)
+
+
+@pytest.fixture
+def perturb():
+    """:func:`perturb_trainable`, for tests."""
+    return perturb_trainable
+

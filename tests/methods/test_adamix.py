@@ -15,17 +15,13 @@ import torch.nn.functional as F
 from workbench import methods
 from workbench.methods.adamix import AdaMixHandle
 
+from .conftest import perturb_trainable
+
 D, M = 768, 64  # T5-base width, the bottleneck (MixPHM's --adapter_size 64 = 768 // 12)
 DOWN, UP = D * M + M, M * D + D  # one nn.Linear each, with bias: 49,216 and 49,920
 
 
-def _perturb(handle, seed=0, scale=0.5):
-    """Make every trainable tensor (each expert in particular) differ: the official init starts the
-    experts identical."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in handle.trainable_parameters():
-            p.add_(scale * p.abs().mean().clamp(min=1e-2) * torch.randn(p.shape, generator=g))
+_perturb = perturb_trainable
 
 
 # ------------------------------------------------------------------------------------- the count

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -13,15 +14,13 @@ from workbench import methods
 from workbench.methods._phm import PHMLinear, kron_sum
 from workbench.methods.adapters import Adapter
 
+from .conftest import perturb_trainable
+
 ENC = ("encoder.0", "encoder.1")
 DEC = ("decoder.0", "decoder.1")
 
 
-def _perturb(handle, seed=0, scale=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in handle.trainable_parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
+_perturb = partial(perturb_trainable, scale=0.1, relative=False)
 
 
 # ------------------------------------------------------------------------------------ placement

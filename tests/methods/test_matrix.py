@@ -19,11 +19,14 @@ module registers later is tested too. Per method and family:
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import pytest
 import torch
 
 from workbench import methods
+
+from .conftest import perturb_trainable
 
 METHODS = methods.list_methods()
 
@@ -50,12 +53,7 @@ def _logits(model, batch):
         return model(**batch).logits
 
 
-def _perturb(handle, seed=0, scale=0.05):
-    """Move every trainable tensor away from its (often zero) init, so round trips are not trivial."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in handle.trainable_parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
+_perturb = partial(perturb_trainable, scale=0.05, relative=False)
 
 
 def _allowed_trainable(name: str, pname: str) -> bool:

@@ -10,16 +10,12 @@ import torch.nn.functional as F
 
 from workbench import methods
 
+from .conftest import perturb_trainable
+
 N_VISUAL = 4  # conftest.N_VISUAL (the tiny batches' visual tokens)
 
 
-def _perturb(handle, seed=0, scale=0.5):
-    """Make every trainable tensor (in particular each expert) differ; the official init starts the
-    experts identical and A small."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in handle.trainable_parameters():
-            p.add_(scale * p.abs().mean().clamp(min=1e-2) * torch.randn(p.shape, generator=g))
+_perturb = perturb_trainable
 
 
 # ------------------------------------------------------------------------------------- the count

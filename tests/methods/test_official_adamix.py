@@ -31,6 +31,8 @@ from transformers.activations import get_activation
 from workbench import methods
 from workbench.models.testing import tiny_vlmodel
 
+from .conftest import perturb_trainable
+
 TOL = dict(rtol=1e-6, atol=1e-6)  # logits
 LOSS_TOL = dict(rtol=1e-6, atol=1e-9)  # the loss (~1e-3 on the tiny models) and its gradients
 
@@ -145,11 +147,7 @@ def _batch(model, n=3, seed=0):
     return dict(visual_feats=torch.randn(n, 4, 16, generator=g), input_ids=ids, attention_mask=mask, labels=labels)
 
 
-def _perturb(handle, seed=0, scale=0.5):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in handle.trainable_parameters():
-            p.add_(scale * p.abs().mean().clamp(min=1e-2) * torch.randn(p.shape, generator=g))
+_perturb = perturb_trainable
 
 
 def _pair(family, shared_side="up", num_experts=4, variant="official"):
