@@ -1,10 +1,13 @@
-"""Small helpers every layer uses: seeding, thread count, device choice, atomic writes."""
+"""Small helpers every layer uses: seeding, thread count, device choice, atomic writes, file fingerprints."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 
@@ -51,11 +54,14 @@ def pick_device(device: str | None = None):
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
+def atomic_path(path: str | os.PathLike, fsync: bool = True):
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
 
-    Nothing partial is ever left at ``path``: a crash inside the block removes the
-    temporary file (or directory) instead.
+    Nothing partial is ever left at ``path``: a crash inside the block removes the temporary file
+    (or directory) instead, and a process killed inside it leaves only a hidden
+    ``.<name>.*.tmp`` beside ``path``. With ``fsync`` (default) a file written at the temporary
+    path is flushed to disk before the rename, so that the rename never publishes a file whose
+    data is still in flight (a power loss then leaves the old file or the whole new one).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,6 +71,8 @@ def atomic_path(path: str | os.PathLike):
     tmp = Path(tmp)
     try:
         yield tmp
+        if fsync and tmp.is_file():
+            fsync_path(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -74,6 +82,97 @@ def atomic_path(path: str | os.PathLike):
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 tmp.unlink()
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes, fsync: bool = True) -> Path:
+    """Write ``data`` (text as UTF-8) to ``path`` atomically (see :func:`atomic_path`)."""
+    path = Path(path)
+    with atomic_path(path, fsync=fsync) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file (or a directory entry list) to disk; a no-op where the OS refuses it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# File fingerprints (content digests, cached per (path, size, mtime))
+# ---------------------------------------------------------------------------------------------
+_DIGESTS: dict = {}
+_CHUNK = 1 << 20
+
+
+def fingerprint_cache_dir() -> Path:
+    """``$WORKBENCH_FINGERPRINTS`` if set, else ``<repo>/.cache/fingerprints`` (gitignored)."""
+    return Path(os.environ.get("WORKBENCH_FINGERPRINTS", repo_root() / ".cache" / "fingerprints"))
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's content (hex), streamed in 1 MiB chunks and cached.
+
+    The cache is keyed by (resolved path, size, mtime, inode): in memory for this process and on
+    disk (:func:`fingerprint_cache_dir`, one small file per key), so a multi-GB feature store is
+    read once, not once per process. A file changed in place gets a new mtime, hence a new key.
+    Raises FileNotFoundError / IsADirectoryError like ``open``.
+    """
+    p = Path(path).expanduser().resolve()
+    st = p.stat()
+    if not p.is_file():
+        raise IsADirectoryError(f"{p} is not a regular file")
+    key = f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}"
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    cache = fingerprint_cache_dir() / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
+    try:
+        record = json.loads(cache.read_text())
+        if record.get("key") == key and re.fullmatch(r"[0-9a-f]{64}", record.get("sha256", "")):
+            _DIGESTS[key] = record["sha256"]
+            return record["sha256"]
+    except (OSError, ValueError, AttributeError):
+        pass  # no cache entry, or an unreadable one: recomputed below
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    digest = h.hexdigest()
+    after = p.stat()
+    if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+        return digest  # the file changed while it was read: do not cache a digest of a moving target
+    _DIGESTS[key] = digest
+    try:
+        atomic_write(cache, json.dumps({"key": key, "sha256": digest}), fsync=False)
+    except OSError:
+        pass  # a read-only cache folder only costs a re-read
+    return digest
+
+
+def file_fingerprint(path: str | os.PathLike, pattern: str | None = None) -> str:
+    """A 16-hex-digit digest of a file's content, or of a folder's files, or ``"missing"``.
+
+    For a folder, the files directly in it that match ``pattern`` (a glob, default every file) are
+    covered by name and content; subfolders are not. Cached like :func:`file_digest`.
+    """
+    p = Path(path).expanduser()
+    if p.is_file():
+        return file_digest(p)[:16]
+    if p.is_dir():
+        files = sorted(f for f in p.glob(pattern or "*") if f.is_file())
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f"{f.name}:{file_digest(f)}\n".encode())
+        return h.hexdigest()[:16]
+    return "missing"
 
 
 def repo_root() -> Path:

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -138,3 +139,91 @@ def test_hash_changes_with_the_checkpoint_contents(small_config, tiny_backbone, 
     cfg_file = copy / "workbench_config.json"
     cfg_file.write_text(cfg_file.read_text().replace('"name": "tiny-test"', '"name": "tiny-test-2"'))
     assert a.hash != before
+
+
+# ------------------------------------------------------------------ the store under faults and concurrency
+CHILD = """
+import json, pathlib, sys, time
+from workbench.train import RunConfig, run
+cfg, store, ready, go = RunConfig.from_dict(json.loads(sys.argv[1])), sys.argv[2], sys.argv[3], sys.argv[4]
+pathlib.Path(ready).touch()
+while not pathlib.Path(go).exists():
+    time.sleep(0.01)
+r = run(cfg, store=store)
+print(json.dumps({"reused": r.reused, "metrics": r.metrics}))
+"""
+
+
+def test_two_processes_with_one_config_train_it_once(small_config, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    store = RunStore(tmp_path / "runs")
+    cfg = small_config.replace(quiet=False)  # the waiting process says so on stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(cfg.to_dict()), str(store.root),
+                               str(tmp_path / f"ready{i}"), str(go)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    deadline = time.time() + 120
+    while not all((tmp_path / f"ready{i}").exists() for i in range(2)):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        time.sleep(0.05)
+    with store.lock(cfg.hash):  # both reach the lock while this process holds it
+        go.touch()
+        time.sleep(1.0)
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert sorted(r["reused"] for r in results) == [False, True]
+    assert results[0]["metrics"] == results[1]["metrics"]
+    assert "waiting for it" in "".join(err for _, err in outs)
+    assert store.finished() == [cfg.hash]
+    assert sorted(p.name for p in store.root.iterdir()) == [".locks", cfg.hash]
+
+
+def test_a_damaged_stored_run_is_trained_again(small_config, tmp_path):
+    from workbench.train.store import DamagedRunWarning
+
+    store = RunStore(tmp_path / "runs")
+    first = run(small_config, store=store)
+    metrics = first.path / "metrics.json"
+    metrics.write_text(metrics.read_text()[:10])
+    with pytest.warns(DamagedRunWarning, match=r"metrics\.json.*training the run again"):
+        again = run(small_config, store=store)
+    assert not again.reused and again.metrics == first.metrics
+    assert run(small_config, store=store).reused
+    assert sorted(p.name for p in store.root.iterdir()) == [".locks", small_config.hash]
+
+
+def test_an_unwritable_store_fails_before_training(small_config, tmp_path, monkeypatch):
+    import workbench.train.loop as loop
+    from workbench.train.store import StoreNotWritableError
+
+    monkeypatch.setattr(loop, "build_backbone", lambda *a, **k: pytest.fail("trained into an unwritable store"))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(StoreNotWritableError, match=r"a-file/runs is not writable.*nothing was trained"):
+        run(small_config, store=tmp_path / "a-file" / "runs")
+
+
+def test_a_changed_feature_store_is_not_reused(hf_backbones, real_data, tmp_path, monkeypatch):
+    import shutil
+
+    from workbench.data import FeatureStore
+
+    monkeypatch.setenv("WORKBENCH_FINGERPRINTS", str(tmp_path / "fingerprints"))
+    features = tmp_path / "regions.h5"
+    shutil.copy(real_data.store, features)
+    cfg = RunConfig(backbone=str(hf_backbones["t5"]), backbone_options={"feat_dim": real_data.feat_dim}, task="gqa",
+                    task_options={"root": str(real_data.root / "gqa"), "features": str(features)}, n_shots=2,
+                    method="full", lr=1e-3, epochs=1, eval_every=1, batch_size=2, quiet=True)
+    first = run(cfg, store=tmp_path / "runs")
+    assert run(cfg, store=tmp_path / "runs").reused
+    old = FeatureStore(features)
+    rng = np.random.default_rng(1)
+    FeatureStore.write(features, {k: rng.normal(size=old.shape(k)).astype(np.float32) for k in old.keys()})  # noqa: SIM118
+    old.close()
+    again = run(cfg, store=tmp_path / "runs")
+    assert not again.reused and again.path.name != first.path.name  # a new run directory

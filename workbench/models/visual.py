@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -197,7 +198,9 @@ def extract_features(encoder: nn.Module, images_or_examples, cache_dir=None, key
         batch_size: images per forward pass.
         quiet: no progress bar.
         device: where to encode (default: the encoder's device).
-        use_cache: False encodes without reading or writing the cache.
+        use_cache: False encodes without reading or writing the cache. A cache file that cannot be
+            read (empty, truncated, another shape) is rebuilt; it is written atomically (a temporary
+            file beside it, flushed, then renamed), so a killed run never leaves a partial one.
 
     Returns:
         for images: a float32 array ``[n, n_visual, feat_dim]`` aligned with the input;
@@ -224,13 +227,9 @@ def extract_features(encoder: nn.Module, images_or_examples, cache_dir=None, key
         h.update(encoder_fingerprint(encoder).encode())
         folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         file = folder / f"{key or 'features'}-{h.hexdigest()[:24]}.npy"
-        if file.is_file():
-            try:
-                feats = np.load(file, allow_pickle=False)
-                if feats.ndim == 3 and feats.shape[0] == len(images):
-                    return _package(feats, ids)
-            except (OSError, ValueError):
-                pass  # an unreadable cache file is rebuilt below (and replaced atomically)
+        feats = _read_cache(file, len(images))
+        if feats is not None:
+            return _package(feats, ids)
 
     was_training = encoder.training
     encoder.eval()
@@ -247,10 +246,28 @@ def extract_features(encoder: nn.Module, images_or_examples, cache_dir=None, key
         encoder.train(was_training)
     feats = np.concatenate(chunks, axis=0)
     if file is not None:
-        with atomic_path(file) as tmp:
-            with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a bare path
+        try:
+            # readers see the old file or the whole new one, never a part; a file object, since
+            # np.save would append ".npy" to a bare path
+            with atomic_path(file) as tmp, open(tmp, "wb") as f:
                 np.save(f, feats, allow_pickle=False)
+        except OSError as e:  # a full disk or a read-only cache costs the cache, not the run
+            warnings.warn(f"could not write the feature cache {file}: {e}", RuntimeWarning, stacklevel=2)
     return _package(feats, ids)
+
+
+def _read_cache(file: Path, n: int) -> np.ndarray | None:
+    """The cached features in ``file`` if it holds a whole float32 ``[n, n_visual, feat_dim]`` array;
+    None when it is absent or unreadable (empty, truncated, not an .npy file): then it is rebuilt."""
+    if not file.is_file():
+        return None
+    try:
+        feats = np.load(file, allow_pickle=False)
+    except (OSError, ValueError, EOFError):  # EOFError: an empty file
+        return None
+    if not isinstance(feats, np.ndarray) or feats.ndim != 3 or feats.shape[0] != n or feats.dtype != np.float32:
+        return None
+    return feats
 
 
 def _package(feats: np.ndarray, ids):

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
 
 from ..data import SEEDS, list_tasks
 
@@ -67,34 +71,69 @@ class RunConfig:
     quiet: bool = False
 
     def __post_init__(self):
+        """Check every field's type and range; one ValueError lists every problem.
+
+        NumPy scalars are turned into Python numbers and path objects into strings (what the
+        config would hash and store as anyway); nothing else is converted.
+        """
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, np.generic):
+                setattr(self, f.name, value.item())
+        if isinstance(self.backbone, os.PathLike):
+            self.backbone = os.fspath(self.backbone)
         problems = []
-        if self.task not in list_tasks():
+
+        def bad(name, what):
+            problems.append(f"{name} must be {what}, got {getattr(self, name)!r}")
+
+        for name in ("backbone", "method"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                bad(name, "a non-empty string")
+        if not isinstance(self.task, str):
+            bad("task", "a registered task name")
+        elif self.task not in list_tasks():
             problems.append(f"unknown task {self.task!r}; registered tasks: {', '.join(list_tasks())}")
         for name in ("backbone_options", "task_options", "method_config"):
-            if not isinstance(getattr(self, name), dict):
-                problems.append(f"{name} must be a dict, got {type(getattr(self, name)).__name__}")
+            value = getattr(self, name)
+            if not isinstance(value, dict):
+                problems.append(f"{name} must be a dict, got {type(value).__name__}")
+            elif not all(isinstance(k, str) for k in value):
+                problems.append(f"{name} keys must be strings, got {value!r}")
         if isinstance(self.backbone_options, dict) and "device" in self.backbone_options:
             problems.append("backbone_options cannot set 'device'; use RunConfig.device")
-        if self.pool_size is not None and (isinstance(self.pool_size, bool) or not isinstance(self.pool_size, int)
-                                           or self.pool_size < 1):
-            problems.append(f"pool_size must be a positive int or None, got {self.pool_size!r}")
-        if self.test_size is not None and (isinstance(self.test_size, bool) or not isinstance(self.test_size, int)
-                                           or self.test_size < 1):
-            problems.append(f"test_size must be a positive int or None, got {self.test_size!r}")
-        for name in ("n_shots", "batch_size", "epochs", "grad_accum", "eval_every", "patience", "num_beams", "max_new_tokens"):
+        if isinstance(self.task_options, dict):
+            for key in ("features", "root"):
+                value = self.task_options.get(key)
+                if value is not None and not (isinstance(value, str) and value) \
+                        and not isinstance(value, os.PathLike):
+                    problems.append(f"task_options[{key!r}] must be a path (a non-empty string), got {value!r}")
+        for name in ("n_shots", "batch_size", "epochs", "grad_accum", "eval_every", "patience", "num_beams",
+                     "max_new_tokens"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                bad(name, "a positive int")
+        for name in ("pool_size", "test_size", "max_steps"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                problems.append(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            problems.append(f"seed must be a non-negative int (the protocol uses {SEEDS}), got {self.seed!r}")
-        if self.lr is not None and not self.lr > 0:
-            problems.append(f"lr must be > 0 or None (method default), got {self.lr!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            problems.append(f"grad_clip must be > 0 or None, got {self.grad_clip}")
-        if self.max_steps is not None and self.max_steps < 1:
-            problems.append(f"max_steps must be >= 1 or None, got {self.max_steps}")
+            if value is not None and (not _is_int(value) or value < 1):
+                bad(name, "a positive int or None")
+        if not _is_int(self.seed) or self.seed < 0:
+            bad("seed", f"a non-negative int (the protocol uses {SEEDS})")
+        if self.lr is not None and (not _is_real(self.lr) or not self.lr > 0):
+            bad("lr", "a finite number > 0 or None (the method's default)")
+        if not _is_real(self.warmup_ratio) or not 0 <= self.warmup_ratio < 1:
+            bad("warmup_ratio", "a number in [0, 1)")
+        if not _is_real(self.weight_decay) or self.weight_decay < 0:
+            bad("weight_decay", "a finite number >= 0")
+        if not _is_real(self.adam_eps) or not self.adam_eps > 0:
+            bad("adam_eps", "a finite number > 0")
+        if self.grad_clip is not None and (not _is_real(self.grad_clip) or not self.grad_clip > 0):
+            bad("grad_clip", "a finite number > 0 or None (no clipping)")
+        for name in ("bf16", "quiet"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "True or False")
+        if self.device is not None and (not isinstance(self.device, str) or not _is_device(self.device)):
+            bad("device", "None (CUDA if available, else CPU) or a torch device string such as 'cpu', 'cuda' or "
+                          "'cuda:1'")
         if problems:
             raise ValueError("invalid RunConfig: " + "; ".join(problems))
 
@@ -113,22 +152,88 @@ class RunConfig:
     def hash(self) -> str:
         """A stable 12-hex-digit id of everything that determines the results.
 
-        It covers the config fields, the method's resolved config (its defaults included) and the
-        backbone checkpoint's contents, so re-building a checkpoint or changing a method's default
-        never lets old runs be reused as if they belonged to the new one. An unknown method or an
-        invalid method option raises here, before anything is trained.
+        It covers the config fields, the method's resolved config (its defaults included), the
+        backbone checkpoint's contents and, for a config with ``task_options["features"]``, the
+        feature store's contents and the task's data files (the ``*.json`` files in
+        ``task_options["root"]``, or in the task's default folder), so re-building a checkpoint,
+        re-extracting features, replacing an annotation file or changing a method's default never
+        lets old runs be reused as if they belonged to the new one. Configs without a features
+        option hash exactly as before these files were covered. An unknown method or an invalid
+        method option raises here, before anything is trained.
+        """
+        return hash_of(self.hash_payload())
+
+    def hash_payload(self) -> dict:
+        """What :attr:`hash` digests: the hashed fields, the resolved method config, the fingerprints.
+
+        The run store keeps it beside each run (``identity.json``), so that a stored config can be
+        checked against its run's hash later without the files it was fingerprinted from.
         """
         from ..methods import get_config
         from ..models.factory import backbone_fingerprint
 
-        d = {k: v for k, v in self.to_dict().items()
-             if k not in _NOT_HASHED and not (k in _HASHED_WHEN_SET and not v)}
+        d = self.hash_fields()
         # The method's whole resolved config, defaults included: a default that changes in the code
         # names a new run (never a stale one from the store), and spelling a default out changes nothing.
         d["method_config"] = get_config(self.method, **self.method_config).to_dict()
         d["backbone_fingerprint"] = backbone_fingerprint(self.backbone)
-        blob = json.dumps(d, sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
+        d.update(self.data_fingerprints())
+        return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+    def hash_fields(self) -> dict:
+        """The config fields the hash covers, as JSON would store them (no fingerprints, no defaults)."""
+        d = {k: v for k, v in self.to_dict().items()
+             if k not in _NOT_HASHED and not (k in _HASHED_WHEN_SET and not v)}
+        return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+    def data_fingerprints(self) -> dict:
+        """Digests of the data files a run with a feature store reads ({} without one).
+
+        ``features_fingerprint``: the feature store file's content; ``data_fingerprint``: the
+        ``*.json`` files of the task's data folder (``task_options["root"]``, else the folder a
+        real dataset is read from by default), when there is one. Cached per (path, size, mtime),
+        in memory and on disk (:func:`workbench.utils.file_digest`).
+        """
+        from ..utils import file_fingerprint
+
+        features = self.task_options.get("features")
+        if features is None:
+            return {}
+        out = {"features_fingerprint": file_fingerprint(features)}
+        folder = self.task_options.get("root")
+        if folder is None:
+            from ..data.tasks import REAL_DATA_FOLDERS
+            from ..utils import repo_root
+
+            if self.task in REAL_DATA_FOLDERS:
+                folder = repo_root() / REAL_DATA_FOLDERS[self.task]
+        if folder is not None:
+            out["data_fingerprint"] = file_fingerprint(folder, "*.json")
+        return out
 
     def replace(self, **changes) -> "RunConfig":
         return RunConfig.from_dict({**self.to_dict(), **changes})
+
+
+def hash_of(payload: dict) -> str:
+    """The 12-hex-digit run hash of a :meth:`RunConfig.hash_payload`."""
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_device(name: str) -> bool:
+    try:
+        import torch
+
+        torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    return True

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import math
 import resource
+import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +29,8 @@ from ..data import Example, FeatureStore, TaskSpec, get_task_spec, low_resource_
 from ..eval import answer_soft_scores, evaluate
 from ..utils import pick_device, seed_everything
 from . import optim
-from .config import RunConfig
-from .store import RunStore
+from .config import RunConfig, hash_of
+from .store import DONE, DamagedRunError, DamagedRunWarning, RunStore
 
 # task_options read by the trainer itself; every other option goes to the task's loader.
 TRAINER_TASK_OPTIONS = ("features", "target")
@@ -425,17 +427,57 @@ def run(config: RunConfig | None = None, *, force: bool = False, store: RunStore
     VL-T5 / MixPHM code), from a generator of its own seeded by ``cfg.seed``; ``"most_frequent"``
     always trains on ``Example.target``. One-answer tasks draw nothing and are unaffected.
 
+    Runs are reused only when whole: a stored run that is damaged (a truncated or edited file, a
+    config that no longer matches its hash) is reported with a warning and trained again. Two
+    processes running the same config never train it at once: the second waits on the run's lock
+    (``.locks/<hash>.lock`` in the store) and then returns the first one's result (``reused=True``).
+
     Raises:
         NonFiniteLossError: the loss became NaN/inf (the failure is recorded in the store).
+        StoreNotWritableError: the store's directory cannot be written (before any training).
     """
+    cfg = (config or RunConfig()).replace(**overrides) if overrides else (config or RunConfig())
+    store = store if isinstance(store, RunStore) else RunStore(store)
+    payload = cfg.hash_payload()
+    run_hash = hash_of(payload)
+    if not force:
+        stored = _stored(run_hash, store)
+        if stored is not None:
+            return stored
+    store.check_writable()
+
+    def waiting():
+        if not cfg.quiet:
+            print(f"run {run_hash}: another process is training this config; waiting for it "
+                  f"(lock {store.root / '.locks' / (run_hash + '.lock')})", file=sys.stderr, flush=True)
+
+    with store.lock(run_hash, on_wait=waiting):
+        store.recover(run_hash)
+        if not force:  # finished by another process while this one waited
+            stored = _stored(run_hash, store)
+            if stored is not None:
+                return stored
+        return _train(cfg, store, run_hash, payload)
+
+
+def _stored(run_hash: str, store: RunStore) -> RunResult | None:
+    """The stored run if it is finished and whole; None (with a warning if it is damaged) otherwise."""
+    if not store.is_finished(run_hash):
+        return None
+    try:
+        return load_run(run_hash, store)
+    except DamagedRunError as e:
+        warnings.warn(f"{e}; training the run again", DamagedRunWarning, stacklevel=3)
+    except FileNotFoundError:  # removed between the check and the read
+        pass
+    return None
+
+
+def _train(cfg: RunConfig, store: RunStore, run_hash: str, payload: dict) -> RunResult:
+    """Train, evaluate and publish one run (called under the run's lock)."""
     from tqdm.auto import tqdm
 
     from .. import methods
-
-    cfg = (config or RunConfig()).replace(**overrides) if overrides else (config or RunConfig())
-    store = store if isinstance(store, RunStore) else RunStore(store)
-    if not force and store.is_finished(cfg.hash):
-        return load_run(cfg.hash, store)
 
     t_start = time.perf_counter()
     spec = get_task_spec(cfg.task)
@@ -538,7 +580,8 @@ def run(config: RunConfig | None = None, *, force: bool = False, store: RunStore
         "device": str(device),
         "bf16": bool(device.type == "cuda" and cfg.bf16),
     }
-    path = store.write(cfg.hash, {"config": cfg.to_dict(), "metrics": metrics, "history": history,
+    path = store.write(run_hash, {"config": cfg.to_dict(), "identity": {"hash": run_hash, "payload": payload},
+                                  "metrics": metrics, "history": history,
                                   "params": params, "timings": timings,
                                   "predictions": {e.id: p for e, p in zip(test_ex, test_pred)}},
                        tensors=handle.state_dict())
@@ -546,22 +589,93 @@ def run(config: RunConfig | None = None, *, force: bool = False, store: RunStore
                      predictions={e.id: p for e, p in zip(test_ex, test_pred)})
 
 
-def load_run(run_hash: str, store: RunStore | None = None) -> RunResult:
-    """A finished run from the store."""
-    store = store or RunStore()
+# Records every run has (``predictions`` and ``identity`` are absent from older runs).
+_REQUIRED = ("config", "metrics", "history", "params", "timings")
+
+
+def load_run(run_hash: str, store: RunStore | str | None = None) -> RunResult:
+    """A finished run from the store, checked: its files against ``DONE``, its config against its hash.
+
+    Raises:
+        FileNotFoundError: no finished run ``run_hash`` in the store.
+        DamagedRunError: the run is damaged; the error names the directory and the file.
+    """
+    store = store if isinstance(store, RunStore) else RunStore(store)
     rec = store.read(run_hash)
-    return RunResult(RunConfig.from_dict(rec["config"]), rec["metrics"], rec["history"], rec["params"],
-                     rec["timings"], store.path(run_hash), reused=True, predictions=rec.get("predictions", {}))
+    path = store.locate(run_hash) or store.path(run_hash)
+    for name in _REQUIRED:
+        if name not in rec:
+            raise DamagedRunError(path, f"{name}.json", "the file is missing")
+    try:
+        cfg = RunConfig.from_dict(rec["config"])
+    except (TypeError, ValueError) as e:
+        raise DamagedRunError(path, "config.json", f"not a valid RunConfig ({e})") from None
+    _check_identity(cfg, rec.get("identity"), run_hash, path)
+    try:
+        result = RunResult(cfg, rec["metrics"], rec["history"], rec["params"], rec["timings"], path, reused=True,
+                           predictions=rec.get("predictions", {}))
+        for key in ("test", "test_last"):
+            float(result.metrics[key]["overall"])
+        float(result.metrics["dev_best"])
+        float(result.params["trainable_pct"])
+        float(result.timings["wall_s"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DamagedRunError(path, None, f"a record lacks an entry or has the wrong type ({type(e).__name__}: {e})") from None
+    return result
+
+
+def _check_identity(cfg: RunConfig, identity, run_hash: str, path) -> None:
+    """The stored config must be the one the run's hash was computed from."""
+    if identity is None:  # a run written before identity.json: recompute the hash from the current files
+        try:
+            actual = cfg.hash
+        except Exception as e:  # noqa: BLE001 - e.g. a method that no longer exists
+            raise DamagedRunError(path, "config.json", f"its hash cannot be computed ({e})") from None
+        if actual != run_hash:
+            raise DamagedRunError(path, "config.json", f"the config hashes to {actual}, not {run_hash} (edited after "
+                                  "the run, or the run predates a change of checkpoint or method defaults)")
+        return
+    try:
+        payload = identity["payload"]
+        ok = hash_of(payload) == run_hash == identity["hash"]
+        mine = {k: v for k, v in cfg.hash_fields().items() if k != "method_config"}
+        ok = ok and all(payload.get(k) == v for k, v in mine.items())
+        ok = ok and set(payload) - set(mine) <= set(_DERIVED)
+        ok = ok and all(payload["method_config"].get(k) == v for k, v in cfg.method_config.items())
+    except (KeyError, TypeError, AttributeError) as e:
+        raise DamagedRunError(path, "identity.json", f"not a valid identity record ({e})") from None
+    if not ok:
+        raise DamagedRunError(path, "config.json", f"the config does not match the run's hash {run_hash} "
+                              "(config.json or identity.json was edited after the run was written)")
+
+
+# Entries of a hash payload that are not config fields.
+_DERIVED = ("method_config", "backbone_fingerprint", "features_fingerprint", "data_fingerprint")
 
 
 def load_results(store: RunStore | str | None = None):
-    """Every finished run as one pandas DataFrame (config fields, metrics, per-type accuracy)."""
+    """Every finished run as one pandas DataFrame (config fields, metrics, per-type accuracy).
+
+    A damaged run (a truncated or edited file, a config that does not match its hash) and a stray
+    directory holding ``DONE`` are skipped, each with a :class:`DamagedRunWarning` naming the
+    directory and the file; the other runs are returned.
+    """
     import pandas as pd
 
     store = store if isinstance(store, RunStore) else RunStore(store)
     rows = []
-    for h in store.finished():
-        r = load_run(h, store)
+    runs, stray = store.scan()
+    for p in stray:
+        warnings.warn(f"skipping {p}: a directory holding {DONE} that is not a run (left by an interrupted "
+                      "write; delete it)", DamagedRunWarning, stacklevel=2)
+    for h in runs:
+        try:
+            r = load_run(h, store)
+        except DamagedRunError as e:
+            warnings.warn(f"skipping {e}", DamagedRunWarning, stacklevel=2)
+            continue
+        except FileNotFoundError:  # replaced or removed while the store was read
+            continue
         row = {"run": h, **{k: v for k, v in r.config.to_dict().items() if not isinstance(v, dict)}}
         row["method_config"] = r.config.method_config
         row["test_acc"] = r.metrics["test"]["overall"]
@@ -569,9 +683,9 @@ def load_results(store: RunStore | str | None = None):
         row["dev_best"] = r.metrics["dev_best"]
         for t, v in r.metrics["test"].get("per_type", {}).items():
             row[f"acc/{t}"] = v
-        row["trainable"] = r.params["trainable"]
+        row["trainable"] = r.params.get("trainable")
         row["trainable_pct"] = r.params["trainable_pct"]
-        row["samples_per_s"] = r.timings["samples_per_s"]
+        row["samples_per_s"] = r.timings.get("samples_per_s")
         row["wall_s"] = r.timings["wall_s"]
         rows.append(row)
     return pd.DataFrame(rows)
