@@ -24,22 +24,32 @@ class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind
         self._entries: dict[str, T] = {}
+        self._sources: dict[str, object] = {}
 
-    def register(self, name: str, entry: T) -> T:
-        """Add ``entry`` under ``name``; registering the very same object again is a no-op (a module
-        imported twice), a different one is a ValueError."""
+    def register(self, name: str, entry: T, source=None) -> T:
+        """Add ``entry`` under ``name``.
+
+        ``source`` is the function that defines the entry (a task's loader, a method's apply
+        function; default: the entry itself). Registering again from the same definition -- the same
+        object, or a function of the same module and qualified name, as a re-imported module makes --
+        replaces the entry; anything else under a taken name is a ValueError.
+        """
         if not isinstance(name, str) or not name:
             raise ValueError(f"a {self.kind} name must be a non-empty string, got {name!r}")
-        current = self._entries.get(name)
-        if current is not None and current is not entry and not _same_definition(current, entry):
+        source = entry if source is None else source
+        if name in self._entries and not _same_definition(self._sources[name], source):
             raise ValueError(f"{self.kind} {name!r} is already registered; pick another name "
                              f"or unregister the existing one first")
         self._entries[name] = entry
+        self._sources[name] = source
         return entry
 
     def unregister(self, name: str) -> T:
         """Remove and return the entry (tests register throw-away entries and remove them)."""
-        return self._entries.pop(name) if name in self._entries else self.get(name)
+        if name not in self._entries:
+            return self.get(name)  # raises, listing the registered names
+        self._sources.pop(name)
+        return self._entries.pop(name)
 
     def get(self, name: str) -> T:
         """The entry called ``name``; an unknown name lists the registered ones (and close matches)."""
@@ -72,6 +82,9 @@ class Registry(Generic[T]):
 def _same_definition(a, b) -> bool:
     # A module re-imported (importlib.reload, a notebook's autoreload) defines a new function object
     # with the same qualified name in the same module: that is the same entry, not a clash.
+    if a is b:
+        return True
+
     def key(x):
         return getattr(x, "__module__", None), getattr(x, "__qualname__", None)
 

@@ -195,19 +195,10 @@ def register_task(
             needs_features=needs_features,
             description=description if description is not None else (doc[0] if doc else ""),
         )
-        if name in TASKS and _same_loader(TASKS.get(name).loader, fn):
-            TASKS.unregister(name)  # the defining module was re-imported (reload, autoreload)
-        TASKS.register(name, spec)
+        TASKS.register(name, spec, source=fn)  # a re-imported module may register its loader again
         return fn
 
     return add
-
-
-def _same_loader(a, b) -> bool:
-    def key(f):
-        return getattr(f, "__module__", None), getattr(f, "__qualname__", None)
-
-    return a is b or (key(a)[1] is not None and key(a) == key(b))
 
 
 def unregister_task(name: str) -> TaskSpec:

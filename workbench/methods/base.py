@@ -133,7 +133,7 @@ def register_method(name: str, config_cls: type, *, family: str, param_prefixes=
         main_knob = (knob, tuple(values))
 
     def deco(fn):
-        METHODS.register(name, MethodSpec(name, config_cls, fn, family, param_prefixes, main_knob))
+        METHODS.register(name, MethodSpec(name, config_cls, fn, family, param_prefixes, main_knob), source=fn)
         config_cls._method_name = name
         return fn
 

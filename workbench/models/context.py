@@ -104,10 +104,10 @@ class EncoderInputs:
         embeds = torch.cat([self.embeds[:, :position], vectors, self.embeds[:, position:]], dim=1)
         new_mask = torch.cat([self.mask[:, :position], mask.to(self.mask.dtype), self.mask[:, position:]], dim=1)
         n_visual, visual_start = self.n_visual, self.visual_start
-        inside = visual_start < position < visual_start + n_visual or (position == visual_start == 0 and n_visual)
+        inside = visual_start < position < visual_start + n_visual or (position == visual_start == 0 < n_visual)
         if inside:
             n_visual += n
-        elif position <= visual_start and not (visual_start == 0):
+        elif 0 < visual_start and position <= visual_start:  # before the visual block of text_first
             visual_start += n
         return EncoderInputs(embeds, new_mask, n_visual, self.input_ids, self.visual_feats, dict(self.extras),
                              visual_start, self.layout)
