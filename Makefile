@@ -39,6 +39,17 @@ reproduce: setup  ## execute every notebook headless in place; refreshes figures
 	  ../$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
 	    --ExecutePreprocessor.timeout=1800 $$nb || exit 1; done
 
+# Studies (workbench/studies/): train what the run store and the bundle lack, then export the bundle.
+STUDY    ?=
+EXECUTOR ?= local
+.PHONY: studies
+studies: setup  ## run every study (or STUDY=name; EXECUTOR=local|processes|ray) and export its bundle to results/
+	@for s in $(or $(STUDY),$$($(PY) -m workbench.studies list --names)); do \
+	  echo "== study $$s"; \
+	  $(PY) -m workbench.studies run $$s --executor $(EXECUTOR); rc=$$?; \
+	  $(PY) -m workbench.studies export $$s || exit 1; \
+	  [ $$rc -eq 0 ] || exit $$rc; done
+
 bench: setup  ## benchmark scripts: print speed/memory figures as ratios
 	@for b in $(sort $(wildcard tests/bench/bench_*.py)); do \
 	  echo "== $$b"; OMP_NUM_THREADS=2 $(PY) $$b || exit 1; done

@@ -32,7 +32,7 @@ def t5_dir(tmp_path_factory):
 
 
 def _tiny(cfg: RunConfig) -> RunConfig:
-    return cfg.replace(n_shots=4, epochs=2, eval_every=1, batch_size=4, quiet=True)
+    return cfg.replace(n_shots=4, max_steps=2, eval_every=1, batch_size=4, quiet=True)
 
 
 def test_the_method_example(t5_dir, tmp_path):

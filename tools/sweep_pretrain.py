@@ -3,7 +3,7 @@
     python tools/sweep_pretrain.py NAME '{"fill_share": 0.2}' ['[["full", 1000, 1e-3, 15], ...]']
     python tools/sweep_pretrain.py base '{"ckpt": "data/checkpoints/vlt5-tiny"}'   # fine-tune only
 
-Each fine-tuning entry is [method, N, lr, epochs] (seed 13, 500 test questions). Pre-trains on
+Each fine-tuning entry is [method, N, lr, epochs] (epochs turned into a step budget) (seed 13, 500 test questions). Pre-trains on
 CUDA unless DEV=cpu; results go to $OUT/sweep/NAME.jsonl (default /tmp). Used for the recipe
 sweep reported in the README ("Where things stand"); run several at once on a GPU machine.
 """
@@ -42,9 +42,11 @@ def main(name: str, over: dict, fts: list | None) -> None:
         base = RunConfig(backbone=str(ck), task="shapes-vqa", seed=13, test_size=500, patience=10, quiet=True)
         for method, n, lr, ep in fts or DEFAULT_FINE_TUNING:
             t = time.time()
-            r = run(base.replace(method=method, n_shots=n, lr=lr, epochs=ep, eval_every=2 if n <= 64 else 3))
+            steps_per_epoch = -(-n // base.batch_size)
+            r = run(base.replace(method=method, n_shots=n, lr=lr, max_steps=ep * steps_per_epoch,
+                                 eval_every=(2 if n <= 64 else 3) * steps_per_epoch))
             emit(stage="ft", method=method, n=n, lr=lr, epochs=ep, s=round(time.time() - t), acc=r.test_accuracy,
-                 dev=r.metrics["dev_best"], best_epoch=r.metrics["best_epoch"],
+                 dev=r.metrics["dev_best"], best_step=r.metrics["best_step"],
                  per_type={k: round(v, 2) for k, v in r.metrics["test"]["per_type"].items()})
 
 

@@ -11,3 +11,8 @@ infrastructure: every layer may import them and they import nothing else of the 
 """
 
 __version__ = "0.1.0"
+
+# Before torch runs anything: one CPU code path on every x86 machine (utils.pin_cpu_numerics).
+from .utils import pin_cpu_numerics as _pin_cpu_numerics
+
+_pin_cpu_numerics()

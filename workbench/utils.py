@@ -35,6 +35,64 @@ def seed_everything(seed: int = 0, threads: int | None = None) -> None:
         set_threads(threads)
 
 
+# Reproducible CPU numerics. PyTorch picks its CPU kernels by the CPU's widest vector unit (AVX2,
+# AVX-512, AMX) and MKL / oneDNN pick their own code paths the same way, so one seeded run gives
+# different floats on different x86 machines (the notebooks' numbers moved in the second decimal
+# between an AMD EPYC and an AVX-512/AMX Xeon). Pinning all three to AVX2, which every x86 machine
+# of the last decade has, gives one code path everywhere; the thread count must match too (torch's
+# parallel reductions split work by thread). docs/reproducibility.md has the measurements.
+PINNED_CPU_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def pin_cpu_numerics() -> bool:
+    """Pin torch's, MKL's and oneDNN's CPU code paths to AVX2 (``PINNED_CPU_ENV``), unless told not to.
+
+    Called when ``workbench`` is imported. Each variable is only set when the environment does not
+    set it already, and ``WORKBENCH_CPU_NUMERICS=native`` turns the pinning off (the machine's
+    fastest kernels, machine-dependent floats). It takes effect when it runs before torch's first
+    CPU operation (torch reads the capability lazily; MKL reads ``MKL_CBWR`` when it starts):
+    import ``workbench`` before running torch code. Returns whether the variables were set;
+    :func:`numerics_fingerprint` says what is in effect.
+    """
+    if os.environ.get("WORKBENCH_CPU_NUMERICS", "pinned") == "native":
+        return False
+    for key, value in PINNED_CPU_ENV.items():
+        os.environ.setdefault(key, value)
+    return True
+
+
+def numerics_fingerprint() -> dict:
+    """What decides a CPU run's floats on this machine: torch version, the kernel capability in
+    effect, the pinning variables, the intra-op thread count and the CPU model.
+
+    Two machines with the same fingerprint (``cpu_model`` aside) give bit-identical seeded runs;
+    run stores and study bundles record it as provenance.
+    """
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        **{key: os.environ.get(key) for key in PINNED_CPU_ENV},
+        "cpu_model": cpu,
+    }
+
+
+def same_numerics(a: dict, b: dict) -> bool:
+    """Whether two :func:`numerics_fingerprint` records promise bit-identical runs (the CPU model aside)."""
+    keys = ("torch", "cpu_capability", "threads", *PINNED_CPU_ENV)
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
 def set_threads(threads: int) -> None:
     """Fix torch's intra-op thread count (results on CPU depend on it)."""
     import torch

@@ -22,7 +22,7 @@ from workbench.train import RunConfig, run
 def tiny_trainer(epochs: int = 3) -> None:
     print("vlt5-tiny through workbench.train.run (shapes-vqa N=1000, batch 16, bf16 autocast):")
     for method, lr in (("full", 1e-3), ("lora", 5e-3)):
-        r = run(RunConfig(method=method, n_shots=1000, lr=lr, epochs=epochs, eval_every=epochs, quiet=True,
+        r = run(RunConfig(method=method, n_shots=1000, lr=lr, max_steps=63 * epochs, eval_every=63 * epochs, quiet=True,
                           test_size=200), force=True, store="/tmp/bench_gpu_runs")
         t = r.timings
         print(f"  {method:<6} {t['samples_per_s']:8.0f} samples/s   "

@@ -28,37 +28,37 @@ from workbench.train.pretrain import grounding_targets
 from workbench.train import RunConfig, run
 from workbench.utils import seed_everything
 
-BUDGET = {16: dict(epochs=40, eval_every=2), 64: dict(epochs=40, eval_every=2), 1000: dict(epochs=40, eval_every=4)}
+SHOTS = (16, 64, 1000)  # each under the protocol's budget (RunConfig defaults)
 LR = {m: get_config(m).lr for m in ("full", "lora")}  # the methods' defaults: 3e-4, 1e-3
 
 
 def main():
     seed_everything(0, threads=2)
-    base = RunConfig(task="shapes-vqa", seed=13, test_size=500, patience=10, quiet=True)
-    print(f"{'method':>6} {'N':>5} | {'test acc':>8} | {'dev best':>8} | {'epochs':>6} | {'seconds':>7}")
+    base = RunConfig(task="shapes-vqa", seed=13, test_size=500, quiet=True)
+    print(f"{'method':>6} {'N':>5} | {'test acc':>8} | {'dev best':>8} | {'steps':>6} | {'seconds':>7}")
     best, acc_of = {}, {}
     for method in ("full", "lora"):
-        for n, budget in BUDGET.items():
+        for n in SHOTS:
             t0 = time.perf_counter()
-            r = run(base.replace(method=method, n_shots=n, lr=LR[method], **budget))
+            r = run(base.replace(method=method, n_shots=n, lr=LR[method]))
             acc = acc_of[method, n] = r.metrics["test"]["overall"]
             best[n] = max(best.get(n, 0.0), acc)
             print(f"{method:>6} {n:>5} | {acc:8.3f} | {r.metrics['dev_best']:8.3f} | "
-                  f"{r.metrics['epochs_run']:>6} | {time.perf_counter() - t0:7.1f}")
+                  f"{r.metrics['steps']:>6} | {time.perf_counter() - t0:7.1f}")
     print(f"better of full/LoRA: N=16 {best[16]:.3f}, N=64 {best[64]:.3f}, N=1000 {best[1000]:.3f} "
           f"(target at N=1000: >= 0.75)")
 
     print("\nwithout language pre-training (vlt5-tiny-scratch, full fine-tuning):")
     scratch = base.replace(backbone="vlt5-tiny-scratch", method="full", lr=LR["full"])
-    for n, budget in BUDGET.items():
-        r = run(scratch.replace(n_shots=n, **budget))
+    for n in SHOTS:
+        r = run(scratch.replace(n_shots=n))
         print(f"  N={n:<5} scratch {r.metrics['test']['overall']:.3f} | pre-trained {acc_of['full', n]:.3f}")
 
-    print("\none skill: exist questions only, N=1000, full fine-tuning, 20 epochs:")
-    exist = scratch.replace(n_shots=1000, epochs=20, eval_every=2, task_options={"types": ["exist"]})
+    print("\none skill: exist questions only, N=1000, full fine-tuning, 20 epochs (1,260 steps):")
+    exist = scratch.replace(n_shots=1000, max_steps=1260, eval_every=126, task_options={"types": ["exist"]})
     for backbone in ("vlt5-tiny", "vlt5-tiny-scratch"):
         r = run(exist.replace(backbone=backbone))
-        print(f"  {backbone:>17} | test {r.metrics['test']['overall']:.3f} | best epoch {r.metrics['best_epoch']}")
+        print(f"  {backbone:>17} | test {r.metrics['test']['overall']:.3f} | best step {r.metrics['best_step']}")
     if "--more-data" in sys.argv:
         more_data(scratch, exist)
 
@@ -67,15 +67,15 @@ def more_data(scratch: RunConfig, exist: RunConfig):
     """Where is the limit? The scratch model with 4x the data; one question type with only its share
     of N = 1000 (125 questions) against all 1000; and perfect perception (symbolic scene tokens)."""
     print("\nmore data, vlt5-tiny-scratch, full fine-tuning:")
-    r = run(scratch.replace(n_shots=4000, pool_size=10000, epochs=24, eval_every=4, patience=3))
+    r = run(scratch.replace(n_shots=4000, pool_size=10000, max_steps=6000, eval_every=1000, patience=3))
     print(f"  all types, N=4000: test {r.metrics['test']['overall']:.3f} | dev best {r.metrics['dev_best']:.3f} "
-          f"at epoch {r.metrics['best_epoch']} of 24")
-    for config in (exist.replace(n_shots=125, epochs=160, eval_every=8), exist):  # the second is stored already
+          f"at step {r.metrics['best_step']} of 6000")
+    for config in (exist.replace(n_shots=125, max_steps=1280, eval_every=64), exist):  # the second is stored already
         r = run(config)
         print(f"  exist only, N={config.n_shots:<4}: test {r.metrics['test']['overall']:.3f}")
     with tempfile.TemporaryDirectory() as tmp:
         backbone, store = symbolic_oracle(Path(tmp))
-        r = run(scratch.replace(backbone=str(backbone), n_shots=1000, epochs=40, eval_every=4,
+        r = run(scratch.replace(backbone=str(backbone), n_shots=1000,
                                 task_options={"features": str(store)}), store=str(Path(tmp) / "runs"))
         print(f"  perfect perception (symbolic scene tokens into the fresh T5), N=1000: "
               f"test {r.metrics['test']['overall']:.3f}")

@@ -47,7 +47,7 @@ def main():
     torch.set_num_threads(2)
     print(f"{'method':>8} | {'trainer steps/s':>15} | {'bare steps/s':>12} | {'trainer / bare step time':>24}")
     for method in ("full", "lora"):
-        cfg = RunConfig(method=method, n_shots=64, epochs=EPOCHS, eval_every=EPOCHS, patience=1, quiet=True,
+        cfg = RunConfig(method=method, n_shots=64, max_steps=4 * EPOCHS, eval_every=4 * EPOCHS, patience=1, quiet=True,
                         test_size=16)
         with tempfile.TemporaryDirectory() as store:
             res = run(cfg, store=store, force=True)

@@ -347,10 +347,10 @@ def test_trains_a_few_steps_with_the_consistency_loss(tiny_backbone, tmp_path, m
 
     monkeypatch.setattr(AdaMixHandle, "training_losses", recording)
     cfg = RunConfig(backbone=str(tiny_backbone), task="shapes-vqa", n_shots=16, seed=13, method="adamix",
-                    method_config={"bottleneck": 4}, epochs=2, eval_every=2, batch_size=8, pool_size=64,
+                    method_config={"bottleneck": 4}, max_steps=4, eval_every=4, batch_size=8, pool_size=64,
                     test_size=16, quiet=True, task_options={"n_scenes": 40})
     result = run(cfg, store=tmp_path / "runs")
-    assert len(seen) == 4  # 16 examples, batch 8, 2 epochs
+    assert len(seen) == 4  # 16 examples, batch 8, 4 steps
     assert all(training for training, _ in seen)
     values = [losses["consistency"] for _, losses in seen]
     assert all(math.isfinite(v) and v > 0 for v in values), values
@@ -383,7 +383,8 @@ def test_registration_metadata():
     cfg = methods.get_config("adamix")
     assert (cfg.num_experts, cfg.reduction_factor, cfg.shared_side, cfg.activation, cfg.sublayers) == \
         (4, 12, "up", "gelu", ("ffn",))
-    assert (cfg.consistency_weight, cfg.consistency_mask, cfg.lr) == (1.0, "labels", 5e-3)
+    assert (cfg.consistency_weight, cfg.consistency_mask) == (1.0, "labels")
+    assert cfg.lr == 1e-2  # tuned on vlt5-tiny (the MixPHM protocol: 5e-3 on T5-base)
     assert type(cfg).OFFICIAL_TRAIN_PROJECTOR is False
 
 

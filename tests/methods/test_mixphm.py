@@ -63,7 +63,8 @@ def test_t5_base_trains_only_the_method_with_a_pretrained_projector(meta_backbon
 def test_the_defaults_are_the_official_settings():
     cfg = methods.get_config("mixphm")
     assert (cfg.encoder_tokens, cfg.decoder_tokens, cfg.mi_pool) == ("official", "official", "all")
-    assert (cfg.w_red, cfg.w_mi, cfg.red_lambda, cfg.lr, cfg.merge) == (0.2, 0.2, 3.9e-3, 5e-3, "official")
+    assert (cfg.w_red, cfg.w_mi, cfg.red_lambda, cfg.merge) == (0.2, 0.2, 3.9e-3, "official")
+    assert cfg.lr == 1e-2  # tuned on vlt5-tiny; the official recipe's 5e-3 (T5-base) is in docs/methods.md
     assert cfg.train_projector is None  # follows OFFICIAL_TRAIN_PROJECTOR (False)
 
 

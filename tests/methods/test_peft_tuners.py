@@ -54,7 +54,7 @@ def test_targets_resolve_on_both_families(name, family, tiny_model):
 def test_ia3_scales_k_v_and_the_ffn_input(tiny_model):
     model = tiny_model("t5")
     handle = methods.apply(model, "ia3")
-    assert handle.config.lr == 3e-3
+    assert handle.config.lr == 3e-2  # tuned on vlt5-tiny (docs/methods.md)
     d, d_ff = 96, 192
     # encoder: k, v (out dim d) + wo's input (d_ff) per layer; decoder: self and cross k, v + wo.
     assert methods.count_parameters(model)["method"] == 2 * (2 * d + d_ff) + 2 * (4 * d + d_ff)

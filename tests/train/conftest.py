@@ -29,7 +29,7 @@ def small_config(tiny_backbone, tmp_path, monkeypatch):
 
     monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
     return RunConfig(backbone=str(tiny_backbone), task="shapes-vqa", n_shots=16, seed=13, method="lora",
-                     epochs=4, eval_every=2, batch_size=8, pool_size=64, test_size=24, quiet=True,
+                     max_steps=8, eval_every=4, batch_size=8, pool_size=64, test_size=24, quiet=True,
                      task_options={"n_scenes": 40})
 
 

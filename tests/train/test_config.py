@@ -18,7 +18,7 @@ def private_fingerprint_cache(tmp_path, monkeypatch):
 
 BAD = [
     ("backbone", ""), ("backbone", 3), ("method", ""), ("method", None), ("task", 1),
-    ("n_shots", 0), ("n_shots", 2.0), ("n_shots", True), ("batch_size", -1), ("epochs", "4"), ("grad_accum", 0),
+    ("n_shots", 0), ("n_shots", 2.0), ("n_shots", True), ("batch_size", -1), ("eval_every", 2.5), ("grad_accum", 0),
     ("eval_every", 0), ("patience", 1.5), ("num_beams", 0), ("max_new_tokens", None),
     ("seed", -2), ("seed", 1.0),
     ("test_size", -5), ("test_size", 0), ("pool_size", 2.5), ("max_steps", 2.5), ("max_steps", 0),
@@ -85,8 +85,23 @@ def test_numpy_scalars_and_paths_become_plain_values_with_the_same_hash():
 # ------------------------------------------------------------------------------ the hash
 def test_hashes_without_a_features_option_are_unchanged():
     # pinned (also in test_real_tasks.py): covering data files must not rename existing runs
-    assert RunConfig(backbone=NO_CKPT).hash == "553c336dbf22"
+    assert RunConfig(backbone=NO_CKPT).hash == "29b675e775eb"
     assert "features_fingerprint" not in RunConfig(backbone=NO_CKPT).hash_payload()
+
+
+def test_the_budget_is_the_protocols_and_is_hashed_resolved():
+    from workbench.train.config import protocol_budget
+
+    assert protocol_budget(16) == (1000, 25) and protocol_budget(64) == (1000, 25)
+    assert protocol_budget(1000) == (1890, 126)  # 30 epochs of 63 steps, dev every 2 epochs
+    cfg = RunConfig(backbone=NO_CKPT, n_shots=64)
+    assert cfg.budget() == (1000, 25) and cfg.replace(max_steps=300, eval_every=10).budget() == (300, 10)
+    assert cfg.replace(max_steps=1000, eval_every=25).hash == cfg.hash  # spelling out the protocol: the same run
+    assert cfg.replace(max_steps=2000).hash != cfg.hash
+    assert cfg.replace(lr=cfg.default_lr()).hash == cfg.hash  # the method's default lr, spelled out
+    assert cfg.replace(lr=cfg.default_lr() * 2).hash != cfg.hash
+    with pytest.raises(ValueError, match="`epochs` is gone"):
+        RunConfig.from_dict({**cfg.to_dict(), "epochs": 40})
 
 
 def test_the_hash_covers_the_feature_store_content(tmp_path):

@@ -1,6 +1,7 @@
 """The trainer: protocol, determinism, gradients, the run store's reuse and atomicity, failures."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -18,8 +19,8 @@ def test_run_writes_a_finished_run_and_reuses_it(small_config):
     m = result.metrics
     assert 0.0 <= m["test"]["overall"] <= 1.0 and set(m["test"]["per_type"]) <= {
         "exist", "count", "query_color", "query_shape", "query_size", "relate", "compare", "logic"}
-    assert m["steps"] == 4 * 2  # 16 examples / batch 8 x 4 epochs
-    assert [h["epoch"] for h in result.history if "dev" in h] == [2, 4]
+    assert m["steps"] == 8 and m["evals"] == 2  # max_steps 8, dev score every 4 steps
+    assert [h["step"] for h in result.history] == [4, 8] and [h["epoch"] for h in result.history] == [2, 4]
     assert result.timings["samples_per_s"] > 0 and result.timings["peak_memory_mb"] > 0
     again = run(small_config)
     assert again.reused and again.metrics == json.loads(json.dumps(m))
@@ -218,7 +219,7 @@ def test_a_changed_feature_store_is_not_reused(hf_backbones, real_data, tmp_path
     shutil.copy(real_data.store, features)
     cfg = RunConfig(backbone=str(hf_backbones["t5"]), backbone_options={"feat_dim": real_data.feat_dim}, task="gqa",
                     task_options={"root": str(real_data.root / "gqa"), "features": str(features)}, n_shots=2,
-                    method="full", lr=1e-3, epochs=1, eval_every=1, batch_size=2, quiet=True)
+                    method="full", lr=1e-3, max_steps=1, eval_every=1, batch_size=2, quiet=True)
     first = run(cfg, store=tmp_path / "runs")
     assert run(cfg, store=tmp_path / "runs").reused
     old = FeatureStore(features)
@@ -227,3 +228,22 @@ def test_a_changed_feature_store_is_not_reused(hf_backbones, real_data, tmp_path
     old.close()
     again = run(cfg, store=tmp_path / "runs")
     assert not again.reused and again.path.name != first.path.name  # a new run directory
+
+
+def test_runs_from_before_step_budgets_are_skipped_with_one_warning(small_config, tmp_path):
+    from workbench.train import DamagedRunWarning, RunStore, load_results
+
+    store = RunStore(tmp_path / "legacy")
+    result = run(small_config, store=store)
+    for name in ("a1b2c3d4e5f6", "0a1b2c3d4e5f"):  # two runs of an older version: `epochs` in the config
+        legacy = store.root / name
+        shutil.copytree(result.path, legacy)
+        cfg = json.loads((legacy / "config.json").read_text())
+        (legacy / "config.json").write_text(json.dumps({**cfg, "epochs": 40}))
+        (legacy / "identity.json").unlink()
+        (legacy / "DONE").write_text("")  # as runs written before DONE manifests
+    with pytest.warns(DamagedRunWarning) as caught:
+        df = load_results(store)
+    assert df["run"].tolist() == [result.hash]
+    assert len(caught) == 1 and "skipping 2 runs" in str(caught[0].message)
+    assert "before budgets were counted in steps" in str(caught[0].message)

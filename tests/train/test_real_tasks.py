@@ -46,7 +46,7 @@ def config(task, backbone, data, layout="text_first", **changes):
     options.update(changes.pop("task_options", {}))
     base = dict(backbone=str(backbone), backbone_options={"feat_dim": data.feat_dim, "layout": layout}, task=task,
                 task_options=options, n_shots=1 if task == "coco-caption" else 2, seed=13, method="full",
-                lr=1e-3, epochs=2, eval_every=1, batch_size=2, quiet=True)
+                lr=1e-3, max_steps=2, eval_every=1, batch_size=2, quiet=True)
     base.update(changes)
     return RunConfig(**base)
 
@@ -189,7 +189,7 @@ def test_most_frequent_target_trains_on_the_first_answer(hf_backbones, real_data
     prepare = loop.prepare_split
     monkeypatch.setattr(loop, "prepare_split", lambda *a, **k: built.append(k.get("sample_answers", False))
                         or prepare(*a, **k))
-    cfg = config("vqa-v2", hf_backbones["t5"], real_data, epochs=1, task_options={"target": "most_frequent"})
+    cfg = config("vqa-v2", hf_backbones["t5"], real_data, max_steps=1, task_options={"target": "most_frequent"})
     run(cfg, store=tmp_path)
     assert built == [False, False, False]
     built.clear()
@@ -277,10 +277,10 @@ def test_options_that_do_not_apply_are_named(hf_backbones, real_data, tmp_path, 
 # ------------------------------------------------------------------------------ RunConfig
 def test_backbone_options_are_hashed_only_when_set():
     # pinned: a hash must not depend on the machine, the dict order or the Python session
-    assert RunConfig(backbone="/nonexistent/ckpt").hash == "553c336dbf22"
+    assert RunConfig(backbone="/nonexistent/ckpt").hash == "29b675e775eb"
     old = RunConfig(backbone="/nonexistent/ckpt", task="shapes-caption", method="full", n_shots=16, pool_size=100,
                     task_options={"types": ["exist"]})
-    assert old.hash == "eb8e4d55cab4"
+    assert old.hash == "3396699603a3"
     assert RunConfig.from_dict({k: v for k, v in old.to_dict().items() if k != "backbone_options"}).hash == old.hash
     assert old.replace(backbone_options={"feat_dim": 2048}).hash != old.hash
     with pytest.raises(ValueError, match="backbone_options cannot set 'device'"):
@@ -295,7 +295,7 @@ def test_the_hash_covers_the_methods_resolved_defaults(monkeypatch):
     assert cfg.replace(method_config={"r": 16}).hash != cfg.hash
     real = methods_pkg.get_config
     monkeypatch.setattr(methods_pkg, "get_config", lambda name, **o: real(name, **{"r": 4, **o}))
-    assert RunConfig(backbone="/nonexistent/ckpt", method="lora").hash != "553c336dbf22"  # a new default: a new run
+    assert RunConfig(backbone="/nonexistent/ckpt", method="lora").hash != "29b675e775eb"  # a new default: a new run
     with pytest.raises(ValueError, match="unknown options"):
         RunConfig(backbone="/nonexistent/ckpt", method="lora", method_config={"rank": 4}).hash
 
@@ -317,7 +317,7 @@ def test_store_for_an_embedded_task_on_a_backbone_without_encoder(hf_backbones, 
     examples = load_task("shapes-vqa", "train", n_scenes=8) + load_task("shapes-vqa", "test", n_scenes=4)
     store = FeatureStore.write(tmp_path / "shapes.npz", {e.image_id: np.ones((3, 16), np.float32) for e in examples})
     cfg = RunConfig(backbone=str(hf_backbones["t5"]), backbone_options={"feat_dim": 16}, task="shapes-vqa", n_shots=2,
-                    method="full", epochs=1, batch_size=2, quiet=True, test_size=4,
+                    method="full", max_steps=1, batch_size=2, quiet=True, test_size=4,
                     task_options={"n_scenes": 8, "features": str(store)})
     result = run(cfg, store=tmp_path / "runs")
     assert result.metrics["test"]["n"] == 4

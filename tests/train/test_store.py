@@ -33,7 +33,7 @@ def records(seed=13, acc=0.5, identity=True):
     payload = cfg.hash_payload()
     out = {"config": cfg.to_dict(),
            "metrics": {"test": {"overall": acc, "per_type": {"exist": acc}}, "test_last": {"overall": acc},
-                       "dev_best": acc, "best_epoch": 2, "epochs_run": 2, "steps": 4, "lr": 1e-3},
+                       "dev_best": acc, "best_step": 4, "steps": 4, "evals": 1, "lr": 1e-3},
            "history": [{"epoch": 2, "step": 4, "loss": 1.0, "dev": acc}],
            "params": {"trainable": 10, "trainable_pct": 1.0}, "timings": {"wall_s": 1.0, "samples_per_s": 2.0}}
     if identity:

@@ -25,7 +25,7 @@ def fake(method, acc, pct, method_config=None, per_type=None):
         metrics={"test": {"overall": acc, "per_type": per_type or {}},
                  "test_last": {"overall": acc - 0.01, "per_type": {}}, "dev_best": acc + 0.01},
         params={"trainable": int(pct * 1000), "trainable_pct": pct},
-        history=[{"epoch": 2, "loss": 1.0, "dev": acc}],
+        history=[{"step": 4, "epoch": 2, "loss": 1.0, "dev": acc}],
     )
 
 
@@ -86,11 +86,11 @@ def test_results_table_rounds_and_keeps_per_type_columns():
 
 def test_answers_table_shows_the_most_frequent_answer():
     r = fake("lora", 0.17, 3.47)
-    r.metrics.update(lr=0.001, epochs_run=22, best_epoch=2)
+    r.metrics.update(lr=0.001, steps=22, best_step=2)
     r.predictions = {"q1": "no", "q2": "no", "q3": "the image shows", "q4": "no"}
     row = answers_table([r, fake("prompt", 0.0, 1.07)]).iloc[0]
     assert row["run"] == "lora" and row["most frequent answer"] == "no" and row["its share"] == 0.75
-    assert row["distinct answers"] == 2 and row["epochs run"] == 22 and row["best epoch"] == 2
+    assert row["distinct answers"] == 2 and row["steps run"] == 22 and row["best step"] == 2
     assert row["last train loss"] == 1.0 and row["lr"] == 0.001  # not rounded away
     with pytest.raises(ValueError, match="at least one"):
         answers_table([])
@@ -101,3 +101,19 @@ def test_answers_table_breaks_ties_whatever_the_order_of_the_predictions():
     a.predictions = {"q1": "circle", "q2": "diamond"}
     b.predictions = {"q2": "diamond", "q1": "circle"}
     assert answers_table([a])["most frequent answer"][0] == answers_table([b])["most frequent answer"][0] == "circle"
+
+
+def test_plot_summary_vs_params_draws_error_bars_and_the_reference():
+    import pandas as pd
+
+    from workbench.viz.training_plots import plot_summary_vs_params
+
+    table = pd.DataFrame({"method": ["full", "lora", "prompt"], "mean": [0.5, 0.45, 0.2], "std": [0.02, 0.03, float("nan")],
+                          "n": [3, 3, 1], "trainable_pct": [100.0, 3.5, 0.1]})
+    fig = plot_summary_vs_params(table)
+    ax = fig.axes[0]
+    assert any(line.get_linestyle() == "--" and line.get_ydata()[0] == 0.5 for line in ax.get_lines())
+    assert len(ax.containers) >= 1  # error bar containers
+    with pytest.raises(ValueError, match="missing.*trainable_pct"):
+        plot_summary_vs_params(table.drop(columns=["trainable_pct"]))
+    plt.close(fig)

@@ -246,7 +246,7 @@ class HoulsbyConfig(_AdapterConfig):
     sublayers: tuple = ("attn", "self_attn", "cross_attn", "ffn")  # param.py --add_adapter_cross_attn True
     init: str = "official"  # nn.Linear default (T5) / BART _init_weights N(0, init_std) (BART)
     train_layer_norms: bool = True  # single_adapter.sh --unfreeze_layer_norms
-    lr: float = 1e-3  # single_adapter.sh lr=1e-3
+    lr: float = 1e-2  # tuned on vlt5-tiny (single_adapter.sh: 1e-3 on T5-base; docs/methods.md)
 
     def official_init(self, family: str) -> str:
         return "normal" if family == "bart" else "torch"
@@ -264,7 +264,7 @@ class PfeifferConfig(_AdapterConfig):
     sublayers: tuple = ("ffn",)
     init: str = "official"  # adaMix/adapter.py: two default nn.Linear
     train_layer_norms: bool = False
-    lr: float = 1e-3
+    lr: float = 3e-3  # tuned on vlt5-tiny (MixPHM's recipe: 5e-3 on T5-base; docs/methods.md)
 
     def official_init(self, family: str) -> str:
         return "torch"
@@ -276,6 +276,7 @@ class ParallelConfig(_AdapterConfig):
 
     sublayers: tuple = ("ffn",)  # add "attn", "self_attn", "cross_attn" for the attention variant
     scale: float = 4.0
+    lr: float = 1e-2  # tuned on vlt5-tiny (docs/methods.md)
 
     def validate(self):
         super().validate()

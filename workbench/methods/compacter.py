@@ -38,6 +38,19 @@ The controller computes ``adapter(y) + y`` on the sub-layer output before dropou
 outside the adapters, i.e. every LayerNorm of the LM; they are pre-trained tensors, reported by
 ``count_parameters`` under ``backbone``.
 
+Bottleneck rounding (the workbench's rule, shared with MixPHM:
+:func:`~workbench.methods._phm.phm_bottleneck`): the PHM layers need m to be a multiple of n. When
+``bottleneck`` is not given and d // ``reduction_factor`` is not a multiple of n, m is rounded *up*
+to the next multiple of n (no warning): d = 96 gives d // 32 = 3 -> m = 4. The official size is
+kept wherever it is valid (T5-base / BART-base d = 768: m = 24, the counts below are unchanged;
+vlt5-tiny d = 128: m = 4). An explicit ``bottleneck=`` is never changed (ValueError if it is not a
+multiple of n), nor is a d_model that is not a multiple of n. The size in use is
+``handle.bottleneck`` (also ``CompacterConfig.resolved_bottleneck(d_model)``).
+
+Speed (same values, to float rounding): the PHM layers compute x W the cheapest way for their shape
+(``_phm``: W materialised, or A folded into S or T; on T5-base both projections fold), and
+``gelu_new`` is torch's fused tanh GELU (``_phm.TanhGELU``, the same formula).
+
 Not zero-initialised: with A ~ N(0, 1e-4^2) the adapters change the output by O(1e-4) relative at
 step 0 (the official init; the tests check "nearly unchanged").
 
@@ -69,8 +82,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._phm import PHMLinear, check_phm_dims, init_rule
-from .adapters import activation, bottleneck_size, check_sublayers, lm_dtype, sublayer_points, unfreeze_layer_norms
+from ._phm import PHMLinear, check_phm_dims, init_rule, phm_activation, phm_bottleneck
+from .adapters import activation, check_sublayers, lm_dtype, sublayer_points, unfreeze_layer_norms
 from .base import MethodConfig, MethodHandle, freeze_backbone, register_method
 
 
@@ -91,7 +104,7 @@ class PHMAdapter(nn.Module):
         self.reads = reads
         kw = dict(n=n, rank=rank, shared_rule=shared_rule, rule_init_std=rule_init_std, device=device, dtype=dtype)
         self.down = PHMLinear(d_model, bottleneck, **kw)
-        self.act = activation(act)
+        self.act = phm_activation(act)  # gelu_new: torch's fused tanh GELU (the same function)
         self.up = PHMLinear(bottleneck, d_model if out_dim is None else out_dim, **kw)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -108,14 +121,14 @@ class CompacterConfig(MethodConfig):
 
     n: int = 4
     rank: int | None = 1  # None: unfactorised B_i (the plain "PHM-Adapter")
-    reduction_factor: int = 32
-    bottleneck: int | None = None  # overrides reduction_factor
+    reduction_factor: int = 32  # m = d // 32, rounded up to a multiple of n if it is not one
+    bottleneck: int | None = None  # overrides reduction_factor (never rounded)
     activation: str = "gelu_new"
     rule_init_std: float = 1e-4
     shared_rule: bool = True  # compacter.json shared_phm_rule
     sublayers: tuple = ("attn", "self_attn", "ffn")
     train_layer_norms: bool = True  # compacter.json unfreeze_layer_norms
-    lr: float = 3e-3
+    lr: float = 1e-2  # tuned on vlt5-tiny (compacter.json: 3e-3 on T5-base; docs/methods.md)
 
     def validate(self):
         super().validate()
@@ -136,6 +149,11 @@ class CompacterConfig(MethodConfig):
         self.sublayers = check_sublayers(self.sublayers, name)
         activation(self.activation)
 
+    def resolved_bottleneck(self, d_model: int) -> int:
+        """The bottleneck m on a model of width ``d_model``: ``bottleneck`` if set, else d // 32 rounded
+        up to the next multiple of n (:func:`~workbench.methods._phm.phm_bottleneck`)."""
+        return phm_bottleneck(d_model, self.reduction_factor, self.bottleneck, self.n, self.method_name)
+
 
 @dataclass
 class CompacterPPConfig(CompacterConfig):
@@ -147,7 +165,7 @@ class CompacterPPConfig(CompacterConfig):
 def _apply_compacter(model, config: CompacterConfig) -> MethodHandle:
     name = config.method_name
     d = model.d_model
-    m = bottleneck_size(d, config.reduction_factor, config.bottleneck, name)
+    m = config.resolved_bottleneck(d)  # d // 32, rounded up to a multiple of n (an explicit bottleneck: as is)
     check_phm_dims(d, m, config.n, f"{name} down-projection (d_model -> bottleneck)")
     points = sublayer_points(model, config.sublayers)
     # Everything is valid: now change the model.
@@ -166,7 +184,9 @@ def _apply_compacter(model, config: CompacterConfig) -> MethodHandle:
         modules[point.name] = mod
     if config.train_layer_norms:
         unfreeze_layer_norms(model)
-    return MethodHandle(model, config, modules)
+    handle = MethodHandle(model, config, modules)
+    handle.bottleneck = m  # the size in use, after the rounding rule (module docstring)
+    return handle
 
 
 @register_method("compacter", CompacterConfig, family="layer: PHM adapters",

@@ -37,6 +37,14 @@ experts (local sharing). S, T are Glorot-uniform (gain sqrt 2), biases zero; the
 builds the experts as deep copies of one layer, so they start identical (``expert_init="copy"``;
 ``"independent"`` draws each). Activation ``gelu_new``, lr 5e-3.
 
+Bottleneck rounding (the workbench's rule, :func:`~workbench.methods._phm.phm_bottleneck`): the PHM
+layers need m to be a multiple of n. When ``bottleneck`` is not given and d // ``reduction_factor`` is
+not a multiple of n, m is rounded *up* to the next multiple of n (no warning): vlt5-tiny (d = 128)
+gets m = 12 for d // 12 = 10. The official size is kept wherever it is valid (T5-base: m = 64, the
+parameter count below is unchanged). An explicit ``bottleneck=`` is never changed (ValueError if it
+is not a multiple of n), nor is a d_model that is not a multiple of n. The size in use is
+``handle.bottleneck`` (also ``MixPHMConfig.resolved_bottleneck(d_model)`` and each module's repr).
+
 Routing: no gate. In training each module draws one expert uniformly at random per forward call
 (the whole batch uses it), from torch's global RNG (so a seed makes it deterministic); the draws are
 counted per module (:meth:`MixPHMHandle.draw_counts`). In eval mode the experts are merged once into
@@ -104,9 +112,15 @@ Deliberate departures from the official code:
 - A batch of one: the official ``MILoss`` divides the negative term by ``N * (B - 1) = 0`` (inf or
   nan); here that term is 0.
 - Precision: the losses are computed in float32 whatever the model's dtype.
-- Where they are computed: from tensors the modules keep, after the forward, by
+- Where and how they are computed: from tensors the modules keep, after the forward, by
   ``handle.extra_losses()`` (the trainer adds them to the task loss), not inside the stacks'
-  ``forward``; the values are the same.
+  ``forward``; the modules of a stack in one batched pass; the redundancy loss through the Up
+  projection's factors: u = z W + b, so C = U_hat^T F_hat = W^T ((w z)^T F_hat) + b (w^T F_hat) with
+  w = 1 / |u| (``redundancy_loss_factored``, O(N m d) instead of the official O(N d^2), used where
+  that is cheaper); the MI negatives as the sum over all scores less the positives'. The values
+  and gradients are the same, to float rounding (``tests/methods/test_phm_paths.py``).
+- Speed: the PHM layers take the cheapest way of computing x W (``_phm``: W materialised, or A
+  folded into S or T), ``gelu_new`` is torch's fused tanh GELU (the same function).
 - The encoder mask is the one the VLModel builds (the tokenizer's attention mask + the visual
   mask); the official ``train_step`` derives the text mask as ``input_ids != pad``. They agree for
   right-padded prompts that contain no pad token.
@@ -127,8 +141,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._phm import PHMLinear, check_phm_dims, init_rule
-from .adapters import activation, bottleneck_size, lm_dtype, sublayer_points
+from ._phm import PHMLinear, check_phm_dims, init_rule, phm_activation, phm_bottleneck
+from .adapters import activation, lm_dtype, sublayer_points
 from .base import MethodConfig, MethodHandle, freeze_backbone, register_method
 
 LOG2 = math.log(2.0)
@@ -138,27 +152,59 @@ LOG2 = math.log(2.0)
 def redundancy_loss(u: torch.Tensor, f: torch.Tensor, batch_size: int, lam: float = 3.9e-3) -> torch.Tensor:
     """L_red = lam / B * sum_{i != j} C_ij^2, C = normalize(U)^T normalize(F), rows = the selected tokens.
 
-    ``u``, ``f``: ``[N, d]`` (the selected tokens of a batch of ``batch_size`` samples).
+    ``u``, ``f``: ``[N, d]`` (the selected tokens of a batch of ``batch_size`` samples), or ``[M, N, d]``
+    for M modules at once (then one loss per module, ``[M]``).
     """
-    u_hat = F.normalize(u.float(), dim=1)
-    f_hat = F.normalize(f.float(), dim=1)
-    c = u_hat.T @ f_hat
-    off_diagonal = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
+    u_hat = F.normalize(u.float(), dim=-1)
+    f_hat = F.normalize(f.float(), dim=-1)
+    c = u_hat.transpose(-2, -1) @ f_hat
+    off_diagonal = c.pow(2).sum((-2, -1)) - torch.diagonal(c, dim1=-2, dim2=-1).pow(2).sum(-1)
     return lam * off_diagonal / batch_size
+
+
+def redundancy_loss_factored(u: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             f: torch.Tensor, batch_size: int, lam: float = 3.9e-3) -> torch.Tensor:
+    """:func:`redundancy_loss` of ``u = z weight + bias`` (the Up projection's output), in O(N m d)
+    instead of O(N d^2): the same value and gradients, to float rounding.
+
+    With w_n = 1 / max(|u_n|, eps) (what ``F.normalize`` divides by), U_hat = diag(w) (z W + 1 b^T), so
+    C = U_hat^T F_hat = W^T ((w z)^T F_hat) + b (w^T F_hat): an [m, N] x [N, d] product and a
+    [d, m] x [m, d] one instead of [d, N] x [N, d] (m, the bottleneck, is d / 12 in MixPHM).
+    ``u``, ``f``: ``[..., N, d]``; ``z``: ``[..., N, m]``; ``weight``: ``[..., m, d]``; ``bias``: ``[..., d]``.
+    """
+    u, z, f, weight = u.float(), z.float(), f.float(), weight.float()
+    inv = 1.0 / torch.linalg.vector_norm(u, dim=-1, keepdim=True).clamp_min(1e-12)  # [..., N, 1]
+    f_hat = F.normalize(f, dim=-1)
+    c = weight.transpose(-2, -1) @ ((z * inv).transpose(-2, -1) @ f_hat)  # [..., d, d]
+    if bias is not None:
+        c = c + bias.float().unsqueeze(-1) * (inv.transpose(-2, -1) @ f_hat)
+    off_diagonal = c.pow(2).sum((-2, -1)) - torch.diagonal(c, dim1=-2, dim2=-1).pow(2).sum(-1)
+    return lam * off_diagonal / batch_size
+
+
+def factored_is_cheaper(rows: int, d: int, m: int) -> bool:
+    """Whether :func:`redundancy_loss_factored` needs fewer multiply-adds than :func:`redundancy_loss`
+    for ``rows`` tokens, width d and bottleneck m (N m d + d^2 (m + 1) against N d^2)."""
+    return rows * m * d + d * d * (m + 1) < rows * d * d
 
 
 def jsd_mi_loss(u: torch.Tensor, g: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
     """Jensen-Shannon MI lower bound as a loss: E_neg[softplus(s) - log 2] - E_pos[log 2 - softplus(-s)].
 
-    ``u``: ``[N, d]`` token representations, ``g``: ``[B, d]`` pooled sample representations,
-    ``owner``: ``[N]`` the sample of each token. s = u g^T; (j, owner[j]) are the positives. With
-    one sample there are no negatives and that term is 0 (the official code divides by zero).
+    ``u``: ``[N, d]`` token representations (or ``[M, N, d]``: M modules at once, one loss each),
+    ``g``: ``[B, d]`` pooled sample representations, ``owner``: ``[N]`` the sample of each token.
+    s = u g^T; (j, owner[j]) are the positives. With one sample there are no negatives and that term
+    is 0 (the official code divides by zero).
     """
-    s = u.float() @ g.float().T  # [N, B]
-    pos = F.one_hot(owner, g.shape[0]).bool()
-    e_pos = (LOG2 - F.softplus(-s[pos])).mean()
-    neg = s[~pos]
-    e_neg = (F.softplus(neg) - LOG2).mean() if neg.numel() else s.new_zeros(())
+    s = u.float() @ g.float().T  # [..., N, B]
+    n, b = s.shape[-2:]
+    # One positive per row, gathered; the negatives' sum is the sum over every entry less the positives'
+    # (no boolean masks: fewer ops forward and backward, the same terms up to float rounding).
+    s_pos = s.gather(-1, owner.unsqueeze(-1).expand(*s.shape[:-1], 1))
+    e_pos = (LOG2 - F.softplus(-s_pos)).mean((-2, -1))
+    if b < 2:
+        return -e_pos
+    e_neg = (F.softplus(s).sum((-2, -1)) - F.softplus(s_pos).sum((-2, -1))) / (n * (b - 1)) - LOG2
     return e_neg - e_pos
 
 
@@ -213,7 +259,7 @@ class MixPHMModule(nn.Module):
         kw = {"n": n, "rank": rank, "shared_rule": shared_rule, "expert_init": expert_init,
               "device": device, "dtype": dtype}
         self.down = PHMLinear(d_model, bottleneck, experts=1 if shared_side == "down" else num_experts, **kw)
-        self.act = activation(act)
+        self.act = phm_activation(act)  # gelu_new: torch's fused tanh GELU (the same function)
         self.dropout = nn.Dropout(dropout)
         self.up = PHMLinear(bottleneck, d_model, experts=1 if shared_side == "up" else num_experts, **kw)
         # Draw counts: buffers so they follow .to(); not persistent (they are statistics, not weights).
@@ -221,9 +267,11 @@ class MixPHMModule(nn.Module):
                              persistent=False)
         self.register_buffer("up_draws", torch.zeros(self.up.experts, dtype=torch.long, device=device),
                              persistent=False)
+        self.bottleneck = bottleneck
         self.merge_mode = merge
         self.record = False  # the handle turns this on when a loss needs (u, f)
         self.last = None  # (u, f) of the last training forward, when recording
+        self.last_up = None  # (z, expert): the Up projection's input and expert in that forward
         self._soup = None  # (key, Wd, bd, Wu, bu)
 
     # --- routing --------------------------------------------------------------------------------
@@ -273,7 +321,11 @@ class MixPHMModule(nn.Module):
         if self.training:
             z = self.down(f, self._draw(self.down, self.down_draws))
             z = self.dropout(self.act(z))
-            return self.up(z, self._draw(self.up, self.up_draws))
+            k = self._draw(self.up, self.up_draws)
+            self.up.keep_weight = self.record  # the redundancy loss reuses this call's Up weight
+            self.last_up = (z, k) if self.record else None
+            return self.up(z, k)
+        self.last_up = self.up.kept_weight = None
         wd, bd, wu, bu = self.soup()
         z = f @ wd.to(f.dtype)
         z = self.act(z + bd.to(f.dtype) if bd is not None else z)
@@ -286,7 +338,7 @@ class MixPHMModule(nn.Module):
         return h + u
 
     def extra_repr(self) -> str:
-        return f"merge={self.merge_mode!r}"
+        return f"bottleneck={self.bottleneck}, merge={self.merge_mode!r}"
 
 
 # ------------------------------------------------------------------------------------ config
@@ -296,7 +348,9 @@ class MixPHMConfig(MethodConfig):
 
     Architecture:
         num_experts: N_e (4). n: PHM divisions (4). rank: rank of B_i = S_i T_i (8; ``None``: an
-        unfactorised B_i). reduction_factor: m = d // 12; bottleneck: m directly (overrides it).
+        unfactorised B_i). reduction_factor: m = d // 12, rounded up to the next multiple of n when
+        it is not one (d = 128: 10 -> 12; see :meth:`resolved_bottleneck`); bottleneck: m directly
+        (overrides it; must be a multiple of n, never rounded).
         shared_side: the projection the experts share, ``"down"`` (official ``--sharing_down 1
         --sharing_up 0``), ``"up"`` or ``"none"``. rule_init_std: A ~ N(0, 0.01^2).
         expert_init: ``"copy"`` (official: the experts are deep copies, identical at the start) or
@@ -327,7 +381,7 @@ class MixPHMConfig(MethodConfig):
     num_experts: int = 4
     n: int = 4
     rank: int | None = 8
-    reduction_factor: int = 12  # m = d // 12 (64 for d = 768)
+    reduction_factor: int = 12  # m = d // 12 (64 for d = 768), rounded up to a multiple of n if it is not one
     bottleneck: int | None = None  # overrides reduction_factor
     shared_side: str = "down"  # the projection shared by the experts: "down" (official), "up", "none"
     rule_init_std: float = 0.01
@@ -341,7 +395,7 @@ class MixPHMConfig(MethodConfig):
     encoder_tokens: str = "official"  # "official": first mask.sum() in [text; visual] order; "masked"
     decoder_tokens: str = "official"  # "official": every position; "masked": decoder mask / labels != -100
     mi_pool: str = "all"  # "all": official mean over every position; "masked": over the stack's mask
-    lr: float = 5e-3
+    lr: float = 1e-2  # tuned on vlt5-tiny (the official recipe: 5e-3 on T5-base; docs/methods.md)
 
     def validate(self):
         super().validate()
@@ -369,14 +423,23 @@ class MixPHMConfig(MethodConfig):
             raise ValueError(f"mixphm: dropout must be in [0, 1), got {self.dropout!r}")
         activation(self.activation)
 
+    def resolved_bottleneck(self, d_model: int) -> int:
+        """The bottleneck m on a model of width ``d_model``: ``bottleneck`` if set, else d // 12 rounded
+        up to the next multiple of n (:func:`~workbench.methods._phm.phm_bottleneck`)."""
+        return phm_bottleneck(d_model, self.reduction_factor, self.bottleneck, self.n, "mixphm")
+
 
 # ------------------------------------------------------------------------------------ the handle
 class MixPHMHandle(MethodHandle):
-    """The MixPHM handle: routing statistics, the expert soup, and the two auxiliary losses."""
+    """The MixPHM handle: routing statistics, the expert soup, and the two auxiliary losses.
 
-    def __init__(self, model, config: MixPHMConfig, modules: dict, stacks: dict):
+    ``bottleneck``: the bottleneck m in use (after the rounding rule of the module docstring).
+    """
+
+    def __init__(self, model, config: MixPHMConfig, modules: dict, stacks: dict, bottleneck: int | None = None):
         super().__init__(model, config, modules)
         self.stacks = stacks  # point name -> "encoder" | "decoder"
+        self.bottleneck = bottleneck
 
     def draw_counts(self) -> dict[str, torch.Tensor]:
         """How often each expert was drawn in training, per module.
@@ -438,37 +501,74 @@ class MixPHMHandle(MethodHandle):
         out = out.bool()
         return out if device is None else out.to(device)
 
+    @staticmethod
+    def _up_factors(mod):
+        """(z, W, b) with u = z W + b for the module's last training forward, or None (not recorded).
+        W is the one the forward built (dense path), else built here (a fold path never forms it)."""
+        if mod.last_up is None:
+            return None
+        z, k = mod.last_up
+        kept = mod.up.kept_weight
+        w = kept[1] if kept is not None and kept[0] == k else mod.up.weight(k)
+        return z, w, mod.up.bias(k)
+
     def extra_losses(self) -> dict[str, torch.Tensor]:
         """``{"redundancy": ..., "mi": ...}`` from the last training forward (``{}`` if there is none)."""
         cfg = self.config
-        per_stack = {"encoder": {"red": [], "mi": []}, "decoder": {"red": [], "mi": []}}
-        recorded = False
-        selections, pooled = {}, {}
+        # The modules of a stack see the same tokens: their (u, f) are stacked and the per-module losses
+        # computed in one batched pass (a handful of ops per stack instead of per module; each module's
+        # loss is the same as computed alone, up to float rounding). The redundancy loss goes through the
+        # Up projection's factors (u = z W + b, redundancy_loss_factored) where that is cheaper.
+        groups: dict[tuple, list] = {}
         for point, mod in self.modules.items():
             if mod.last is None:
                 continue
-            recorded = True
-            stack = self.stacks[point]
             u, f = mod.last
-            b, length = u.shape[:2]
-            if stack not in selections:
-                selections[stack] = self.selected_tokens(stack, b, length, u.device)
-            sel = selections[stack]
-            uu, ff = u[sel], f[sel]
+            factors = self._up_factors(mod)
+            key = (self.stacks[point], tuple(u.shape), tuple(f.shape),
+                   None if factors is None else (tuple(factors[0].shape), factors[2] is None))
+            groups.setdefault(key, []).append((u, f, factors))
+        if not groups:
+            return {}
+        per_stack = {"encoder": {"red": [], "mi": []}, "decoder": {"red": [], "mi": []}}
+        selections, pooled = {}, {}
+        for (stack, u_shape, _, factored), pairs in groups.items():
+            b, length = u_shape[:2]
+            device = pairs[0][0].device
+            if (stack, b, length) not in selections:
+                # The selected rows of the flattened [b * length, d] tokens (row-major, as u[sel] takes them;
+                # None: every row) and the sample each of them belongs to.
+                flat = self.selected_tokens(stack, b, length, device).reshape(-1)
+                rows = None if bool(flat.all()) else flat.nonzero().squeeze(1)
+                owner = (torch.arange(b * length, device=device) if rows is None else rows) // length
+                selections[(stack, b, length)] = (rows, owner)
+            rows, owner = selections[(stack, b, length)]
+            uu = torch.stack([u.reshape(b * length, -1) for u, _, _ in pairs])  # [M, b * length, d]
+            ff = torch.stack([f.reshape(b * length, -1) for _, f, _ in pairs])
+            if rows is not None:
+                uu, ff = uu.index_select(1, rows), ff.index_select(1, rows)
             if cfg.w_red > 0:
-                per_stack[stack]["red"].append(redundancy_loss(uu, ff, b, cfg.red_lambda))
+                n_rows, d = uu.shape[1:]
+                if factored is not None and factored_is_cheaper(n_rows, d, factored[0][-1]):
+                    zz = torch.stack([z.reshape(b * length, -1) for _, _, (z, _, _) in pairs])
+                    if rows is not None:
+                        zz = zz.index_select(1, rows)
+                    ww = torch.stack([w for _, _, (_, w, _) in pairs])
+                    bb = None if factored[1] else torch.stack([bias for _, _, (_, _, bias) in pairs])
+                    red = redundancy_loss_factored(uu, zz, ww, bb, ff, b, cfg.red_lambda)
+                else:
+                    red = redundancy_loss(uu, ff, b, cfg.red_lambda)
+                per_stack[stack]["red"].append(red)
             final = getattr(self.model.context, f"{stack}_output")
             if cfg.w_mi > 0 and final is not None:
                 if stack not in pooled:
                     mask = self.stack_mask(stack, b, final.shape[1]) if cfg.mi_pool == "masked" else None
                     pooled[stack] = pool(final, None if mask is None else mask.to(final.device), cfg.mi_pool)
-                owner = torch.arange(b, device=u.device).unsqueeze(1).expand(b, length)[sel]
                 per_stack[stack]["mi"].append(jsd_mi_loss(uu, pooled[stack], owner))
-        if not recorded:
-            return {}
 
         def half_sum(key):
-            terms = [torch.stack(per_stack[s][key]).mean() for s in ("encoder", "decoder") if per_stack[s][key]]
+            # The mean over a stack's modules, then 1/2 (mean_enc + mean_dec).
+            terms = [torch.cat(per_stack[s][key]).mean() for s in ("encoder", "decoder") if per_stack[s][key]]
             return 0.5 * torch.stack(terms).sum() if terms else None
 
         out = {}
@@ -483,7 +583,7 @@ class MixPHMHandle(MethodHandle):
 @register_method("mixphm", MixPHMConfig, family="layer: PHM adapters", main_knob=("num_experts", (1, 2, 4, 8)))
 def apply_mixphm(model, config: MixPHMConfig) -> MethodHandle:
     d = model.d_model
-    m = bottleneck_size(d, config.reduction_factor, config.bottleneck, "mixphm")
+    m = config.resolved_bottleneck(d)  # d // 12, rounded up to a multiple of n (an explicit bottleneck: as is)
     check_phm_dims(d, m, config.n, "mixphm down-projection (d_model -> bottleneck)")
     points = sublayer_points(model, ("ffn",))
     # Everything is valid: now change the model.
@@ -499,4 +599,4 @@ def apply_mixphm(model, config: MixPHMConfig) -> MethodHandle:
         mod.record = config.w_red > 0 or config.w_mi > 0
         model.add_sublayer_modification(point.name, mod, name="mixphm")
         modules[point.name], stacks[point.name] = mod, point.stack
-    return MixPHMHandle(model, config, modules, stacks)
+    return MixPHMHandle(model, config, modules, stacks, bottleneck=m)

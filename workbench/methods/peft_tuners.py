@@ -64,7 +64,7 @@ class LoraConfig(MethodConfig):
     alpha: float | None = None  # None: alpha = r (scale 1)
     dropout: float = 0.0
     targets: tuple = ("q", "v")  # projection short names at every attention insertion point
-    lr: float = 1e-3
+    lr: float = 3e-3  # tuned on vlt5-tiny (docs/methods.md, "Default learning rates")
 
     def validate(self):
         super().validate()
@@ -174,7 +174,7 @@ class PeftTunerConfig(MethodConfig):
 class IA3Config(PeftTunerConfig):
     targets: tuple = ("k", "v", "wo")
     feedforward: tuple = ("wo",)  # targets whose *input* is scaled (the FFN activations)
-    lr: float = 3e-3
+    lr: float = 3e-2  # tuned on vlt5-tiny (docs/methods.md, "Default learning rates")
     peft_class: ClassVar[str] = "IA3Config"
     param_prefix: ClassVar[str] = "ia3_"
 
@@ -213,6 +213,7 @@ class VeraConfig(PeftTunerConfig):
     r: int = 256
     d_initial: float = 0.1
     projection_prng_key: int = 0
+    lr: float = 3e-2  # tuned on vlt5-tiny (docs/methods.md, "Default learning rates")
     peft_class: ClassVar[str] = "VeraConfig"
     param_prefix: ClassVar[str] = "vera_"
     _own: ClassVar[tuple] = ("r", "d_initial", "projection_prng_key")
@@ -271,6 +272,7 @@ class HRAConfig(PeftTunerConfig):
 class FourierFTConfig(PeftTunerConfig):
     n_frequency: int = 1000
     scaling: float = 150.0
+    lr: float = 3e-2  # tuned on vlt5-tiny (docs/methods.md, "Default learning rates")
     peft_class: ClassVar[str] = "FourierFTConfig"
     param_prefix: ClassVar[str] = "fourierft_"
     _own: ClassVar[tuple] = ("n_frequency", "scaling")
@@ -279,6 +281,7 @@ class FourierFTConfig(PeftTunerConfig):
 @dataclass
 class BOFTConfig(PeftTunerConfig):
     boft_block_size: int = 4
+    lr: float = 3e-2  # tuned on vlt5-tiny (docs/methods.md, "Default learning rates")
     peft_class: ClassVar[str] = "BOFTConfig"
     param_prefix: ClassVar[str] = "boft_"
     _own: ClassVar[tuple] = ("boft_block_size",)

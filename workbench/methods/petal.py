@@ -191,7 +191,7 @@ class PetalConfig(MethodConfig):
     beta: float | None = None  # (1e-3)
     w_ib: float | None = None  # (0.1)
     w_gate: float | None = None  # (0.0)
-    lr: float = 1e-3
+    lr: float = 3e-3  # tuned on vlt5-tiny (docs/methods.md)
 
     def __post_init__(self) -> None:
         self._resolve()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -154,6 +155,12 @@ def encoder_fingerprint(encoder: nn.Module) -> str:
     return h.hexdigest()
 
 
+def _numerics_key() -> dict:
+    from ..utils import PINNED_CPU_ENV
+
+    return {"capability": torch.backends.cpu.get_cpu_capability(), **{k: os.environ.get(k) for k in PINNED_CPU_ENV}}
+
+
 def _images_and_ids(items, image_loader):
     """-> (uint8 array [n, H, W, 3], image ids or None). Examples are deduplicated by image id."""
     if isinstance(items, torch.Tensor):
@@ -225,6 +232,9 @@ def extract_features(encoder: nn.Module, images_or_examples, cache_dir=None, key
         h.update(images.tobytes())
         h.update(json.dumps(ids).encode())
         h.update(encoder_fingerprint(encoder).encode())
+        # The CNN's floats depend on the CPU code path (utils.pin_cpu_numerics): features computed
+        # under other kernels are other features.
+        h.update(json.dumps(_numerics_key(), sort_keys=True).encode())
         folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         file = folder / f"{key or 'features'}-{h.hexdigest()[:24]}.npy"
         feats = _read_cache(file, len(images))

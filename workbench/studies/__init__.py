@@ -7,8 +7,70 @@ pure maths of :mod:`workbench.probes`.
 - :func:`redundancy_analysis`: MixPHM's redundancy / task-correlation analysis (RSA, CKA, MI
   between a method module's contribution and the frozen or the final representation), for every
   sub-layer method.
+- :class:`Study` (a name, its grids, the analyses its notebook shows), registered with
+  :func:`register_study`; :func:`run_study` trains it (resuming from the run store),
+  :func:`export_study` writes its bundle under ``results/<name>/``, :func:`load_study` reads the
+  bundle as a run store, :func:`verify_study` re-trains a sample and compares. The CLI is
+  ``python -m workbench.studies {list,run,export,status,verify} NAME`` (docs/studies.md).
+- ``gallery``: every registered method on shapes-vqa at N = 16, 64, 1000 over three seeds.
 """
 
+from . import gallery  # noqa: F401 - registers the gallery study
+from .bundle import (
+    TOLERANCE,
+    DamagedBundleError,
+    ExportReport,
+    RunCheck,
+    StudyStatus,
+    StudyStore,
+    VerificationError,
+    VerifyReport,
+    bundle_dir,
+    bundles,
+    current_machine,
+    export_study,
+    load_study,
+    results_root,
+    study_status,
+    verify,
+    verify_study,
+)
 from .redundancy import COLUMNS, MEASURES, TARGETS, redundancy_analysis
+from .study import (
+    Study,
+    get_study,
+    list_studies,
+    register_study,
+    run_study,
+    unregister_study,
+)
 
-__all__ = ["COLUMNS", "MEASURES", "TARGETS", "redundancy_analysis"]
+__all__ = [
+    "COLUMNS",
+    "MEASURES",
+    "TARGETS",
+    "TOLERANCE",
+    "DamagedBundleError",
+    "ExportReport",
+    "RunCheck",
+    "Study",
+    "StudyStatus",
+    "StudyStore",
+    "VerificationError",
+    "VerifyReport",
+    "bundle_dir",
+    "bundles",
+    "current_machine",
+    "export_study",
+    "get_study",
+    "list_studies",
+    "load_study",
+    "redundancy_analysis",
+    "register_study",
+    "results_root",
+    "run_study",
+    "study_status",
+    "unregister_study",
+    "verify",
+    "verify_study",
+]

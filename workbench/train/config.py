@@ -24,8 +24,13 @@ class RunConfig:
     """A low-resource run: backbone x task x N x seed x method, plus the optimiser settings.
 
     Defaults follow the MixPHM recipe (AdamW eps 1e-6, weight decay 0.01 except biases and
-    LayerNorms, linear warm-up 5 %, gradient clipping 5, batch 16) with epoch budgets that fit a
-    2-core CPU. ``lr=None`` takes the method's default learning rate.
+    LayerNorms, linear warm-up 5 %, gradient clipping 5, batch 16) with its early-stopping protocol
+    scaled to the embedded world and counted in optimiser steps (:func:`protocol_budget`): at most
+    ``max_steps`` steps, the dev score every ``eval_every`` steps, stop after ``patience``
+    evaluations without improvement. ``max_steps=None`` / ``eval_every=None`` take the protocol's
+    values for ``n_shots`` (:meth:`budget` resolves them; the hash covers the resolved values).
+    ``lr=None`` takes the method's default learning rate (tuned on the embedded world and recorded
+    in the method's registration).
 
     ``backbone_options`` go to ``load_backbone(backbone, **backbone_options)`` (e.g.
     ``{"feat_dim": 2048}`` for a T5/BART directory, ``{"layout": "text_first"}``).
@@ -48,16 +53,16 @@ class RunConfig:
     # optimisation
     lr: float | None = None
     batch_size: int = 16
-    epochs: int = 40
     max_steps: int | None = None
     warmup_ratio: float = 0.05
     weight_decay: float = 0.01
     adam_eps: float = 1e-6
     grad_clip: float = 5.0
     grad_accum: int = 1
-    # model selection: evaluate on dev every `eval_every` epochs, stop after `patience` evals
-    eval_every: int = 2
-    patience: int = 5
+    # model selection: dev score every `eval_every` optimiser steps, stop after `patience` evaluations
+    # without improvement (None: the protocol's value for n_shots, see protocol_budget)
+    eval_every: int | None = None
+    patience: int = 10
     # data sizes (the pool the split is drawn from, and how many test examples to score)
     pool_size: int | None = None
     test_size: int | None = None
@@ -108,11 +113,10 @@ class RunConfig:
                 if value is not None and not (isinstance(value, str) and value) \
                         and not isinstance(value, os.PathLike):
                     problems.append(f"task_options[{key!r}] must be a path (a non-empty string), got {value!r}")
-        for name in ("n_shots", "batch_size", "epochs", "grad_accum", "eval_every", "patience", "num_beams",
-                     "max_new_tokens"):
+        for name in ("n_shots", "batch_size", "grad_accum", "patience", "num_beams", "max_new_tokens"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 bad(name, "a positive int")
-        for name in ("pool_size", "test_size", "max_steps"):
+        for name in ("pool_size", "test_size", "max_steps", "eval_every"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):
                 bad(name, "a positive int or None")
@@ -145,8 +149,23 @@ class RunConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown RunConfig fields {sorted(unknown)}; known: {sorted(known)}")
+            legacy = " (`epochs` is gone: budgets are counted in steps, see max_steps and eval_every; " \
+                     "a run stored before that change must be trained again)" if "epochs" in unknown else ""
+            raise ValueError(f"unknown RunConfig fields {sorted(unknown)}; known: {sorted(known)}{legacy}")
         return cls(**d)
+
+    def default_lr(self) -> float | None:
+        """The learning rate a run with ``lr=None`` uses: the method's default (its registration's
+        tuned value; ``None`` for a method whose default depends on the backbone's family, e.g.
+        VL-PET, resolved when the method is applied)."""
+        from ..methods import get_config
+
+        return get_config(self.method, **self.method_config).lr
+
+    def budget(self) -> tuple[int, int]:
+        """``(max_steps, eval_every)`` with the protocol's values filled in (:func:`protocol_budget`)."""
+        max_steps, eval_every = protocol_budget(self.n_shots, self.batch_size * self.grad_accum)
+        return (self.max_steps or max_steps, self.eval_every or eval_every)
 
     @property
     def hash(self) -> str:
@@ -175,15 +194,25 @@ class RunConfig:
         d = self.hash_fields()
         # The method's whole resolved config, defaults included: a default that changes in the code
         # names a new run (never a stale one from the store), and spelling a default out changes nothing.
-        d["method_config"] = get_config(self.method, **self.method_config).to_dict()
+        # (its lr aside: the resolved learning rate is the run's own ``lr`` entry, see hash_fields)
+        d["method_config"] = {k: v for k, v in get_config(self.method, **self.method_config).to_dict().items()
+                              if k != "lr"}
         d["backbone_fingerprint"] = backbone_fingerprint(self.backbone)
         d.update(self.data_fingerprints())
         return json.loads(json.dumps(d, sort_keys=True, default=str))
 
     def hash_fields(self) -> dict:
-        """The config fields the hash covers, as JSON would store them (no fingerprints, no defaults)."""
+        """The config fields the hash covers, as JSON would store them (no fingerprints, no method defaults).
+
+        The budget and the learning rate enter resolved (:meth:`budget`, :meth:`default_lr`):
+        spelling out the protocol's ``max_steps`` or the method's default lr names the same run, and
+        a change of the protocol or of a default names new runs instead of reusing old ones.
+        """
         d = {k: v for k, v in self.to_dict().items()
              if k not in _NOT_HASHED and not (k in _HASHED_WHEN_SET and not v)}
+        d["max_steps"], d["eval_every"] = self.budget()
+        if d.get("lr") is None:  # the method's default, likewise (None where it depends on the backbone)
+            d["lr"] = self.default_lr()
         return json.loads(json.dumps(d, sort_keys=True, default=str))
 
     def data_fingerprints(self) -> dict:
@@ -213,6 +242,28 @@ class RunConfig:
 
     def replace(self, **changes) -> "RunConfig":
         return RunConfig.from_dict({**self.to_dict(), **changes})
+
+
+# The protocol (MixPHM's, scaled to the embedded world; docs/data.md, "Budget"). MixPHM trains VL-T5 up
+# to 1,000 epochs, validating every 10 epochs with a patience of 20 validations. On vlt5-tiny the
+# same shape in steps: validate every EVAL_EVERY steps (or every 2 epochs when an epoch is longer),
+# stop after `patience` validations without improvement, never beyond MIN_STEPS steps or
+# EPOCHS_CAP epochs, whichever is more.
+MIN_STEPS = 1000
+EPOCHS_CAP = 30
+EVAL_EVERY = 25
+
+
+def protocol_budget(n_shots: int, batch_size: int = 16) -> tuple[int, int]:
+    """The protocol's ``(max_steps, eval_every)`` for ``n_shots`` training examples.
+
+    ``max_steps = max(1000, 30 epochs)`` and ``eval_every = max(25, 2 epochs)`` (an epoch is
+    ``ceil(n_shots / batch_size)`` steps): N = 16 and N = 64 get 1,000 steps validated every 25
+    (N = 64: every 6 epochs), N = 1000 gets 1,890 steps validated every 126. With the default
+    patience of 10 validations, a run stops 250 steps after its best dev score at small N.
+    """
+    epoch = math.ceil(n_shots / batch_size)
+    return max(MIN_STEPS, EPOCHS_CAP * epoch), max(EVAL_EVERY, 2 * epoch)
 
 
 def hash_of(payload: dict) -> str:

@@ -27,7 +27,7 @@ import torch
 
 from ..data import Example, FeatureStore, TaskSpec, get_task_spec, low_resource_split
 from ..eval import answer_soft_scores, evaluate
-from ..utils import pick_device, seed_everything
+from ..utils import numerics_fingerprint, pick_device, seed_everything
 from . import optim
 from .config import RunConfig, hash_of
 from .store import DONE, DamagedRunError, DamagedRunWarning, RunStore
@@ -497,25 +497,25 @@ def _train(cfg: RunConfig, store: RunStore, run_hash: str, payload: dict) -> Run
     handle = methods.apply(model, cfg.method, **cfg.method_config)
     params = {**methods.count_parameters(model), "projector_note": handle.projector_note}
     lr = cfg.lr if cfg.lr is not None else handle.config.lr
+    total_steps, eval_every = cfg.budget()
     steps_per_epoch = math.ceil(len(train) / (cfg.batch_size * cfg.grad_accum))
-    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
     opt, sched = build_optimizer(handle, cfg, lr, total_steps)
     trainable = [p for _, p in handle.trainable_parameters()]
 
     gen = torch.Generator().manual_seed(cfg.seed)
     answer_rng = np.random.default_rng([cfg.seed, _ANSWER_SEED_SALT]) if sample else None
-    history, best, best_state, bad_evals = [], -1.0, None, 0
-    step, samples, train_time = 0, 0, 0.0
+    history, best, best_step, best_state, bad_evals = [], -1.0, 0, None, 0
+    step, samples, train_time, losses = 0, 0, 0.0, []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     bar = tqdm(total=total_steps, disable=cfg.quiet, desc=f"{cfg.method} N={cfg.n_shots}", unit="step")
     model.train()
+    done = False
     try:
-        for epoch in range(1, cfg.epochs + 1):
-            t0 = time.perf_counter()
+        while not done:  # epochs: one shuffled pass over the training split each
             order = torch.randperm(len(train), generator=gen)
-            losses = []
             micro = [order[i : i + cfg.batch_size] for i in range(0, len(train), cfg.batch_size)]
+            t0 = time.perf_counter()
             for k, idx in enumerate(micro):
                 b = train.batch(idx.to(train.prompt_ids.device), answer_rng=answer_rng)
                 with _autocast(device, cfg.bf16):
@@ -530,28 +530,33 @@ def _train(cfg: RunConfig, store: RunStore, run_hash: str, payload: dict) -> Run
                 (loss / cfg.grad_accum).backward()
                 losses.append(float(loss.detach()))
                 samples += len(idx)
-                if (k + 1) % cfg.grad_accum == 0 or k == len(micro) - 1:
-                    if cfg.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad(set_to_none=True)
-                    step += 1
-                    bar.update(1)
-                    if step >= total_steps:
-                        break
-            train_time += time.perf_counter() - t0
-            record = {"epoch": epoch, "step": step, "loss": float(np.mean(losses))}
-            if epoch % cfg.eval_every == 0 or step >= total_steps or epoch == cfg.epochs:
-                record["dev"] = score(predict(model, dev, cfg), dev_ex, spec)["overall"]
+                if (k + 1) % cfg.grad_accum != 0 and k != len(micro) - 1:
+                    continue
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                bar.update(1)
+                if step % eval_every and step < total_steps:
+                    continue
+                train_time += time.perf_counter() - t0
+                record = {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": float(np.mean(losses)),
+                          "dev": score(predict(model, dev, cfg), dev_ex, spec)["overall"]}
+                losses = []
                 if record["dev"] > best:
-                    best, best_state, bad_evals = record["dev"], handle.state_dict(), 0
+                    best, best_step, best_state, bad_evals = record["dev"], step, handle.state_dict(), 0
                 else:
                     bad_evals += 1
                 bar.set_postfix(loss=f"{record['loss']:.3f}", dev=f"{record['dev']:.3f}")
-            history.append(record)
-            if bad_evals >= cfg.patience or step >= total_steps:
-                break
+                history.append(record)
+                t0 = time.perf_counter()
+                if bad_evals >= cfg.patience or step >= total_steps:
+                    done = True
+                    break
+            else:
+                train_time += time.perf_counter() - t0
     except NonFiniteLossError as e:
         bar.close()
         store.write_failure(cfg.hash, {"config": cfg.to_dict(), "reason": str(e), "step": e.step,
@@ -567,9 +572,10 @@ def _train(cfg: RunConfig, store: RunStore, run_hash: str, payload: dict) -> Run
         "test": score(test_pred, test_ex, spec),
         "test_last": last,
         "dev_best": best,
-        "best_epoch": max((h for h in history if "dev" in h), key=lambda h: h["dev"])["epoch"],
-        "epochs_run": history[-1]["epoch"],
+        "best_step": best_step,
         "steps": step,
+        "evals": len(history),
+        "stopped_early": step < total_steps,
         "lr": lr,
     }
     timings = {
@@ -579,6 +585,7 @@ def _train(cfg: RunConfig, store: RunStore, run_hash: str, payload: dict) -> Run
         "peak_memory_mb": _peak_memory_mb(device),
         "device": str(device),
         "bf16": bool(device.type == "cuda" and cfg.bf16),
+        "numerics": numerics_fingerprint(),  # what the floats depend on (utils.pin_cpu_numerics)
     }
     path = store.write(run_hash, {"config": cfg.to_dict(), "identity": {"hash": run_hash, "payload": payload},
                                   "metrics": metrics, "history": history,
@@ -641,7 +648,7 @@ def _check_identity(cfg: RunConfig, identity, run_hash: str, path) -> None:
         mine = {k: v for k, v in cfg.hash_fields().items() if k != "method_config"}
         ok = ok and all(payload.get(k) == v for k, v in mine.items())
         ok = ok and set(payload) - set(mine) <= set(_DERIVED)
-        ok = ok and all(payload["method_config"].get(k) == v for k, v in cfg.method_config.items())
+        ok = ok and all(payload["method_config"].get(k) == v for k, v in cfg.method_config.items() if k != "lr")
     except (KeyError, TypeError, AttributeError) as e:
         raise DamagedRunError(path, "identity.json", f"not a valid identity record ({e})") from None
     if not ok:
@@ -668,11 +675,15 @@ def load_results(store: RunStore | str | None = None):
     for p in stray:
         warnings.warn(f"skipping {p}: a directory holding {DONE} that is not a run (left by an interrupted "
                       "write; delete it)", DamagedRunWarning, stacklevel=2)
+    legacy = []
     for h in runs:
         try:
             r = load_run(h, store)
         except DamagedRunError as e:
-            warnings.warn(f"skipping {e}", DamagedRunWarning, stacklevel=2)
+            if "`epochs` is gone" in e.reason:  # not damaged: written before budgets were counted in steps
+                legacy.append(h)
+            else:
+                warnings.warn(f"skipping {e}", DamagedRunWarning, stacklevel=2)
             continue
         except FileNotFoundError:  # replaced or removed while the store was read
             continue
@@ -688,4 +699,9 @@ def load_results(store: RunStore | str | None = None):
         row["samples_per_s"] = r.timings.get("samples_per_s")
         row["wall_s"] = r.timings["wall_s"]
         rows.append(row)
+    if legacy:  # one warning, not one per run: a store kept across the change holds many
+        warnings.warn(f"skipping {len(legacy)} runs of {store.root} written before budgets were counted in steps "
+                      f"(their config has `epochs`; e.g. {', '.join(legacy[:3])}): they cannot be compared with "
+                      "runs of the current protocol; delete them or move them to another store",
+                      DamagedRunWarning, stacklevel=2)
     return pd.DataFrame(rows)

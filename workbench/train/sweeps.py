@@ -4,7 +4,7 @@ Three steps, each usable alone::
 
     from workbench.train import RunConfig, grid, sweep, summarize, compare
 
-    configs = grid(RunConfig(epochs=10), method=["full", "lora"], n_shots=[16, 64], seed=[13, 21, 42])
+    configs = grid(RunConfig(max_steps=200), method=["full", "lora"], n_shots=[16, 64], seed=[13, 21, 42])
     df = sweep(configs, executor="processes", workers=2)   # one row per config; finished runs are reused
     summarize(df, by=("method", "n_shots"))                # mean, std, n, 95 % t-interval over seeds
     compare(df, "lora", "full", by="n_shots")              # paired over seeds: lora - full
@@ -25,7 +25,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .config import RunConfig
-from .store import RunStore
+from .store import DamagedRunError, DamagedRunWarning, RunStore
 
 EXECUTORS = ("local", "processes", "ray")
 STATUSES = ("done", "reused", "failed")
@@ -68,7 +68,7 @@ def grid(base: RunConfig, **axes) -> list[RunConfig]:
     config rejects (e.g. ``n_shots=0``, ``method_config__r=[-1]``).
 
     Example:
-        >>> base = RunConfig(epochs=4)
+        >>> base = RunConfig(max_steps=100)
         >>> cfgs = grid(base, method="lora", n_shots=[16, 64], method_config__r=[4, 8])
         >>> [(c.n_shots, c.method_config["r"]) for c in cfgs]
         [(16, 4), (16, 8), (64, 4), (64, 8)]
@@ -194,14 +194,19 @@ def _run_in_worker(cfg_dict: dict, store_root: str):
         return ("failed", _error_text(e), _picklable(e))
 
 
-def _run_remote(cfg_dict: dict, threads: int):
+def _run_remote(cfg_dict: dict, threads: int, hide_gpus: bool = False):
     """One run as a Ray task, in a private temporary store; returns what the driver writes.
 
-    ``("ok", records, safetensors bytes or None)`` where records are the run's JSON files, or
-    ``("failed", error text, failure record or None)``. Nothing on the worker outlives the task.
+    ``("ok", hash, records, safetensors bytes or None)`` where records are the run's JSON files and
+    hash the one this worker computed, or ``("failed", error text, failure record or None)``.
+    ``hide_gpus``: the task was given no GPU on a cluster that has some, so CUDA is hidden (Ray
+    leaves ``CUDA_VISIBLE_DEVICES`` alone for a task with ``num_gpus=0``) and ``device=None`` trains
+    on the CPU. Nothing on the worker outlives the task.
     """
     import shutil
 
+    if hide_gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import torch
 
     from .loop import run
@@ -219,7 +224,7 @@ def _run_remote(cfg_dict: dict, threads: int):
             return ("failed", _error_text(e), record)
         records = store.read(result.hash)
         weights = store.path(result.hash) / "method.safetensors"
-        return ("ok", records, weights.read_bytes() if weights.exists() else None)
+        return ("ok", result.hash, records, weights.read_bytes() if weights.exists() else None)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -238,12 +243,15 @@ def _row(cfg: RunConfig, run_hash, result, status: str, error: str | None, mc_ke
         row[f"method_config{_SEP}{k}"] = resolved.get(k, nan)
     row.update(run=run_hash, status=status, error=error)
     if result is None:
-        row.update(test_acc=nan, test_acc_last=nan, dev_best=nan, trainable=nan, trainable_pct=nan, wall_s=nan)
+        row.update(test_acc=nan, test_acc_last=nan, dev_best=nan, steps=nan, best_step=nan, trainable=nan,
+                   trainable_pct=nan, wall_s=nan)
         return row
     m = result.metrics
     row["test_acc"] = m["test"]["overall"]
     row["test_acc_last"] = m["test_last"]["overall"]
     row["dev_best"] = m["dev_best"]
+    row["steps"] = m.get("steps", nan)
+    row["best_step"] = m.get("best_step", nan)
     for t, v in m["test"].get("per_type", {}).items():
         row[f"acc/{t}"] = v
     row["trainable"] = result.params["trainable"]
@@ -252,47 +260,83 @@ def _row(cfg: RunConfig, run_hash, result, status: str, error: str | None, mc_ke
     return row
 
 
+def _stored_run(run_hash: str, store: RunStore):
+    """A finished run from the store, or None (with a DamagedRunWarning) when it is damaged: trained again."""
+    import warnings
+
+    from .loop import load_run
+
+    try:
+        return load_run(run_hash, store)
+    except DamagedRunError as e:
+        warnings.warn(f"{e}; training the run again", DamagedRunWarning, stacklevel=3)
+    except FileNotFoundError:  # removed between the check and the read
+        pass
+    return None
+
+
 def sweep(configs, executor: str = "local", store: RunStore | str | os.PathLike | None = None,
           workers: int | None = None, progress: bool = True, raise_on_error: bool = False,
-          threads: int | None = None, ray_options=None):
+          threads: int | None = None, ray_options=None, num_cpus: float | None = None,
+          num_gpus: float | None = None, ray_address: str | None = None):
     """Run every config (reusing finished runs) and return one row per config as a DataFrame.
 
     Args:
         configs: RunConfigs (e.g. from :func:`grid`); the same config twice is trained once.
         executor: ``"local"`` (one after the other in this process), ``"processes"`` (a spawn
             process pool; each worker runs ``run(cfg, store=store)`` with ``threads`` torch
-            threads, by default ``cores // workers``) or ``"ray"`` (one Ray task per config, on the
-            cluster at ``$RAY_ADDRESS`` or a local one; each task trains into a private temporary
-            store and sends its records and method weights back; the driver writes the store,
-            so no shared file system is needed; needs ``pip install ray``).
+            threads, by default ``cores // workers``) or ``"ray"`` (one Ray task per config to
+            train; needs ``pip install ray``). Ray: the Ray this process is already connected to
+            (``ray.init(...)`` before ``sweep``), else the cluster at ``ray_address`` or
+            ``$RAY_ADDRESS`` (``ray start --head`` prints it), else a local Ray started on this
+            machine (it stays up for later sweeps; ``ray.shutdown()`` stops it). A cluster that
+            cannot be reached raises ``ConnectionError`` within seconds, before anything runs.
+            Each task trains into a private temporary store on its node and sends the run's
+            records and method weights back; the driver writes them to ``store``, so the nodes
+            need no shared file system, only the workbench installed and the config's backbone
+            and data at the same paths. Finished runs are read from ``store`` before any task
+            starts and are never sent to the cluster.
         store: a :class:`RunStore` or directory (default ``runs/`` or ``$WORKBENCH_RUNS``). It must
             be writable: an ``OSError`` is raised before the first run otherwise.
         workers: pool size for ``"processes"`` (default: ``min(#configs to train, cores)``).
         progress: a tqdm bar over runs (with done / reused / failed counts).
         raise_on_error: re-raise the first failure instead of recording it and going on.
-        threads: torch threads per worker (``"processes"``, ``"ray"``).
-        ray_options: ``.options()`` of each Ray task, a dict or a callable ``cfg -> dict``, e.g.
-            ``{"num_cpus": 2, "num_gpus": 0.25}`` (fractional GPUs share one device); default
-            ``{"num_cpus": 1}``.
+        threads: torch threads per worker (``"processes"``) or per Ray task (default: the task's
+            ``num_cpus`` rounded down, at least 1).
+        num_cpus: CPUs each Ray task reserves (default 1; a fraction or 0 is allowed).
+        num_gpus: GPUs each Ray task reserves (default 0). A fraction shares one device:
+            ``num_gpus=0.25`` runs four configs at a time on each GPU (Ray only counts; the runs
+            must fit in the GPU's memory together); above 1 it must be whole. A task with a
+            GPU trains on it (``RunConfig.device=None``); on a cluster with GPUs a task with
+            ``num_gpus=0`` is shown no GPU and trains on its CPUs. A request that no node of the
+            cluster can hold raises ``ValueError`` before anything runs.
+        ray_address: the Ray cluster to use (``"host:port"`` of its head, ``"ray://host:10001"``
+            for Ray Client, ``"auto"``, or ``"local"`` to start a new local Ray); default
+            ``$RAY_ADDRESS``. Ignored when this process is already connected to Ray.
+        ray_options: more ``.options()`` of each Ray task, a dict or a callable ``cfg -> dict``
+            (per-config resources, e.g. ``lambda c: {"num_gpus": 1 if c.method == "full" else 0.25}``,
+            ``max_retries``, ``resources``, ...); ``num_cpus`` / ``num_gpus`` given to ``sweep``
+            override its entries. ``num_cpus``, ``num_gpus``, ``ray_address`` and ``ray_options``
+            are for ``executor="ray"`` only (a ``ValueError`` otherwise).
 
     Returns:
         A pandas DataFrame, one row per config in the order given: every RunConfig field, a
         ``method_config__<key>`` column per method option set in any config (its resolved value),
         ``run`` (the hash), ``status`` (``"done"`` trained now, ``"reused"`` read from the store,
         ``"failed"``), ``error`` (``"Type: message"`` of a failure, else None), ``test_acc``,
-        ``test_acc_last``, ``dev_best``, ``acc/<question type>``, ``trainable``, ``trainable_pct``
+        ``test_acc_last``, ``dev_best``, ``steps``, ``best_step``, ``acc/<question type>``, ``trainable``, ``trainable_pct``
         and ``wall_s`` (the run's own wall time, also for reused runs). A failed row has NaN metrics.
 
     Example:
-        >>> df = sweep(grid(RunConfig(epochs=4), seed=[13, 21]), progress=False)   # doctest: +SKIP
+        >>> df = sweep(grid(RunConfig(max_steps=100), seed=[13, 21]), progress=False)   # doctest: +SKIP
         >>> df[["seed", "status", "test_acc"]]                                        # doctest: +SKIP
-        >>> sweep(grid(RunConfig(epochs=4), seed=[13, 21])).status.tolist()          # doctest: +SKIP
+        >>> sweep(grid(RunConfig(max_steps=100), seed=[13, 21])).status.tolist()          # doctest: +SKIP
         ['reused', 'reused']
     """
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from .loop import load_run, run
+    from .loop import run
 
     if executor not in EXECUTORS:
         raise ValueError(f"sweep: executor must be one of {list(EXECUTORS)}, got {executor!r}")
@@ -301,12 +345,9 @@ def sweep(configs, executor: str = "local", store: RunStore | str | os.PathLike 
     if bad:
         raise TypeError(f"sweep: configs must be RunConfigs, got {bad[0]}")
     ray = None
+    resources = _check_ray_args(executor, num_cpus, num_gpus, ray_address, ray_options)
     if executor == "ray":
-        try:
-            import ray
-        except ImportError:
-            raise ImportError("sweep(executor='ray') needs Ray: pip install ray "
-                              "(or pip install 'workbench[distributed]')") from None
+        ray = _import_ray()
     store = _open_store(store)
 
     mc_keys = list(dict.fromkeys(k for c in configs for k in c.method_config))
@@ -338,8 +379,8 @@ def sweep(configs, executor: str = "local", store: RunStore | str | os.PathLike 
             bar.update(1)
         elif h in todo:
             todo[h].append(i)
-        elif store.is_finished(h):
-            finish(i, "reused", load_run(h, store), None)
+        elif store.is_finished(h) and (stored := _stored_run(h, store)) is not None:
+            finish(i, "reused", stored, None)
         else:
             todo[h] = [i]
 
@@ -363,7 +404,8 @@ def sweep(configs, executor: str = "local", store: RunStore | str | os.PathLike 
         elif executor == "processes" and todo:
             _sweep_processes(configs, todo, store, workers, threads, raise_on_error, settle)
         elif executor == "ray" and todo:
-            _sweep_ray(ray, configs, todo, store, threads, ray_options, raise_on_error, settle)
+            _sweep_ray(ray, configs, todo, store, threads, ray_options, resources, ray_address,
+                       raise_on_error, settle)
     finally:
         bar.close()
     return pd.DataFrame(rows)
@@ -401,19 +443,210 @@ def _sweep_processes(configs, todo, store, workers, threads, raise_on_error, set
             raise
 
 
-def _sweep_ray(ray, configs, todo, store, threads, ray_options, raise_on_error, settle):
+# ------------------------------------------------------------------------------------------- Ray
+# ray.init can wait minutes on an address where no Ray answers; these bound the checks made first.
+_RAY_CONNECT_TIMEOUT_S = 5.0  # a TCP connection to the cluster's address
+_RAY_PROBE_TIMEOUT_S = 8.0  # then Ray's own GCS client: does a Ray head answer there?
+_RAY_HINT = ("Start a cluster with `ray start --head` on its head node (it prints the address to set as "
+             "RAY_ADDRESS or pass as ray_address=); or, to use a local Ray on this machine, unset RAY_ADDRESS "
+             "and drop ray_address= (sweep then starts one), or call ray.init(num_cpus=...) before sweep")
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("sweep(executor='ray') needs Ray: pip install ray "
+                          "(or pip install 'workbench[distributed]')") from None
+    return ray
+
+
+def _is_amount(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+
+def _check_ray_args(executor, num_cpus, num_gpus, ray_address, ray_options) -> dict:
+    """The per-task resources given to sweep, checked before anything runs (empty if none)."""
+    given = {k: v for k, v in (("num_cpus", num_cpus), ("num_gpus", num_gpus), ("ray_address", ray_address),
+                               ("ray_options", ray_options)) if v is not None}
+    if given and executor != "ray":
+        raise ValueError(f"sweep: {', '.join(given)} {'is' if len(given) == 1 else 'are'} for executor='ray' "
+                         f"(executor={executor!r}; the process pool takes workers= and threads=)")
+    out = {}
+    for name, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
+        if value is None:
+            continue
+        if not _is_amount(value):
+            raise ValueError(f"sweep: {name} must be a number >= 0, got {value!r}")
+        if name == "num_gpus" and value > 1 and value != int(value):
+            raise ValueError(f"sweep: num_gpus={value!r}: GPUs above 1 must be whole (a fraction below 1 shares "
+                             f"one device: num_gpus=0.25 is four runs per GPU)")
+        out[name] = value
+    if ray_address is not None and (not isinstance(ray_address, str) or not ray_address.strip()):
+        raise ValueError(f"sweep: ray_address must be a non-empty string such as '10.0.0.1:6379', got {ray_address!r}")
+    if ray_options is not None and not (isinstance(ray_options, dict) or callable(ray_options)):
+        raise TypeError(f"sweep: ray_options must be a dict or a callable cfg -> dict, got {type(ray_options).__name__}")
+    return out
+
+
+def _split_host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of ``host:port`` / ``[v6]:port`` / ``scheme://host:port``; None if it has no port."""
+    rest = address.split("://", 1)[-1].split("/", 1)[0]
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _reachable(host: str, port: int, timeout: float) -> str | None:
+    """None if a TCP connection to ``host:port`` opens within ``timeout`` seconds, else why not."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except TimeoutError:
+        return f"no answer within {timeout:g} s"
+    except OSError as e:
+        return e.strerror or str(e)
+
+
+def _probe_gcs(address: str, timeout: float) -> str | None:
+    """None if a Ray head (its GCS) answers at ``host:port`` within ``timeout`` seconds, else why not.
+
+    Ray's own client, in a daemon thread so that a silent address is given up after ``timeout``
+    (the client itself waits about 40 s). None too when the client is not there to ask.
+    """
+    import threading
+
+    try:
+        from ray._raylet import GcsClient
+    except Exception:  # noqa: BLE001 - a private class that moved: ray.init will tell
+        return None
+    box = {}
+
+    def probe():
+        try:
+            GcsClient(address=address)
+            box["ok"] = True
+        except Exception as e:  # noqa: BLE001 - reported to the caller
+            box["error"] = str(e) or type(e).__name__
+
+    t = threading.Thread(target=probe, name="workbench-ray-probe", daemon=True)
+    t.start()
+    t.join(timeout)
+    if "ok" in box:
+        return None
+    if "error" in box:
+        return f"a connection opens but no Ray head answers: {box['error']}"
+    return f"a connection opens but no Ray head answers within {timeout:g} s"
+
+
+def _is_auth_error(text: str) -> bool:
+    t = text.lower()
+    return "authtoken" in t or "authenticat" in t
+
+
+def _connect_ray(ray, address: str | None) -> None:
+    """Connect this process to Ray (unless it already is): the cluster at ``address`` /
+    ``$RAY_ADDRESS`` (or found by ``"auto"``), checked reachable first because ``ray.init`` can wait
+    minutes on an address where nothing answers, else a new local Ray."""
+    if ray.is_initialized():
+        return
+    env = os.environ.get("RAY_ADDRESS") or None
+    given = address or env
+    source = "ray_address=" if address else ("$RAY_ADDRESS" if env else None)
+    target = given
+    if given is None or "://" not in given:
+        # What ray.init will connect to: None (start a local Ray), or host:port, "auto" and None
+        # resolved as Ray does (the cluster of the last `ray start` on this machine, if any).
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+
+            target = canonicalize_bootstrap_address(given)
+        except ConnectionError as e:  # "auto" and no cluster on this machine
+            raise ConnectionError(f"sweep: no Ray cluster found for address {given!r} ({source or 'the default'}): "
+                                  f"{e}; nothing was run. {_RAY_HINT}.") from None
+        except ValueError as e:
+            raise ValueError(f"sweep: the Ray address {given!r} ({source}) is not valid ({e}): "
+                             f"give 'host:port', 'ray://host:port', 'auto' or 'local'") from None
+        except Exception:  # noqa: BLE001 - a private Ray helper that moved: check the address as given
+            target = given if given not in (None, "auto", "local") else None
+        if target is not None and source is None:
+            source = "the last `ray start` on this machine"
+    if target is not None:
+        parsed = _split_host_port(target)
+        if parsed is None:
+            raise ValueError(f"sweep: the Ray address {target!r} ({source}) has no port: give 'host:port' "
+                             f"(the head node's GCS port, 6379 by default) or 'ray://host:port'")
+        why = _reachable(*parsed, _RAY_CONNECT_TIMEOUT_S)
+        if why is None and "://" not in target:  # a GCS address (Ray Client's server is another service)
+            why = _probe_gcs(target, _RAY_PROBE_TIMEOUT_S)
+            if why is not None and _is_auth_error(why):
+                if given in (None, "auto"):
+                    why = None  # a head answers; ray.init turns token authentication on for a cluster it finds
+                else:
+                    import re
+
+                    detail = re.search(r"authentication token[^.;]*", why, re.IGNORECASE)
+                    raise ConnectionError(
+                        f"sweep: the Ray cluster at {given} ({source}) answers but refuses this process: it uses "
+                        f"token authentication ({detail.group(0) if detail else why}); nothing was run. Set "
+                        f"RAY_AUTH_MODE=token here and give the cluster's token (RAY_AUTH_TOKEN, or the file "
+                        f"~/.ray/auth_token; `ray get-auth-token` on the head prints it)")
+        if why is not None:
+            shown = given if given and given != "auto" else target
+            raise ConnectionError(f"sweep: the Ray cluster at {shown} ({source}) cannot be reached ({why}); "
+                                  f"nothing was run. {_RAY_HINT}.")
+    try:
+        ray.init(address=given, ignore_reinit_error=True, log_to_driver=False)
+    except ConnectionError as e:
+        raise ConnectionError(f"sweep: could not connect to the Ray cluster at {given} ({source}): {e}; "
+                              f"nothing was run. {_RAY_HINT}.") from e
+
+
+def _task_options(cfg, ray_options, resources) -> dict:
+    opts = ray_options(cfg) if callable(ray_options) else dict(ray_options or {})
+    if not isinstance(opts, dict):
+        raise TypeError(f"sweep: ray_options(cfg) must return a dict, got {type(opts).__name__}")
+    opts = {"num_cpus": 1, **opts, **resources}
+    for name in ("num_cpus", "num_gpus"):
+        if name in opts and opts[name] is not None and not _is_amount(opts[name]):
+            raise ValueError(f"sweep: Ray task {name} must be a number >= 0, got {opts[name]!r}")
+    return opts
+
+
+def _check_cluster_fits(ray, options: list[dict]) -> bool:
+    """Raise if some task asks for more CPUs / GPUs than any live node has (it would wait forever);
+    return whether the cluster has GPUs."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive", True)]
+    for key, res in (("num_cpus", "CPU"), ("num_gpus", "GPU")):
+        want = max((o.get(key) or 0 for o in options), default=0)
+        most = max((n.get(res, 0) for n in nodes), default=0)
+        if want > most:
+            total = sum(n.get(res, 0) for n in nodes)
+            raise ValueError(f"sweep: a Ray task asks for {key}={want:g} but no node of the cluster has that many "
+                             f"(largest node: {most:g} {res}, {total:g} in all on {len(nodes)} node(s)); it could "
+                             f"never start. Lower {key}, or add a node with more {res}s "
+                             f"(ray start --address=<head> --num-{res.lower()}s=...); nothing was run")
+    return any(n.get("GPU", 0) > 0 for n in nodes)
+
+
+def _sweep_ray(ray, configs, todo, store, threads, ray_options, resources, address, raise_on_error, settle):
     from .loop import load_run
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=False)
+    options = {h: _task_options(configs[idx[0]], ray_options, resources) for h, idx in todo.items()}
+    _connect_ray(ray, address)
+    has_gpus = _check_cluster_fits(ray, list(options.values()))
     remote = ray.remote(_run_remote)
     refs = {}
     for h, idx in todo.items():
-        cfg = configs[idx[0]]
-        opts = ray_options(cfg) if callable(ray_options) else dict(ray_options or {"num_cpus": 1})
-        opts.setdefault("num_cpus", 1)
-        n_threads = threads if threads is not None else max(1, int(opts["num_cpus"]))
-        refs[remote.options(**opts).remote({**cfg.to_dict(), "quiet": True}, n_threads)] = h
+        opts = dict(options[h])
+        hide_gpus = has_gpus and not opts.get("num_gpus")
+        if hide_gpus:  # CUDA hidden in this worker: let it exit after the task, not serve a GPU task later
+            opts.setdefault("max_calls", 1)
+        n_threads = threads if threads is not None else max(1, int(opts.get("num_cpus") or 1))
+        refs[remote.options(**opts).remote({**configs[idx[0]].to_dict(), "quiet": True}, n_threads, hide_gpus)] = h
     pending = list(refs)
     try:
         while pending:
@@ -424,8 +657,12 @@ def _sweep_ray(ray, configs, todo, store, threads, ray_options, raise_on_error, 
                 out = ray.get(ref)
             except Exception as e:  # noqa: BLE001 - the task or its worker died
                 out = ("failed", _error_text(e), None)
+            if out[0] == "ok" and out[1] != h:
+                why = (f"RuntimeError: the Ray worker computed hash {out[1]} for run {h}: the backbone "
+                       f"or data files differ between this machine and the worker's node")
+                out = ("failed", why, None)
             if out[0] == "ok":
-                _, records, weights = out
+                _, _, records, weights = out
                 tensors = None
                 if weights is not None:
                     from safetensors.torch import load as load_safetensors

@@ -36,18 +36,18 @@ def results_table(results: Sequence, digits: int = 3):
 
 
 def plot_learning_curves(results: Sequence, title: str = "learning curves"):
-    """Training loss and dev accuracy against epochs, one line per run."""
+    """Training loss and dev accuracy against optimiser steps, one line per run (one point per evaluation)."""
     if not results:
         raise ValueError("plot_learning_curves needs at least one RunResult")
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6))
     for r in results:
         label = f"{r.config.method} N={r.config.n_shots}"
         h = r.history
-        line, = a.plot([x["epoch"] for x in h], [x["loss"] for x in h], label=label)
+        line, = a.plot([x["step"] for x in h], [x["loss"] for x in h], label=label)
         dev = [x for x in h if "dev" in x]
-        b.plot([x["epoch"] for x in dev], [x["dev"] for x in dev], marker="o", color=line.get_color(), label=label)
-    a.set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss")
-    b.set(xlabel="epoch", ylabel="dev accuracy", title="dev accuracy (model selection)")
+        b.plot([x["step"] for x in dev], [x["dev"] for x in dev], marker=".", color=line.get_color(), label=label)
+    a.set(xlabel="step", ylabel="training loss", yscale="log", title="training loss")
+    b.set(xlabel="step", ylabel="dev accuracy", title="dev accuracy (model selection)")
     b.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
@@ -118,6 +118,52 @@ def plot_accuracy_vs_params(results: Sequence, reference: str = "full", title: s
     return fig
 
 
+def plot_summary_vs_params(table, reference: str = "full", title: str = "accuracy against trainable parameters",
+                           baselines: dict | None = None, ax=None):
+    """Mean test accuracy over seeds against % trainable parameters (log x), with error bars.
+
+    ``table`` has one row per method: ``method``, ``mean``, ``std``, ``n`` and ``trainable_pct``
+    (e.g. :func:`workbench.train.summarize` of one N with the runs' trainable share added, as the
+    gallery study's ``summary`` analysis gives). Error bars are one standard deviation over seeds
+    (none where a method has one seed). The ``reference`` method is a dashed line with a grey band
+    of +- one std; ``baselines`` (``{label: accuracy}``) add dotted lines. Returns the figure.
+    """
+    import numpy as np
+
+    need = {"method", "mean", "std", "n", "trainable_pct"}
+    if missing := need - set(table.columns):
+        raise ValueError(f"plot_summary_vs_params needs columns {sorted(need)}; missing {sorted(missing)}")
+    if table.empty:
+        raise ValueError("plot_summary_vs_params needs at least one row")
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(9, 5.2))
+    else:
+        fig = ax.figure
+    points = table[table["method"] != reference]
+    families = sorted({method_family(m) for m in points["method"]})
+    cmap = plt.get_cmap("tab10" if len(families) <= 10 else "tab20")
+    for i, family in enumerate(families):
+        rows = points[points["method"].map(method_family) == family]
+        ax.errorbar(rows["trainable_pct"], rows["mean"], yerr=np.nan_to_num(rows["std"].to_numpy(float)), fmt="o",
+                    ms=6, color=cmap(i % cmap.N), ecolor=cmap(i % cmap.N), elinewidth=1, capsize=2,
+                    markeredgecolor="black", markeredgewidth=0.4, label=family, zorder=3)
+    for _, r in table[table["method"] == reference].iterrows():
+        ax.axhline(r["mean"], color="black", linestyle="--", linewidth=1, zorder=1,
+                   label=f"{reference} fine-tuning: {r['mean']:.2f} (n = {int(r['n'])})")
+        if r["n"] > 1 and np.isfinite(r["std"]):
+            ax.axhspan(r["mean"] - r["std"], r["mean"] + r["std"], color="grey", alpha=0.15, zorder=0)
+    for label, acc in (baselines or {}).items():
+        ax.axhline(acc, color="grey", linestyle=":", linewidth=1.2, zorder=1, label=f"{label}: {acc:.2f}")
+    ax.set_xscale("log")
+    ax.set(xlabel="trainable parameters (% of the backbone, log scale)", ylabel="test accuracy (mean +- std over seeds)",
+           title=title)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    _label_points(ax, list(zip(points["method"], points["trainable_pct"], points["mean"])))
+    return fig
+
+
 def _label_points(ax, labelled: list) -> None:
     """Annotate ``(label, x, y)`` points, stacking a label higher (with a leader line) when it would
     overlap a label already placed: many runs share an accuracy (0, or the "always no" score)."""
@@ -140,8 +186,8 @@ def _label_points(ax, labelled: list) -> None:
 
 
 def answers_table(results: Sequence, digits: int = 2):
-    """What each run learned to say: one row per run with its learning rate, the epochs it ran, the
-    dev-best epoch, the last training loss, and its most frequent test prediction with that
+    """What each run learned to say: one row per run with its learning rate, the steps it ran, the
+    dev-best step, the last training loss, and its most frequent test prediction with that
     answer's share and the number of distinct answers. Shows at a glance which runs still produce
     the pre-training format (captions) instead of answers.
     """
@@ -159,8 +205,8 @@ def answers_table(results: Sequence, digits: int = 2):
         rows.append({
             "run": run_label(r),
             "lr": r.metrics.get("lr"),
-            "epochs run": r.metrics.get("epochs_run", r.history[-1]["epoch"] if r.history else None),
-            "best epoch": r.metrics.get("best_epoch"),
+            "steps run": r.metrics.get("steps"),
+            "best step": r.metrics.get("best_step"),
             "last train loss": r.history[-1]["loss"] if r.history else float("nan"),
             "most frequent answer": top,
             "its share": count / len(preds) if preds else float("nan"),

@@ -1,0 +1,160 @@
+"""Every committed study bundle (results/<name>/) is re-verified: a small sample of its runs is
+re-trained on this machine and must give the bundle's metrics -- exactly when the bundle's recorded
+machine fingerprint matches this one, within the stated tolerance otherwise (docs/studies.md).
+
+The machinery itself is checked on a tiny two-run bundle built here, whether or not any bundle is
+committed: a faithful bundle verifies exactly, a tampered metric is detected in both modes.
+
+WORKBENCH_VERIFY_SAMPLE (default 1) sets how many runs of each committed bundle are re-trained and
+WORKBENCH_VERIFY_MAX_S (default 120) the largest recorded wall time of a sampled run, so that CI
+stays within budget (a bundle with no run that cheap re-trains its cheapest run).
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+from workbench.studies import (
+    Study,
+    VerificationError,
+    bundles,
+    export_study,
+    register_study,
+    run_study,
+    unregister_study,
+    verify_study,
+)
+from workbench.train import RunConfig, RunStore, grid
+from workbench.utils import repo_root
+
+RESULTS = repo_root() / "results"
+SAMPLE = int(os.environ.get("WORKBENCH_VERIFY_SAMPLE", "1"))
+MAX_WALL_S = float(os.environ.get("WORKBENCH_VERIFY_MAX_S", "120"))
+NAME = "tiny-verify"
+CORPUS = ["vqa: " + w for w in ("what color is the shape?", "how many circles are there?", "is there a red square?")]
+CORPUS += ["yes", "no", "red", "blue", "circle", "square", "1", "2", "caption:", "a small red circle at the top"]
+
+
+@pytest.mark.parametrize("name", bundles(RESULTS))
+def test_committed_bundle_reproduces_on_this_machine(name):
+    report = verify_study(name, sample=SAMPLE, seed=0, root=RESULTS, max_wall_s=MAX_WALL_S)
+    print(report.summary())
+    report.raise_if_failed()
+
+
+# ------------------------------------------------------------------ the machinery on a tiny bundle
+@pytest.fixture(scope="module")
+def tiny_backbone(tmp_path_factory):
+    from workbench.models.testing import tiny_vlmodel
+
+    model = tiny_vlmodel("t5", feat_dim=24, visual_encoder={"grid": 2, "channels": (8, 8, 8), "pos_dim": 8, "groups": 4},
+                         seed=0, name="tiny-test", corpus=CORPUS, vocab_size=320,
+                         d_model=32, layers=1, heads=2, d_ff=64)
+    path = tmp_path_factory.mktemp("tiny-backbone") / "ckpt"
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_bundle(tiny_backbone, tmp_path, monkeypatch):
+    """A two-run study run and exported into tmp_path/results; yields (results root, run hashes)."""
+    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
+    base = RunConfig(backbone=str(tiny_backbone), task="shapes-vqa", n_shots=16, seed=13, method="lora",
+                     max_steps=6, eval_every=2, patience=3, batch_size=8, pool_size=64, test_size=24, quiet=True,
+                     task_options={"n_scenes": 40})
+    study = register_study(Study(NAME, "two tiny runs", grids=lambda: grid(base, seed=[13, 21])))
+    try:
+        run_study(NAME, store=tmp_path / "runs", results=tmp_path / "results", progress=False)
+        report = export_study(NAME, store=tmp_path / "runs", root=tmp_path / "results")
+        assert report.complete
+        yield tmp_path / "results", study.hashes()
+    finally:
+        unregister_study(NAME)
+
+
+def tamper_metric(root, run_hash, delta):
+    """Re-publish a bundle run with its test accuracy moved by ``delta`` and a valid manifest, as if
+    the bundle had been produced by code that computes something else."""
+    bundle = RunStore(root / NAME)
+    records = bundle.read(run_hash)
+    records["metrics"]["test"]["overall"] += delta
+    bundle.write(run_hash, records)
+
+
+def set_recorded_machine(root, machine):
+    """Replace the machine record of every run (None: unrecorded)."""
+    path = root / NAME / "provenance.json"
+    prov = json.loads(path.read_text())
+    prov["machines"] = [machine] if machine else []
+    for entry in prov["runs"].values():
+        entry["machine"] = 0 if machine else None
+    path.write_text(json.dumps(prov))
+
+
+def test_a_faithful_bundle_verifies_exactly(tiny_bundle):
+    root, hashes = tiny_bundle
+    report = verify_study(NAME, sample=None, root=root)
+    assert report.ok, report.summary()
+    assert [c.run for c in report.checks] == sorted(hashes)
+    assert all(c.mode == "exact" and c.status == "match" and not c.differences for c in report.checks)
+    report.raise_if_failed()
+    assert report.frame()["ok"].all()
+    # the sample is drawn reproducibly
+    assert [c.run for c in verify_study(NAME, sample=1, seed=3, root=root).checks] == \
+        [c.run for c in verify_study(NAME, sample=1, seed=3, root=root).checks]
+
+
+def test_a_tampered_metric_is_detected(tiny_bundle):
+    root, hashes = tiny_bundle
+    tamper_metric(root, hashes[1], 0.5)
+    report = verify_study(NAME, runs=hashes, root=root)
+    assert not report.ok
+    good, bad = report.checks
+    assert good.status == "match" and bad.status == "mismatch" and bad.mode == "exact"
+    assert any(d.startswith("metrics.test.overall:") for d in bad.differences)
+    with pytest.raises(VerificationError, match=f"{hashes[1]}.*MISMATCH"):
+        report.raise_if_failed()
+
+    # On an unrecorded (or different) machine the comparison is within the tolerance: 0.5 is still caught.
+    set_recorded_machine(root, None)
+    report = verify_study(NAME, runs=hashes[1], root=root)
+    (check,) = report.checks
+    assert check.mode == "tolerance" and check.tolerance == 0.02 and check.status == "mismatch"
+    assert "not recorded" in check.machine_differences[0]
+
+
+def test_a_small_drift_passes_only_within_tolerance(tiny_bundle):
+    root, hashes = tiny_bundle
+    tamper_metric(root, hashes[0], 0.01)
+    (check,) = verify_study(NAME, runs=hashes[0], root=root).checks
+    assert check.mode == "exact" and check.status == "mismatch"  # same machine: must be identical
+
+    prov = json.loads((root / NAME / "provenance.json").read_text())
+    other = {**prov["machines"][0], "cpu_capability": "AVX2" if prov["machines"][0]["cpu_capability"] != "AVX2"
+             else "AVX512"}
+    set_recorded_machine(root, other)
+    (check,) = verify_study(NAME, runs=hashes[0], root=root).checks
+    assert check.mode == "tolerance" and check.status == "match"
+    assert any(d.startswith("cpu_capability:") for d in check.machine_differences)
+    (check,) = verify_study(NAME, runs=hashes[0], root=root, tolerance=0.001).checks
+    assert check.status == "mismatch"
+
+
+def test_a_bundle_from_other_code_is_stale(tiny_bundle):
+    root, hashes = tiny_bundle
+    bundle = RunStore(root / NAME)
+    records = bundle.read(hashes[0])
+    # A run whose config the current code hashes differently (as after a change of checkpoint,
+    # method default or protocol): here its identity payload records another method default.
+    records["identity"]["payload"]["method_config"]["r"] = 2
+    from workbench.train.config import hash_of
+
+    other = hash_of(records["identity"]["payload"])
+    records["identity"]["hash"] = other
+    bundle.write(other, records)
+    (check,) = verify_study(NAME, runs=other, root=root).checks
+    assert check.status == "stale" and not check.ok and "hashes this config to" in check.differences[0]

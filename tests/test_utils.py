@@ -1,0 +1,40 @@
+"""workbench.utils: the CPU numerics pinning and its fingerprint."""
+
+import json
+import os
+import subprocess
+import sys
+
+from workbench.utils import PINNED_CPU_ENV, numerics_fingerprint, same_numerics
+
+PROBE = ("import json, workbench, torch; torch.ones(2) @ torch.ones(2); "
+         "print(json.dumps(workbench.utils.numerics_fingerprint()))")
+
+
+def _fingerprint_in_child(**env) -> dict:
+    clean = {k: v for k, v in os.environ.items() if k not in PINNED_CPU_ENV and k != "WORKBENCH_CPU_NUMERICS"}
+    out = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout)
+
+
+def test_importing_workbench_pins_the_cpu_code_path():
+    pinned = _fingerprint_in_child()
+    assert pinned["cpu_capability"] == "AVX2"
+    assert {k: pinned[k] for k in PINNED_CPU_ENV} == PINNED_CPU_ENV
+
+
+def test_the_pinning_can_be_turned_off_and_never_overrides_the_user():
+    native = _fingerprint_in_child(WORKBENCH_CPU_NUMERICS="native")
+    assert all(native[k] is None for k in PINNED_CPU_ENV)
+    assert native["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512", "ZVECTOR", "VSX")
+    mine = _fingerprint_in_child(ATEN_CPU_CAPABILITY="default")
+    assert mine["cpu_capability"] == "DEFAULT" and mine["MKL_CBWR"] == "AVX2,STRICT"
+
+
+def test_same_numerics_ignores_the_cpu_model_only():
+    here = numerics_fingerprint()
+    assert same_numerics(here, {**here, "cpu_model": "another CPU"})
+    assert not same_numerics(here, {**here, "threads": here["threads"] + 1})
+    assert not same_numerics(here, {**here, "cpu_capability": "AVX512" if here["cpu_capability"] != "AVX512" else "AVX2"})
+    assert not same_numerics(here, {**here, "MKL_CBWR": None})
