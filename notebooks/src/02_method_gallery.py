@@ -30,10 +30,11 @@ import warnings
 from types import SimpleNamespace
 
 import matplotlib.pyplot as plt
+import pandas as pd
 
 from workbench.methods import list_methods
 from workbench.studies import get_study, load_study
-from workbench.train import NonFiniteLossError, RunConfig, accuracy_by_type, load_results, run
+from workbench.train import NonFiniteLossError, RunConfig, accuracy_by_type, compare, load_results, run
 from workbench.train.loop import load_splits
 from workbench.utils import seed_everything
 from workbench.viz.panels import GalleryPanel
@@ -174,6 +175,18 @@ fig.savefig(f"{FIGURES}/02_accuracy_vs_params.png", dpi=100, bbox_inches="tight"
 plt.show()
 
 # %% [markdown]
+# The papers' claims are comparisons, so the study pairs runs by seed (the same 64 training
+# questions for both methods) and gives the mean difference with its 95 % t-interval and p-value
+# (`workbench.train.compare`; three seeds, so the intervals are wide):
+
+# %%
+runs64 = load_results(store)
+runs64 = runs64[runs64["n_shots"] == 64]
+pairs = [("mixphm", "full"), ("mixphm", "pfeiffer"), ("mixphm", "adamix"), ("vlpet", "full"), ("lora", "full"),
+         ("prefix", "prompt")]
+pd.concat({f"{a} - {b}": compare(runs64, a, b, by="n_shots") for a, b in pairs}).droplevel(1).round(3)
+
+# %% [markdown]
 # ## 5 · What the runs learned to say
 #
 # Accuracy alone hides *why* a run scores low. The table below gives, per run (seed 13), the
@@ -195,7 +208,40 @@ above = sorted((r for r in results.values() if r.test_accuracy > prior["overall"
 print(f"{len(above)} runs above the blind prior:", ", ".join(f"{run_label(r)} {r.test_accuracy:.2f}" for r in above))
 
 # %% [markdown]
-# **What to read from this — honestly.** READING
+# **What to read from this — honestly.** Under the step protocol, at N = 64 over three seeds
+# (section 4's table; one seed's accuracy has a standard error of about 0.016 on 1,000 questions,
+# and the split moves it by several points):
+#
+# - **Every run learns the task now.** No run stays in its pre-training formats (the answers table
+#   has no run that never answers a dev question right); most beat the blind per-type prior, and
+#   the ones that do not are named above. Under the old budget (at most 160 steps) 17 of 27 methods
+#   scored below that prior.
+# - **The top group is within its own noise**: DeLoRA, VL-PET (large gate), PETAL, prefix tuning and
+#   full fine-tuning lie within about 0.04 of each other with standard deviations of 0.01 to 0.03.
+#   VL-PET is ahead of full fine-tuning by a paired +0.027 (interval +0.002 to +0.052), the
+#   direction VL-PET reports; with three seeds and one task this is a hint, not a reproduction.
+# - **MixPHM is not ahead of full fine-tuning here: it is behind** (paired difference -0.11,
+#   interval -0.18 to -0.05), and behind its Pfeiffer and AdaMix baselines on average (-0.07 and
+#   -0.06, intervals that include 0). Its runs use the whole
+#   1,000-step budget with the best checkpoint late, so part of the gap is speed of learning: the PHM
+#   experts (sums of Kronecker products with a shared factor) learn slowly on a 1.4 M-parameter
+#   model, as Compacter's do (0.37). The MixPHM paper's headline — MixPHM above full fine-tuning with
+#   under 1 % of the parameters — is **not reproduced** on the embedded world at N = 64; the MixPHM
+#   study notebook tests it across N with five seeds.
+# - **Embedding composition splits**: prefix tuning (with its reparameterisation MLP, almost the
+#   size of the model) is in the top group, prompt tuning is the last method (about 0.09): a soft
+#   prompt on a task the encoder has never read is not enough, as the empirical study (2403.08433)
+#   finds for tasks inconsistent with pre-training.
+# - **The VL-PET Table 9 rebuilds split**: `houlsby+g+lw` varies from seed to seed (std 0.21) and
+#   `compacter+g+lw` stays near the bottom: at VL-PET's T5 learning rate (3e-4, the family default,
+#   not tuned here) the gated PHM modules barely move in 1,000 steps.
+# - LoRA and full fine-tuning are level at N = 64 (paired difference -0.02, interval -0.09 to
+#   +0.04); at N = 1000 full fine-tuning leads (0.745 against 0.691, seed 13, `01_quickstart.ipynb`).
+#
+# Learning rates are each method's tuned default (`docs/methods.md`), chosen on the dev split of
+# seed 13 alone; the other seeds are honest held-out draws for that choice. The study's N = 16 and
+# N = 1000 runs, and two more seeds, fill in as the bundle grows (`python -m workbench.studies run
+# gallery`).
 
 # %% [markdown]
 # ## 6 · Re-run one configuration

@@ -7,14 +7,13 @@
    on shapes-vqa batches of 16 (N = 64, seed 13), median over ``--steps`` steps after
    ``--warmup`` warm-up steps, as a ratio to LoRA's. The methods are stepped round-robin, so a
    change of machine load hits them all alike. A method that cannot be applied to vlt5-tiny
-   (dimensions not divisible, ...) is listed with the reason instead; MixPHM is also timed at the
-   bottleneck of part 2, which fits.
+   (dimensions not divisible, ...) is listed with the reason instead.
 2. Inference (eval mode, no grad, batch 16): a teacher-forced forward and greedy generation for
    MixPHM with its experts merged into one ("expert soup") against a single Pfeiffer adapter of
    the same bottleneck. Target: about 1 -- merging removes the expert overhead. MixPHM in train
    mode (random routing, one expert drawn per module and call) and the bare backbone are printed
-   for reference. vlt5-tiny has d_model 128: MixPHM's default bottleneck d // 12 = 10 is not
-   divisible by the PHM n = 4, so both use ``--bottleneck`` (default 12, the nearest valid size).
+   for reference. Both use ``--bottleneck`` (default 12: MixPHM's default on vlt5-tiny, d // 12 = 10
+   rounded up to a multiple of its n = 4).
 """
 
 from __future__ import annotations
@@ -184,8 +183,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     batches = make_batches(args.warmup + args.steps)
     print(f"{BACKBONE}: {len(names)} methods, torch {torch.__version__}\n")
-    extra = {f"mixphm (bottleneck={args.bottleneck})": ("mixphm", {"bottleneck": args.bottleneck})}
-    bench_training(names, batches, args.warmup, extra=extra if "mixphm" in names else None)
+    bench_training(names, batches, args.warmup)
     bench_inference(batches, args.bottleneck, args.reps, args.warmup)
     print(f"\n(bench_methods: {time.perf_counter() - t0:.0f} s)")
 
