@@ -40,20 +40,6 @@ from workbench.train import (
 )
 
 NAME = "tiny-bundle"
-CORPUS = ["vqa: " + w for w in ("what color is the shape?", "how many circles are there?", "is there a red square?")]
-CORPUS += ["yes", "no", "red", "blue", "circle", "square", "1", "2", "caption:", "a small red circle at the top"]
-
-
-@pytest.fixture(scope="module")
-def tiny_backbone(tmp_path_factory):
-    from workbench.models.testing import tiny_vlmodel
-
-    model = tiny_vlmodel("t5", feat_dim=24, visual_encoder={"grid": 2, "channels": (8, 8, 8), "pos_dim": 8, "groups": 4},
-                         seed=0, name="tiny-test", corpus=CORPUS, vocab_size=320,
-                         d_model=32, layers=1, heads=2, d_ff=64)
-    path = tmp_path_factory.mktemp("tiny-backbone") / "ckpt"
-    model.save_pretrained(path)
-    return path
 
 
 def tiny_base(backbone) -> RunConfig:

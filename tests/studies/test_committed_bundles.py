@@ -35,28 +35,6 @@ RESULTS = repo_root() / "results"
 SAMPLE = int(os.environ.get("WORKBENCH_VERIFY_SAMPLE", "1"))
 MAX_WALL_S = float(os.environ.get("WORKBENCH_VERIFY_MAX_S", "120"))
 NAME = "tiny-verify"
-CORPUS = ["vqa: " + w for w in ("what color is the shape?", "how many circles are there?", "is there a red square?")]
-CORPUS += ["yes", "no", "red", "blue", "circle", "square", "1", "2", "caption:", "a small red circle at the top"]
-
-
-@pytest.mark.parametrize("name", bundles(RESULTS))
-def test_committed_bundle_reproduces_on_this_machine(name):
-    report = verify_study(name, sample=SAMPLE, seed=0, root=RESULTS, max_wall_s=MAX_WALL_S)
-    print(report.summary())
-    report.raise_if_failed()
-
-
-# ------------------------------------------------------------------ the machinery on a tiny bundle
-@pytest.fixture(scope="module")
-def tiny_backbone(tmp_path_factory):
-    from workbench.models.testing import tiny_vlmodel
-
-    model = tiny_vlmodel("t5", feat_dim=24, visual_encoder={"grid": 2, "channels": (8, 8, 8), "pos_dim": 8, "groups": 4},
-                         seed=0, name="tiny-test", corpus=CORPUS, vocab_size=320,
-                         d_model=32, layers=1, heads=2, d_ff=64)
-    path = tmp_path_factory.mktemp("tiny-backbone") / "ckpt"
-    model.save_pretrained(path)
-    return path
 
 
 @pytest.fixture

@@ -1,26 +1,9 @@
-"""Trainer test fixtures: a tiny workbench checkpoint (CNN + T5, random weights); for the real datasets,
+"""Trainer test fixtures: a small config on the tiny checkpoint (tests/conftest.py); for the real datasets,
 the official-format fixture files, a feature store and tiny Hugging Face T5 / BART directories."""
 
 from pathlib import Path
 
 import pytest
-
-CORPUS = ["vqa: " + w for w in ("what color is the shape?", "how many circles are there?", "is there a red square?")]
-CORPUS += ["yes", "no", "red", "blue", "circle", "square", "1", "2", "caption:", "a small red circle at the top"]
-
-
-@pytest.fixture(scope="session")
-def tiny_backbone(tmp_path_factory):
-    """Path of a saved tiny VLModel with an embedded visual encoder (trainer tests use it as backbone)."""
-    from workbench.models.testing import tiny_vlmodel
-
-    model = tiny_vlmodel("t5", feat_dim=24, visual_encoder=dict(grid=2, channels=(8, 8, 8), pos_dim=8, groups=4),
-                         seed=0, name="tiny-test", corpus=CORPUS, vocab_size=320,
-                         d_model=32, layers=1, heads=2, d_ff=64)
-    path = tmp_path_factory.mktemp("tiny-backbone") / "ckpt"
-    model.save_pretrained(path)
-    return path
-
 
 @pytest.fixture
 def small_config(tiny_backbone, tmp_path, monkeypatch):

@@ -441,7 +441,7 @@ def run(config: RunConfig | None = None, *, force: bool = False, store: RunStore
     payload = cfg.hash_payload()
     run_hash = hash_of(payload)
     if not force:
-        stored = _stored(run_hash, store)
+        stored = stored_run(run_hash, store)
         if stored is not None:
             return stored
     store.check_writable()
@@ -454,13 +454,13 @@ def run(config: RunConfig | None = None, *, force: bool = False, store: RunStore
     with store.lock(run_hash, on_wait=waiting):
         store.recover(run_hash)
         if not force:  # finished by another process while this one waited
-            stored = _stored(run_hash, store)
+            stored = stored_run(run_hash, store)
             if stored is not None:
                 return stored
         return _train(cfg, store, run_hash, payload)
 
 
-def _stored(run_hash: str, store: RunStore) -> RunResult | None:
+def stored_run(run_hash: str, store: RunStore) -> RunResult | None:
     """The stored run if it is finished and whole; None (with a warning if it is damaged) otherwise."""
     if not store.is_finished(run_hash):
         return None

@@ -25,7 +25,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .config import RunConfig
-from .store import DamagedRunError, DamagedRunWarning, RunStore
+from .store import RunStore
 
 EXECUTORS = ("local", "processes", "ray")
 STATUSES = ("done", "reused", "failed")
@@ -260,21 +260,6 @@ def _row(cfg: RunConfig, run_hash, result, status: str, error: str | None, mc_ke
     return row
 
 
-def _stored_run(run_hash: str, store: RunStore):
-    """A finished run from the store, or None (with a DamagedRunWarning) when it is damaged: trained again."""
-    import warnings
-
-    from .loop import load_run
-
-    try:
-        return load_run(run_hash, store)
-    except DamagedRunError as e:
-        warnings.warn(f"{e}; training the run again", DamagedRunWarning, stacklevel=3)
-    except FileNotFoundError:  # removed between the check and the read
-        pass
-    return None
-
-
 def sweep(configs, executor: str = "local", store: RunStore | str | os.PathLike | None = None,
           workers: int | None = None, progress: bool = True, raise_on_error: bool = False,
           threads: int | None = None, ray_options=None, num_cpus: float | None = None,
@@ -336,7 +321,7 @@ def sweep(configs, executor: str = "local", store: RunStore | str | os.PathLike 
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from .loop import run
+    from .loop import run, stored_run
 
     if executor not in EXECUTORS:
         raise ValueError(f"sweep: executor must be one of {list(EXECUTORS)}, got {executor!r}")
@@ -379,7 +364,7 @@ def sweep(configs, executor: str = "local", store: RunStore | str | os.PathLike 
             bar.update(1)
         elif h in todo:
             todo[h].append(i)
-        elif store.is_finished(h) and (stored := _stored_run(h, store)) is not None:
+        elif (stored := stored_run(h, store)) is not None:
             finish(i, "reused", stored, None)
         else:
             todo[h] = [i]
