@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(1)
-
 from workbench.studies import (
     DamagedBundleError,
     Study,
@@ -38,6 +36,16 @@ from workbench.train import (
     run,
     sweep,
 )
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Runs here record 1 torch thread, whatever thread count an earlier test left behind."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 NAME = "tiny-bundle"
 
