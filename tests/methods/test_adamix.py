@@ -320,20 +320,7 @@ def test_weight_and_mask_options(tiny_model, tiny_batch):
 
 
 # ------------------------------------------------------------------------------------- the trainer
-@pytest.fixture(scope="module")
-def tiny_backbone(tmp_path_factory):
-    from workbench.models.testing import tiny_vlmodel
-
-    corpus = ["vqa: " + w for w in ("what color is the shape?", "how many circles are there?", "is there a red square?")]
-    corpus += ["yes", "no", "red", "blue", "circle", "square", "1", "2", "caption:", "a small red circle at the top"]
-    model = tiny_vlmodel("t5", feat_dim=24, visual_encoder=dict(grid=2, channels=(8, 8, 8), pos_dim=8, groups=4),
-                         seed=0, name="tiny-adamix", corpus=corpus, vocab_size=320,
-                         d_model=32, layers=1, heads=2, d_ff=64)
-    path = tmp_path_factory.mktemp("tiny-adamix-backbone") / "ckpt"
-    model.save_pretrained(path)
-    return path
-
-
+# tiny_backbone: the shared tiny checkpoint (tests/conftest.py)
 def test_trains_a_few_steps_with_the_consistency_loss(tiny_backbone, tmp_path, monkeypatch):
     from workbench.train import RunConfig, run
 

@@ -55,7 +55,7 @@ from pathlib import Path
 
 from ..train import DamagedRunError, DamagedRunWarning, RunConfig, RunStore, load_run
 from ..train.store import DONE
-from ..utils import PINNED_CPU_ENV, atomic_write, pick_device, repo_root
+from ..utils import PINNED_CPU_ENV, atomic_write, cpu_model, pick_device, repo_root
 from .study import PROVENANCE_DIR, Study, get_study
 
 BUNDLE_FORMAT = 1
@@ -112,18 +112,6 @@ def git_commit() -> tuple[str | None, bool | None]:
     except (OSError, subprocess.SubprocessError):
         return None, None
     return commit or None, bool(status.strip())
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``, else :func:`platform.processor`)."""
-    import platform
-
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def _cpu_capability() -> str | None:
