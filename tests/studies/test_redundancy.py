@@ -15,7 +15,8 @@ torch.set_num_threads(1)
 from workbench.models.testing import RandomAdapter, tiny_vlmodel  # noqa: E402
 from workbench.models import capture  # noqa: E402
 from workbench.probes import DegenerateInputWarning, cka, compare_rdms, rdm  # noqa: E402
-from workbench.studies import redundancy_analysis  # noqa: E402
+from workbench.studies import BAND_COLUMNS, redundancy_analysis  # noqa: E402
+from workbench.studies import COLUMNS as COLUMNS_ALL  # noqa: E402
 
 CORPUS = [
     "a large red circle at the top left",
@@ -168,6 +169,33 @@ def test_projection_modules(model):
         assert list(dict.fromkeys(both["point"])) == ["encoder.0.ffn", "decoder.0.cross_attn.v"]
     finally:
         model.remove_modifications()
+
+
+def test_null_bands_and_intervals(model):
+    model.add_sublayer_modification("encoder.1.ffn", Copy())
+    model.add_sublayer_modification("decoder.0.ffn", Adapter(seed=3))
+    try:
+        data = batches(model)
+        plain = redundancy_analysis(model, data, max_samples=24, mi=True)
+        df = redundancy_analysis(model, data, max_samples=24, mi=True, n_perm=49, n_boot=30, seed=1)
+    finally:
+        model.remove_modifications()
+    assert list(df.columns) == COLUMNS_ALL + BAND_COLUMNS
+    # resampling does not change the values
+    np.testing.assert_allclose(df["value"], plain["value"], atol=1e-10)
+    copy = df[(df.point == "encoder.1.ffn") & (df.target == "pretrained")].set_index("measure")
+    # a copy of H is far outside the null of shuffled pairs
+    for m in ("rsa", "cka", "mi"):
+        assert copy.loc[m, "value"] > copy.loc[m, "null_hi"]
+        assert copy.loc[m, "p_value"] == pytest.approx(1 / 50)
+    sim = df[df.measure != "mi"]
+    assert (sim["null_lo"] <= sim["null_hi"]).all() and (sim["ci_lo"] <= sim["ci_hi"]).all()
+    assert df[df.measure == "mi"]["ci_lo"].isna().all()  # no bootstrap for KSG (duplicated points)
+    with pytest.raises(ValueError, match="n_perm"):
+        redundancy_analysis(model.add_sublayer_modification("encoder.0.ffn", Adapter()) or model, data, n_perm=-1)
+    with pytest.raises(ValueError, match="critic per permutation"):
+        redundancy_analysis(model, data, mi="infonce", n_perm=5)
+    model.remove_modifications()
 
 
 def test_bad_input(model):

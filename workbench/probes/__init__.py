@@ -1,7 +1,8 @@
 """Representation probes: pure functions over ``[n_samples, n_features]`` tensors or arrays.
 
 RSA (:mod:`.rsa`), CKA/HSIC (:mod:`.cka`), mutual information in nats (:mod:`.mi`) and
-mixture-of-experts routing statistics (:mod:`.routing`). Everything computes in float64 on the
+mixture-of-experts routing statistics (:mod:`.routing`), with permutation nulls and
+bootstrap intervals for the similarities (:mod:`.resampling`). Everything computes in float64 on the
 input's device and validates its inputs (see :mod:`._checks`). Formulas, ground truths and
 peer libraries: ``docs/probes.md``.
 
@@ -31,6 +32,7 @@ from .mi import (
     rho_for_mi,
     smile,
 )
+from .resampling import SIMILARITY_MEASURES, Resampled, bootstrap_ci, permutation_test, similarity_test
 from .routing import expert_similarity, routing_stats
 from .rsa import compare_rdms, compare_rdms_batched, rankdata, rdm, upper_triangle
 
@@ -67,6 +69,12 @@ __all__ = [
     "rho_for_mi",
     "correlated_gaussians",
     "gaussian_critic",
+    # null bands and intervals
+    "similarity_test",
+    "permutation_test",
+    "bootstrap_ci",
+    "Resampled",
+    "SIMILARITY_MEASURES",
     # routing
     "routing_stats",
     "expert_similarity",

@@ -13,6 +13,8 @@ pure maths of :mod:`workbench.probes`.
   bundle as a run store, :func:`verify_study` re-trains a sample and compares. The CLI is
   ``python -m workbench.studies {list,run,export,status,verify} NAME`` (docs/studies.md).
 - ``gallery``: every registered method on shapes-vqa at N = 16, 64, 1000 over three seeds.
+- ``mixphm`` (:mod:`.mixphm`, imported on first use): MixPHM's low-resource table, its ablations,
+  the redundancy analysis of its section 3.1, its inference merges and routing, and the verdicts.
 """
 
 from . import gallery  # noqa: F401 - registers the gallery study
@@ -35,7 +37,7 @@ from .bundle import (
     verify,
     verify_study,
 )
-from .redundancy import COLUMNS, MEASURES, TARGETS, redundancy_analysis
+from .redundancy import BAND_COLUMNS, COLUMNS, MEASURES, TARGETS, redundancy_analysis
 from .study import (
     Study,
     get_study,
@@ -47,6 +49,7 @@ from .study import (
 
 __all__ = [
     "COLUMNS",
+    "BAND_COLUMNS",
     "MEASURES",
     "TARGETS",
     "TOLERANCE",

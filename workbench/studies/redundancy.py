@@ -42,11 +42,23 @@ import torch
 
 from ..methods import applied_method
 from ..models import capture
-from ..probes import ESTIMATORS, DegenerateInputWarning, cka, compare_rdms, estimate_mi, mi_ksg, rdm
+from ..probes import (
+    ESTIMATORS,
+    DegenerateInputWarning,
+    cka,
+    compare_rdms,
+    estimate_mi,
+    mi_ksg,
+    permutation_test,
+    rdm,
+    similarity_test,
+)
 
 MEASURES = ("rsa", "cka")
 TARGETS = ("pretrained", "task")
 COLUMNS = ["method", "layer", "stack", "measure", "target", "value", "point", "sublayer", "module", "n_samples"]
+# With n_perm / n_boot: the permutation null band, one-sided p-value and bootstrap interval of each value.
+BAND_COLUMNS = ["null_lo", "null_hi", "p_value", "ci_lo", "ci_hi"]
 
 
 def _rsa(u: torch.Tensor, t: torch.Tensor) -> float:
@@ -100,6 +112,9 @@ def redundancy_analysis(
     mi_k: int = 3,
     mi_kwargs: dict | None = None,
     seed: int = 0,
+    n_perm: int = 0,
+    n_boot: int = 0,
+    level: float = 0.95,
 ):
     """Per layer and method module: RSA / CKA (/ MI) against the pretrained and the task representation.
 
@@ -119,12 +134,20 @@ def redundancy_analysis(
             ``"projection"`` (modules on q k v o / wi wo: PETAL's modes, VL-PET's decoder value
             adapter); for a projection module "pretrained" is the projection's own output y.
         debiased: debiased linear CKA.
-        seed: for the MI estimators.
+        seed: for the MI estimators and the resampling.
+        n_perm: permutations of the samples of one side for the null band (0: none). RSA's is the
+            Mantel test; CKA's permutes the Gram matrix; MI's re-estimates on shuffled pairs (KSG
+            only: a neural estimator would retrain per permutation, so it raises).
+        n_boot: bootstrap resamples of the samples for the interval (0: none; RSA and CKA only: KSG
+            assumes distinct points, so MI's interval stays NaN).
+        level: the coverage of the null band and the interval (0.95).
 
     Returns:
         a pandas DataFrame with columns ``method, layer, stack, measure, target, value`` (tidy:
         one row per module x measure x target), plus ``point`` (the insertion point), ``sublayer``,
-        ``module`` (the module's name at the point) and ``n_samples``. Rows follow forward order.
+        ``module`` (the module's name at the point) and ``n_samples``, and when resampling is asked
+        ``null_lo, null_hi, p_value, ci_lo, ci_hi`` (:data:`BAND_COLUMNS`; see
+        :func:`~workbench.probes.similarity_test`). Rows follow forward order.
     """
     import pandas as pd
 
@@ -158,6 +181,11 @@ def redundancy_analysis(
         raise ValueError(f"mi must be False, True or an estimator among {ESTIMATORS}, got {mi!r}")
     if mi == "binned":
         raise ValueError("mi='binned' is for discrete data; use 'ksg' or a neural estimator")
+    n_perm = _int_at_least(n_perm, "n_perm", 0)
+    n_boot = _int_at_least(n_boot, "n_boot", 0)
+    if n_perm and mi and mi != "ksg":
+        raise ValueError(f"n_perm with mi={mi!r} would train a critic per permutation; use mi='ksg' for null bands")
+    resample = bool(n_perm or n_boot)
     if not hasattr(model, "modifications") or not hasattr(model, "insertion_points"):
         raise TypeError(f"redundancy_analysis needs a workbench VLModel, got {type(model).__name__}")
 
@@ -206,6 +234,11 @@ def redundancy_analysis(
                     point=point.name, sublayer=point.sublayer, module=name, n_samples=n)
         for target, rep in reps.items():
             for measure in measures:
+                if resample:
+                    r = similarity_test(u, rep, measure, n_perm=n_perm, n_boot=n_boot, seed=seed, level=level,
+                                        debiased=debiased)
+                    rows.append({**base, "measure": measure, "target": target, **r.as_dict()})
+                    continue
                 if measure == "rsa":
                     value = _rsa(u, rep)
                 else:
@@ -213,7 +246,14 @@ def redundancy_analysis(
                 rows.append({**base, "measure": measure, "target": target, "value": value})
             if mi:
                 value = _mi(u, rep, mi, mi_dim, mi_k, seed, mi_kwargs)
-                rows.append({**base, "measure": "mi", "target": target, "value": value})
-    df = pd.DataFrame(rows, columns=COLUMNS)
-    df["value"] = df["value"].astype(np.float64)
+                row = {**base, "measure": "mi", "target": target, "value": value}
+                if n_perm and np.isfinite(value):
+                    pu, pt = _pca(u, mi_dim), _pca(rep, mi_dim)
+                    r = permutation_test(lambda a, b: mi_ksg(a, b, k=mi_k, seed=seed), pu, pt, n_perm=n_perm,
+                                         seed=seed, level=level)
+                    row.update({k: v for k, v in r.as_dict().items() if k != "value"})
+                rows.append(row)
+    df = pd.DataFrame(rows, columns=COLUMNS + (BAND_COLUMNS if resample else []))
+    for col in ["value"] + (BAND_COLUMNS if resample else []):
+        df[col] = df[col].astype(np.float64)
     return df
