@@ -212,6 +212,31 @@ def test_eval_uses_the_merged_expert(tiny_model):
     assert all(c.sum() == 0 for c in handle.draw_counts().values())  # eval draws nothing
 
 
+def test_inference_routes(tiny_model):
+    handle = methods.apply(tiny_model("t5"), "mixphm")
+    _perturb(handle)
+    mod = handle.modules["decoder.0.ffn"].eval()
+    f = torch.randn(2, 5, 96)
+    with torch.no_grad():
+        singles = [f + mod.up(mod.act(mod.down(f, 0)), e) for e in range(4)]
+        handle.inference(2)
+        torch.testing.assert_close(mod(f, f), singles[2])
+        handle.inference("outputs")
+        outs = mod(f, f)
+        torch.testing.assert_close(outs, torch.stack(singles).mean(0))
+        # a shared Down and a linear Up: the outputs' average is the product soup
+        wd, bd = mod.down.merged("product")
+        wu, bu = mod.up.merged("product")
+        torch.testing.assert_close(outs, f + mod.act(f @ wd + bd) @ wu + bu, rtol=1e-4, atol=1e-5)
+        handle.inference("soup")
+        assert (mod(f, f) - outs).abs().max() > 1e-5  # the official soup is neither
+    mod.train()
+    assert mod.eval_route == "soup"
+    for bad in ("mean", 4, -1, True):
+        with pytest.raises(ValueError, match="inference route|expert index"):
+            handle.inference(bad)
+
+
 def test_soup_is_computed_once_and_follows_weight_changes(tiny_model, tiny_batch):
     model = tiny_model("t5")
     batch = tiny_batch(model)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from workbench.train import NonFiniteLossError, RunConfig, RunStore, load_results, run
+from workbench.train import DamagedRunError, NonFiniteLossError, RunConfig, RunStore, load_results, run
 
 
 def test_run_writes_a_finished_run_and_reuses_it(small_config):
@@ -247,3 +247,38 @@ def test_runs_from_before_step_budgets_are_skipped_with_one_warning(small_config
     assert df["run"].tolist() == [result.hash]
     assert len(caught) == 1 and "skipping 2 runs" in str(caught[0].message)
     assert "before budgets were counted in steps" in str(caught[0].message)
+
+
+def test_restore_run_rebuilds_the_trained_model(small_config, tmp_path):
+    from workbench.models import capture
+    from workbench.train import load_run, restore_run
+
+    result = run(small_config.replace(method="houlsby"), store=tmp_path)
+    restored = restore_run(result.hash, store=tmp_path)
+    # the rebuilt model answers the test split as the run did
+    assert restored.predict("test") == [result.predictions[e.id] for e in restored.test.examples]
+    assert restored.score("test")["overall"] == result.metrics["test"]["overall"]
+    batches = restored.batches("dev", batch_size=5)
+    assert sum(len(b["input_ids"]) for b in batches) == len(restored.dev)
+    acts = capture(restored.model, ["encoder.final"], data=batches, max_samples=6, pool="mean")
+    assert acts["encoder.final"].shape[0] == 6
+    # "init": the method as the run's seed initialised it (Houlsby's Up is zero: no change to the output)
+    init = restore_run(load_run(result.hash, tmp_path), store=tmp_path, weights="init")
+    trained_up = dict(restored.handle.state_dict())
+    init_up = dict(init.handle.state_dict())
+    assert trained_up.keys() == init_up.keys()
+    assert any(not torch.equal(trained_up[k], init_up[k]) for k in trained_up)
+    with pytest.raises(ValueError, match="weights"):
+        restore_run(result.hash, store=tmp_path, weights="best")
+    (result.path / "method.safetensors").unlink()  # the run's DONE lists it: a damaged run, named
+    with pytest.raises(DamagedRunError, match="method.safetensors"):
+        restore_run(result.hash, store=tmp_path)
+
+
+def test_expert_draw_counts_are_recorded(small_config, tmp_path):
+    result = run(small_config.replace(method="mixphm", method_config={"bottleneck": 4}), store=tmp_path)
+    counts = result.metrics["method_stats"]["draw_counts"]
+    assert set(counts) == {"encoder.0.ffn", "decoder.0.ffn"}
+    # one Up expert drawn per training forward: 8 steps of one batch each
+    assert all(len(c) == 4 and sum(c) == 8 for c in counts.values())
+    assert "method_stats" not in run(small_config, store=tmp_path).metrics  # LoRA has none

@@ -190,6 +190,15 @@ class MethodHandle:
         """Losses added to the task loss after a forward pass (none by default)."""
         return {}
 
+    def training_statistics(self) -> dict:
+        """JSON-ready statistics of the training so far that the weights do not hold (e.g. how often
+        each expert was drawn); the trainer stores them as ``metrics["method_stats"]``. None by
+        default; a handle with ``draw_counts()`` (MixPHM, AdaMix) reports them."""
+        counts = getattr(self, "draw_counts", None)
+        if not callable(counts):
+            return {}
+        return {"draw_counts": {k: [int(x) for x in v.tolist()] for k, v in counts().items()}}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable tensors, by their name in the model."""
         return {n: p.detach().clone() for n, p in self.trainable_parameters()}

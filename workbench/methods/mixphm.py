@@ -269,6 +269,9 @@ class MixPHMModule(nn.Module):
                              persistent=False)
         self.bottleneck = bottleneck
         self.merge_mode = merge
+        # What eval mode computes: "soup" (the merged expert, the official inference), "outputs" (the
+        # average of the experts' outputs) or an int k (expert k alone). Set by MixPHMHandle.inference.
+        self.eval_route: str | int = "soup"
         self.record = False  # the handle turns this on when a loss needs (u, f)
         self.last = None  # (u, f) of the last training forward, when recording
         self.last_up = None  # (z, expert): the Up projection's input and expert in that forward
@@ -326,11 +329,25 @@ class MixPHMModule(nn.Module):
             self.last_up = (z, k) if self.record else None
             return self.up(z, k)
         self.last_up = self.up.kept_weight = None
+        if self.eval_route != "soup":
+            return self._routed(f)
         wd, bd, wu, bu = self.soup()
         z = f @ wd.to(f.dtype)
         z = self.act(z + bd.to(f.dtype) if bd is not None else z)
         u = z @ wu.to(f.dtype)
         return u + bu.to(f.dtype) if bu is not None else u
+
+    def _routed(self, f: torch.Tensor) -> torch.Tensor:
+        """Eval without the soup: one expert (k; k is taken modulo a layer's experts, so a shared
+        projection uses its only one) or the mean of the experts' outputs (pairing expert k of Down
+        with expert k of Up when both have experts)."""
+        n = max(self.down.experts, self.up.experts)
+        ks = [self.eval_route] if isinstance(self.eval_route, int) else range(n)
+        out = 0.0
+        for k in ks:
+            z = self.act(self.down(f, k % self.down.experts))
+            out = out + self.up(z, k % self.up.experts)
+        return out / len(ks)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         u = self.delta(h)
@@ -453,6 +470,20 @@ class MixPHMHandle(MethodHandle):
             for side, counts in sides:
                 out[point if len(sides) == 1 else f"{point}.{side}"] = counts.detach().cpu().clone()
         return out
+
+    def inference(self, route: str | int = "soup") -> None:
+        """What the modules compute in eval mode (training is unchanged: a random expert per forward).
+
+        ``"soup"``: the merged expert under ``config.merge`` (the official inference, the default);
+        ``"outputs"``: the average of the experts' outputs (with a shared Down and a linear Up this
+        equals ``merge="product"``'s soup); an int k: expert k alone (``0 <= k < num_experts``).
+        """
+        if isinstance(route, bool) or not (route in ("soup", "outputs") or isinstance(route, int)):
+            raise ValueError(f"inference route must be 'soup', 'outputs' or an expert index, got {route!r}")
+        if isinstance(route, int) and not 0 <= route < self.config.num_experts:
+            raise ValueError(f"expert index must be in [0, {self.config.num_experts}), got {route}")
+        for mod in self.modules.values():
+            mod.eval_route = route
 
     def reset_draw_counts(self) -> None:
         for mod in self.modules.values():

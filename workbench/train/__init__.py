@@ -8,7 +8,7 @@ from ..eval import (
     vqa_accuracy,
 )
 from .config import RunConfig
-from .loop import NonFiniteLossError, RunResult, load_results, load_run, run
+from .loop import NonFiniteLossError, RestoredRun, RunResult, load_results, load_run, restore_run, run
 from .store import DamagedRunError, DamagedRunWarning, RunStore, StoreNotWritableError
 from .sweeps import compare, grid, summarize, sweep
 
@@ -17,6 +17,7 @@ __all__ = [
     "DamagedRunWarning",
     "NonFiniteLossError",
     "RunConfig",
+    "RestoredRun",
     "RunResult",
     "RunStore",
     "StoreNotWritableError",
@@ -28,6 +29,7 @@ __all__ = [
     "load_results",
     "load_run",
     "normalize_answer",
+    "restore_run",
     "run",
     "summarize",
     "sweep",

@@ -563,6 +563,7 @@ def _train(cfg: RunConfig, store: RunStore, run_hash: str, payload: dict) -> Run
                                        "history": history})
         raise
     bar.close()
+    method_stats = handle.training_statistics()  # e.g. expert draw counts: not in the weights
 
     test_pred_last = predict(model, test, cfg)
     last = score(test_pred_last, test_ex, spec)
@@ -578,6 +579,8 @@ def _train(cfg: RunConfig, store: RunStore, run_hash: str, payload: dict) -> Run
         "stopped_early": step < total_steps,
         "lr": lr,
     }
+    if method_stats:
+        metrics["method_stats"] = method_stats
     timings = {
         "wall_s": time.perf_counter() - t_start,
         "train_s": train_time,
@@ -629,6 +632,115 @@ def load_run(run_hash: str, store: RunStore | str | None = None) -> RunResult:
     except (KeyError, TypeError, ValueError) as e:
         raise DamagedRunError(path, None, f"a record lacks an entry or has the wrong type ({type(e).__name__}: {e})") from None
     return result
+
+
+@dataclass
+class RestoredRun:
+    """A stored run rebuilt: its backbone with the method applied and the trained weights loaded,
+    and its splits (``train``, ``dev``, ``test``), ready for probes and re-scoring.
+
+    Built by :func:`restore_run`. ``weights`` says what the method holds: ``"trained"`` (the run's
+    best checkpoint, what its test score was computed with) or ``"init"`` (the method as the run
+    initialised it, before any step: "before training").
+    """
+
+    result: RunResult
+    model: torch.nn.Module
+    handle: object
+    train: Split
+    dev: Split
+    test: Split
+    weights: str = "trained"
+
+    @property
+    def config(self) -> RunConfig:
+        return self.result.config
+
+    def split(self, name: str) -> Split:
+        if name not in ("train", "dev", "test"):
+            raise ValueError(f"split must be 'train', 'dev' or 'test', got {name!r}")
+        return getattr(self, name)
+
+    def batches(self, split: str = "test", batch_size: int = 64, max_samples: int | None = None) -> list[dict]:
+        """The split as model keyword batches (``visual_feats``, ``input_ids``, ``attention_mask``,
+        ``labels``, ``visual_mask``) in its order: what :func:`workbench.models.capture` and
+        :func:`workbench.studies.redundancy_analysis` take."""
+        s = self.split(split)
+        n = len(s) if max_samples is None else min(len(s), int(max_samples))
+        out = []
+        for start in range(0, n, batch_size):
+            idx = torch.arange(start, min(n, start + batch_size), device=s.prompt_ids.device)
+            b = s.batch(idx)
+            out.append(dict(visual_feats=b.feats, input_ids=b.prompt_ids, attention_mask=b.prompt_mask,
+                            labels=b.labels, visual_mask=b.visual_mask))
+        return out
+
+    def predict(self, split: str = "test") -> list[str]:
+        """Greedy (or the run's beam) answers on a split, in eval mode."""
+        self.model.eval()
+        return predict(self.model, self.split(split), self.config)
+
+    def score(self, split: str = "test") -> dict:
+        """The task's metrics on a split (``score(...)["overall"]`` is the run's headline number)."""
+        s = self.split(split)
+        return score(self.predict(split), s.examples, self.config.task)
+
+
+def restore_run(run: RunResult | str, store: RunStore | str | None = None, weights: str = "trained",
+                device=None) -> RestoredRun:
+    """Rebuild a stored run's trained model and splits, as the trainer built them.
+
+    Args:
+        run: a :class:`RunResult` (e.g. from :func:`run` or :func:`load_run`) or a run hash.
+        store: the run store holding it (a bundle from :func:`workbench.studies.load_study` too).
+        weights: ``"trained"`` (the run's stored method weights: its best checkpoint) or ``"init"``
+            (the method as the run's seed initialised it, before training).
+        device: where to build the model (default: the CPU).
+
+    The order of the trainer is replayed (seed, backbone, splits, features, method), so the ``init``
+    weights are the run's own initial ones. Raises ``FileNotFoundError`` when the store has no
+    weights for the run (a bundle keeps them only for the runs its study's ``keep_weights`` names)
+    before building anything.
+    """
+    from .. import methods
+
+    if weights not in ("trained", "init"):
+        raise ValueError(f"weights must be 'trained' or 'init', got {weights!r}")
+    store = store if isinstance(store, RunStore) else RunStore(store)
+    result = run if isinstance(run, RunResult) else load_run(run, store)
+    cfg = result.config
+    state = None
+    if weights == "trained":
+        path = store.locate(cfg.hash) if result.path is None else Path(result.path)
+        file = None if path is None else Path(path) / "method.safetensors"
+        if file is None or not file.is_file():
+            raise FileNotFoundError(
+                f"run {cfg.hash} ({cfg.method} N={cfg.n_shots} seed={cfg.seed}) has no stored method weights"
+                f"{'' if path is None else f' in {path}'}; a bundle keeps them only for the runs its study's "
+                "keep_weights selects (weights='init' rebuilds the untrained method)")
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(file))
+        except Exception as e:  # noqa: BLE001 - any unreadable file is a damaged run
+            raise DamagedRunError(path, "method.safetensors", f"unreadable ({type(e).__name__}: {e})") from None
+    spec = get_task_spec(cfg.task)
+    feature_store = open_feature_store(cfg)
+    seed_everything(cfg.seed)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    model = build_backbone(cfg, dev, feature_store)
+    if feature_store is not None:
+        feature_store.close()
+    train_ex, dev_ex, test_ex = load_splits(cfg)
+    feats = features_for(model, train_ex + dev_ex + test_ex, cfg)
+    sample = spec.kind == "vqa" and cfg.task_options.get("target", "sample") == "sample"
+    train = prepare_split(model, train_ex, feats, dev, sample_answers=sample)
+    dev_split, test = (prepare_split(model, ex, feats, dev) for ex in (dev_ex, test_ex))
+    handle = methods.apply(model, cfg.method, **cfg.method_config)
+    if state is not None:
+        handle.load_state_dict(state)
+    model.eval()
+    return RestoredRun(result, model, handle, train, dev_split, test, weights)
 
 
 def _check_identity(cfg: RunConfig, identity, run_hash: str, path) -> None:
@@ -698,6 +810,7 @@ def load_results(store: RunStore | str | None = None):
         row["trainable_pct"] = r.params["trainable_pct"]
         row["samples_per_s"] = r.timings.get("samples_per_s")
         row["wall_s"] = r.timings["wall_s"]
+        row["method_stats"] = r.metrics.get("method_stats")  # e.g. expert draw counts (MixPHM, AdaMix)
         rows.append(row)
     if legacy:  # one warning, not one per run: a store kept across the change holds many
         warnings.warn(f"skipping {len(legacy)} runs of {store.root} written before budgets were counted in steps "
