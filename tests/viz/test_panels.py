@@ -74,3 +74,66 @@ def test_panel_widget_offers_default_and_reports_bad_configs(capsys):
     button.click()
     # outside a notebook the Output area passes prints through to stdout
     assert "not run: bottleneck 10" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------- MixPHM panel
+class _Result:
+    def __init__(self, cfg, acc=0.5):
+        self.config, self.hash, self.test_accuracy, self.reused = cfg, cfg.hash, acc, False
+        self.params = {"trainable_pct": 1.234}
+
+    def summary(self):
+        return f"mixphm {self.config.method_config}"
+
+
+def _rows(value):
+    import pandas as pd
+
+    return pd.DataFrame({"method": "ref", "stack": ["encoder", "encoder", "decoder"],
+                         "point": ["encoder.0.ffn", "encoder.1.ffn", "decoder.0.ffn"], "measure": "rsa",
+                         "target": "pretrained", "value": [value, value + 0.1, value]})
+
+
+def test_mixphm_panel_builds_the_study_configs_and_keeps_its_runs():
+    from workbench.studies.mixphm import ablation_config
+    from workbench.viz.panels import MixPHMPanel
+
+    base = RunConfig(task="shapes-vqa", quiet=True)
+    panel = MixPHMPanel(base, runner=_Result, analyser=lambda r: _rows(0.3), reference=_rows(0.5))
+    assert panel.config().hash == ablation_config("num_experts", 4).hash  # the official run
+    panel.num_experts = 2
+    assert panel.config().hash == ablation_config("num_experts", 2).hash
+    panel.w_red = panel.w_mi = 0.0
+    assert panel.config().method_config == {"num_experts": 2, "w_red": 0.0, "w_mi": 0.0}
+    panel.run()
+    panel.run()  # the same configuration twice is one row
+    panel.num_experts = 8
+    panel.run()
+    t = panel.table()
+    assert len(t) == 2 and list(t["configuration"]) == [
+        "mixphm [num_experts=2, w_red=0.0, w_mi=0.0] N=64 s13", "mixphm [num_experts=8, w_red=0.0, w_mi=0.0] N=64 s13"]
+    assert len(panel.curves) == 2
+    fig = panel.figure()
+    legend = next(a.get_legend() for a in fig.axes if a.get_legend() is not None)
+    labels = {t.get_text() for t in legend.get_texts()}
+    assert {"ref", "mixphm [num_experts=2, w_red=0.0, w_mi=0.0] N=64 s13"} <= labels
+    panel.rank = 3
+    with pytest.raises(ValueError, match="rank must be one of"):
+        panel.config()
+
+
+def test_mixphm_panel_widget_sets_the_fields_and_reports(capsys):
+    pytest.importorskip("ipywidgets")
+    from workbench.viz.panels import MixPHMPanel
+
+    seen = []
+    panel = MixPHMPanel(RunConfig(task="shapes-vqa", quiet=True), runner=lambda c: seen.append(c) or _Result(c))
+    box = panel.widget()
+    row1, row2, out = box.children
+    experts, rank, reduction, w_red = row1.children
+    w_mi, shots, seed, button = row2.children
+    experts.value, rank.value, shots.value, seed.value = 8, 16, 100, 42
+    button.click()
+    assert seen[-1].method_config == {"num_experts": 8, "rank": 16}
+    assert seen[-1].n_shots == 100 and seen[-1].seed == 42
+    assert panel.table()["configuration"].iloc[0].startswith("mixphm [num_experts=8, rank=16]")

@@ -100,3 +100,137 @@ class GalleryPanel:
         button.on_click(on_run)
         refresh_knob()
         return w.VBox([w.HBox([method, shots, knob, button]), out])
+
+
+# MixPHM's knobs and the values the panel offers (the first of each is the official value).
+MIXPHM_KNOBS = {
+    "num_experts": (4, 1, 2, 8),
+    "rank": (8, 1, 4, 16),
+    "reduction_factor": (12, 6, 24),
+    "w_red": (0.2, 0.0, 0.05, 0.5, 1.0),
+    "w_mi": (0.2, 0.0, 0.05, 0.5, 1.0),
+}
+
+
+@dataclass
+class MixPHMPanel:
+    """Train (or reuse) one MixPHM configuration and draw its per-layer redundancy beside reference runs.
+
+    The state lives in plain fields (``num_experts``, ``rank``, ``reduction_factor``, ``w_red``,
+    ``w_mi``, ``n_shots``, ``seed``) so tests and scripts drive the panel without a browser:
+    set them, call :meth:`run`. ``runner(cfg)`` trains or reuses a run (e.g. ``run(cfg,
+    store=load_study("mixphm"))``); ``analyser(result)`` returns its redundancy rows
+    (:func:`~workbench.studies.redundancy_analysis` on the restored model; None: no curves).
+    ``reference``: redundancy rows of the reference runs, drawn beside the new one. Every run of
+    the session is kept in :meth:`table`. A value equal to the official one is left out of the
+    config, so the official setting is the study's own run (the same hash).
+    """
+
+    base: object
+    runner: Callable | None = None
+    analyser: Callable | None = None
+    reference: object = None
+    shots: tuple = (16, 32, 64, 100, 500, 1000)
+    seeds: tuple = (13, 21, 42, 87, 100)
+    measure: str = "rsa"
+    num_experts: int = 4
+    rank: int = 8
+    reduction_factor: int = 12
+    w_red: float = 0.2
+    w_mi: float = 0.2
+    n_shots: int = 64
+    seed: int = 13
+    results: list = field(default_factory=list, repr=False)
+    curves: dict = field(default_factory=dict, repr=False)
+
+    def config(self):
+        """The RunConfig of the current choices (a ValueError names a value the panel does not offer)."""
+        overrides = {}
+        for name, choices in MIXPHM_KNOBS.items():
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"mixphm: {name} must be one of {choices}, got {value!r}")
+            if value != choices[0]:
+                overrides[name] = value
+        if self.n_shots not in self.shots:
+            raise ValueError(f"n_shots must be one of {self.shots}, got {self.n_shots!r}")
+        if self.seed not in self.seeds:
+            raise ValueError(f"seed must be one of {self.seeds}, got {self.seed!r}")
+        return self.base.replace(method="mixphm", n_shots=self.n_shots, seed=self.seed, method_config=overrides)
+
+    @staticmethod
+    def label(result) -> str:
+        mc = result.config.method_config
+        opts = ", ".join(f"{k}={v}" for k, v in mc.items()) or "official"
+        return f"mixphm [{opts}] N={result.config.n_shots} s{result.config.seed}"
+
+    def run(self):
+        """Train or reuse the current configuration; add it to the table and its curves to ``curves``."""
+        if self.runner is None:
+            from ..train import run as runner
+        else:
+            runner = self.runner
+        result = runner(self.config())
+        if all(r.hash != result.hash for r in self.results):
+            self.results.append(result)
+        if self.analyser is not None:
+            rows = self.analyser(result)
+            if rows is not None:
+                self.curves[self.label(result)] = rows.assign(method=self.label(result))
+        return result
+
+    def table(self):
+        """One row per configuration run in this panel: its options, N, seed, test accuracy, trainable %."""
+        import pandas as pd
+
+        rows = [{"configuration": self.label(r), "N": r.config.n_shots, "seed": r.config.seed,
+                 "test acc": round(r.test_accuracy, 3), "trainable %": round(r.params["trainable_pct"], 2),
+                 "reused": r.reused} for r in self.results]
+        return pd.DataFrame(rows, columns=["configuration", "N", "seed", "test acc", "trainable %", "reused"])
+
+    def figure(self):
+        """The per-layer curves of ``measure`` for the reference runs and every configuration analysed."""
+        import pandas as pd
+
+        from .study_plots import plot_redundancy
+
+        frames = ([self.reference] if self.reference is not None else []) + list(self.curves.values())
+        if not frames:
+            return None
+        df = pd.concat(frames, ignore_index=True)
+        return plot_redundancy(df, measure=self.measure, states=("trained",), bands=False,
+                               title=f"{self.measure.upper()} per module: reference runs and the panel's")
+
+    def widget(self):
+        """An ipywidgets VBox: a dropdown per knob, N and seed, a run button and an output area."""
+        import ipywidgets as w
+        import matplotlib.pyplot as plt
+
+        controls = {name: w.Dropdown(options=list(choices), value=getattr(self, name), description=name,
+                                     style={"description_width": "initial"})
+                    for name, choices in MIXPHM_KNOBS.items()}
+        controls["n_shots"] = w.Dropdown(options=list(self.shots), value=self.n_shots, description="N")
+        controls["seed"] = w.Dropdown(options=list(self.seeds), value=self.seed, description="seed")
+        button = w.Button(description="run", button_style="primary")
+        out = w.Output()
+
+        def on_run(_):
+            for name, control in controls.items():
+                setattr(self, name, control.value)
+            with out:
+                out.clear_output()
+                try:
+                    result = self.run()
+                except ValueError as e:
+                    print(f"not run: {e}")
+                    return
+                print(result.summary())
+                print(self.table().to_string(index=False))
+                fig = self.figure()
+                if fig is not None:
+                    plt.show()
+
+        button.on_click(on_run)
+        names = list(controls)
+        return w.VBox([w.HBox([controls[n] for n in names[:4]]), w.HBox([controls[n] for n in names[4:]] + [button]),
+                       out])

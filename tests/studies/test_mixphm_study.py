@@ -1,0 +1,110 @@
+"""The MixPHM study: its grids, what its bundle keeps, and its analyses on a store of tiny runs."""
+
+import numpy as np
+import pytest
+
+from workbench.studies import get_study
+from workbench.studies import mixphm as study
+from workbench.train import RunConfig, run
+
+
+def test_grids():
+    s = get_study("mixphm")
+    table = study.table_configs()
+    assert len(table) == 8 * 6 * 5
+    assert {c.method for c in table} == set(study.TABLE_METHODS)
+    abl = study.ablation_configs()
+    # the official setting of every axis is the table's run (same hash): 15 distinct settings x 3 seeds
+    assert len({c.hash for c in abl}) == 15 * 3
+    assert study.ablation_config("num_experts", 4).hash == RunConfig(task="shapes-vqa", method="mixphm",
+                                                                     quiet=True).hash
+    assert study.ablation_config("regularisers", "none").method_config == {"w_red": 0.0, "w_mi": 0.0}
+    assert study.ablation_config("reg_weight", 0.5).method_config == {"w_red": 0.5, "w_mi": 0.5}
+    assert len(s.configs()) == 240 + 14 * 3
+    kept = [c for c in s.configs() if s.keep_weights(c)]
+    # 6 table methods (not full) at seed 13 + mixphm with/without regularisers on 3 seeds
+    assert sorted((c.method, c.seed, bool(c.method_config)) for c in kept) == sorted(
+        [(m, 13, False) for m in study.PEFT_METHODS if m != "mixphm"]
+        + [("mixphm", s_, False) for s_ in (13, 21, 42)] + [("mixphm", s_, True) for s_ in (13, 21, 42)])
+    with pytest.raises(ValueError, match="unknown ablation axis"):
+        study.ablation_config("experts", 2)
+    with pytest.raises(ValueError, match="regularisers must be"):
+        study.ablation_config("regularisers", "red")
+
+
+@pytest.fixture(scope="module")
+def store(tiny_backbone, tmp_path_factory):
+    """Tiny runs at N = 64: full, houlsby and MixPHM (default, no regularisers, 2 experts) on two seeds."""
+    root = tmp_path_factory.mktemp("mixphm-store")
+    base = RunConfig(backbone=str(tiny_backbone), task="shapes-vqa", n_shots=64, max_steps=8, eval_every=4,
+                     batch_size=16, pool_size=160, test_size=24, quiet=True, task_options={"n_scenes": 60})
+    for seed in (13, 21):
+        for method, mc in (("full", {}), ("houlsby", {}), ("mixphm", {"bottleneck": 4}),
+                           ("mixphm", {"bottleneck": 4, "num_experts": 2}),
+                           ("mixphm", {"bottleneck": 4, "w_red": 0.0, "w_mi": 0.0})):
+            run(base.replace(method=method, seed=seed, method_config=mc), store=root)
+    return root
+
+
+def test_table_and_versus(store, monkeypatch):
+    # the tiny runs carry a bottleneck: let the table read them as the defaults
+    monkeypatch.setattr(study, "_table_rows", lambda df: df[df["method_config"].apply(
+        lambda v: v in ({}, {"bottleneck": 4}))])
+    t = study.table(store)
+    assert list(t["method"]) == ["full", "houlsby", "mixphm"] and (t["n"] == 2).all()
+    v = study.versus(store)
+    assert list(v["against"]) == ["full fine-tuning", "best other PEFT (houlsby)"]
+    assert (v["n"] == 2).all() and np.isfinite(v["mean_diff"]).all()
+
+
+def test_redundancy_merges_and_routing(store, monkeypatch):
+    monkeypatch.setattr(study, "_weighted_runs", _tiny_weighted_runs)
+    red = study.redundancy(store, methods=("houlsby", "mixphm"), max_samples=16, n_perm=19, n_boot=10, mi=False)
+    assert set(red["method"]) == {"houlsby", "mixphm", "mixphm (no reg.)"}
+    assert set(red["state"]) == {"init", "trained"}
+    # the official inits (torch's default Linear, Glorot PHM) contribute from the start: measurable
+    assert red["value"].notna().all()
+    init, trained = (red[red.state == s].reset_index(drop=True) for s in ("init", "trained"))
+    assert not np.allclose(init["value"], trained["value"])
+    assert trained["value"].notna().all() and (trained["null_lo"] <= trained["null_hi"]).all()
+    m = study.merges(store, seeds=(13,))
+    assert list(m["route"]) == list(study.ROUTES[:3]) + ["expert 0", "expert 1", "expert 2", "expert 3"]
+    official = m[m.route == "official soup"].iloc[0]
+    assert official["test_acc"] == official["stored"]  # the restored model scores what the run scored
+    r = study.routing(store)
+    assert set(r["method"]) == {"mixphm"} and (r["total"] == 8).all()  # one draw per training step
+    assert r["p"].between(0, 1).all()
+
+
+def _tiny_weighted_runs(store, method, seeds=(13,), method_config=None):
+    from workbench.train import load_results, load_run
+
+    mc = {"bottleneck": 4, **(method_config or {})} if method == "mixphm" else (method_config or {})
+    df = load_results(store)
+    sel = df[(df.method == method) & df.seed.isin(seeds) & df.method_config.apply(lambda v: v == mc)]
+    return [load_run(h, store) for h in sel.sort_values("seed")["run"]]
+
+
+def test_ablation_labels():
+    assert study._ablation_label({}) == ("official", "official")
+    assert study._ablation_label({"w_red": 0.0, "w_mi": 0.0}) == ("regularisers", "none")
+    assert study._ablation_label({"w_red": 0.5, "w_mi": 0.5}) == ("reg_weight", 0.5)
+    assert study._ablation_label({"num_experts": 8}) == ("num_experts", 8)
+
+
+def test_experts_and_verdicts(store, monkeypatch):
+    monkeypatch.setattr(study, "_weighted_runs", _tiny_weighted_runs)
+    e = study.experts(store)
+    assert list(e["point"]) == ["encoder.0.ffn", "decoder.0.ffn"]
+    assert e["cka_between"].between(0, 1 + 1e-9).all() and (e["weight_distance"] > 0).all()
+    assert (e["soup_gap"] > 0).all()
+    monkeypatch.setattr(study, "_table_rows", lambda df: df[df["method_config"].apply(
+        lambda v: v in ({}, {"bottleneck": 4}))])
+    red = study.redundancy(store, methods=("houlsby", "mixphm"), states=("trained",), max_samples=16, n_perm=0,
+                           n_boot=0, mi=False, seeds=(13, 21))
+    v = study.verdicts(store, red)
+    assert len(v) == 5 and set(v["verdict"]) <= {"reproduced", "not reproduced", "inconclusive"}
+    assert v["claim"].iloc[0].startswith("MixPHM beats full") and "N=64" in v["workbench"].iloc[0]
+    assert "over 2 seeds" in v["workbench"].iloc[3]
+    assert study._verdict(0.1, 0.2) == "reproduced" and study._verdict(-0.2, -0.1) == "not reproduced"
+    assert study._verdict(-0.1, 0.1) == "inconclusive" and study._verdict(-0.2, -0.1, positive=False) == "reproduced"

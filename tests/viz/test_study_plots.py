@@ -1,0 +1,86 @@
+"""The study notebooks' figures: what they draw from the analyses' tables, and their errors."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from workbench.viz.study_plots import (
+    plot_ablations,
+    plot_accuracy_vs_n,
+    plot_draws,
+    plot_redundancy,
+    plot_routes,
+)
+
+
+def _redundancy(resampled=True):
+    rows = []
+    for method in ("houlsby", "mixphm"):
+        for state in ("init", "trained"):
+            for stack in ("encoder", "decoder"):
+                for layer in range(3):
+                    for target in ("pretrained", "task"):
+                        for measure in ("rsa", "cka"):
+                            v = 0.1 * layer + (0.3 if state == "trained" else 0.0)
+                            row = dict(method=method, state=state, stack=stack, layer=layer,
+                                       point=f"{stack}.{layer}.ffn", measure=measure, target=target, value=v)
+                            if resampled:
+                                row.update(null_lo=-0.05, null_hi=0.05, ci_lo=v - 0.02, ci_hi=v + 0.02, p_value=0.01)
+                            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_accuracy_vs_n_draws_a_line_and_band_per_method():
+    t = pd.DataFrame({"method": ["full"] * 2 + ["mixphm"] * 2, "n_shots": [16, 64] * 2, "mean": [.3, .5, .2, .4],
+                      "std": [.01, .02, np.nan, .03], "n": 3})
+    fig = plot_accuracy_vs_n(t)
+    ax = fig.axes[0]
+    assert [l.get_label() for l in ax.get_lines()] == ["full", "mixphm"]
+    assert ax.get_lines()[1].get_linewidth() > ax.get_lines()[0].get_linewidth()  # the highlighted method
+    assert len(ax.collections) == 2 and ax.get_xscale() == "log"
+
+
+def test_redundancy_panels_curves_bands_and_errors():
+    df = _redundancy()
+    fig = plot_redundancy(df, "rsa")
+    assert len(fig.axes) == 4  # 2 targets x 2 stacks
+    ax = fig.axes[0]
+    assert "encoder" in ax.get_title() and "redundancy" in ax.get_title()
+    # one null band per trained method; x ticks are the modules in forward order
+    assert sum(isinstance(c, matplotlib.collections.PolyCollection) for c in ax.collections) == 2
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.ffn", "1.ffn", "2.ffn"]
+    fig = plot_redundancy(_redundancy(resampled=False), "cka", methods=["mixphm"], states=["trained"])
+    assert len(fig.axes[0].get_lines()) == 1
+    with pytest.raises(ValueError, match="no rows for measure 'mi'"):
+        plot_redundancy(df, "mi")
+    with pytest.raises(ValueError, match="lacks the columns"):
+        plot_redundancy(df.drop(columns="point"))
+    with pytest.raises(ValueError, match="empty"):
+        plot_redundancy(df.iloc[:0])
+
+
+def test_ablations_routes_and_draws():
+    abl = pd.DataFrame({"axis": ["num_experts"] * 2 + ["rank"] * 2, "value": [4, 1, 8, 16], "official": [1, 0, 1, 0],
+                        "mean": [.4, .3, .4, .35], "ci_low": [.3, .2, .3, .3], "ci_high": [.5, .4, .5, .4]})
+    fig = plot_ablations(abl)
+    assert [a.get_title() for a in fig.axes] == ["num_experts", "rank"]
+    routes = pd.DataFrame({"seed": [13, 13, 21, 21], "route": ["official soup", "expert 0"] * 2,
+                           "test_acc": [.4, .3, .42, .2]})
+    fig = plot_routes(routes)
+    assert [p.get_height() for p in fig.axes[0].patches] == pytest.approx([.41, .25])
+    draws = pd.DataFrame({"module": ["encoder.0.ffn", "decoder.0.ffn"], "draws": [[1, 3], [2, 2]]})
+    fig = plot_draws(draws)
+    np.testing.assert_allclose(fig.axes[0].images[0].get_array(), [[.25, .75], [.5, .5]])
+    with pytest.raises(ValueError, match="lacks the columns"):
+        plot_routes(routes.drop(columns="route"))
+
+
+def test_block_diagram_names_the_three_representations():
+    from workbench.viz.study_plots import plot_mixphm_block
+
+    texts = " ".join(t.get_text() for t in plot_mixphm_block().axes[0].texts)
+    assert "f (frozen output)" in texts and "u = Δ(f)" in texts and "final repr. g" in texts

@@ -1,0 +1,205 @@
+"""Figures of the study notebooks: accuracy against N, per-layer redundancy curves with null bands,
+ablations, inference routes and expert draws. Each takes the tidy DataFrame a study's analysis
+returns (:mod:`workbench.studies.mixphm`) and returns a matplotlib Figure."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+MEASURE_LABELS = {"rsa": "RSA (Pearson of cosine RDMs)", "cka": "linear CKA", "mi": "MI, KSG on 4 PCs (nats)"}
+TARGET_LABELS = {"pretrained": "u vs frozen output f (redundancy)", "task": "u vs final representation (task)"}
+
+
+def _need(df, columns, what: str):
+    if df is None or len(df) == 0:
+        raise ValueError(f"{what}: the table is empty (no runs or rows to plot)")
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what}: the table lacks the columns {missing}; it has {list(df.columns)}")
+
+
+def plot_accuracy_vs_n(table, highlight: str | None = "mixphm", title: str = "test accuracy against N"):
+    """Mean test accuracy against N (log axis), one line per method, +- one std over seeds as a band.
+
+    ``table``: a summary with ``method, n_shots, mean, std, n`` (e.g. ``mixphm.table``).
+    """
+    _need(table, ["method", "n_shots", "mean", "std"], "plot_accuracy_vs_n")
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for method, part in table.groupby("method", sort=False, observed=True):
+        part = part.sort_values("n_shots")
+        x, y, s = part["n_shots"].to_numpy(), part["mean"].to_numpy(), np.nan_to_num(part["std"].to_numpy())
+        bold = method == highlight
+        line, = ax.plot(x, y, marker="o", lw=2.6 if bold else 1.3, label=str(method), zorder=3 if bold else 2)
+        ax.fill_between(x, y - s, y + s, color=line.get_color(), alpha=0.15 if bold else 0.07, lw=0)
+    ax.set(xscale="log", xlabel="N (training examples; dev has as many)", ylabel="test accuracy", title=title)
+    ns = sorted(table["n_shots"].unique())
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def _positions(part):
+    """x positions of the modules of one stack in forward order, and their labels ("2.ffn")."""
+    points = list(dict.fromkeys(part["point"]))
+    labels = [p.split(".", 1)[1] if "." in p else p for p in points]
+    return {p: i for i, p in enumerate(points)}, labels
+
+
+def plot_redundancy(df, measure: str = "rsa", methods=None, states=None, bands: bool = True,
+                    title: str | None = None):
+    """Per-layer curves of one measure: rows = target (redundancy with the frozen output, correlation
+    with the task representation), columns = encoder / decoder; one colour per method, solid after
+    training and dashed before; error bars = the bootstrap interval; shaded = the permutation null band.
+
+    ``df``: :func:`~workbench.studies.redundancy_analysis` rows (with ``state`` when several states
+    are drawn, ``null_lo`` ... when resampled).
+    """
+    _need(df, ["method", "stack", "point", "measure", "target", "value"], "plot_redundancy")
+    d = df[df["measure"] == measure]
+    if d.empty:
+        raise ValueError(f"plot_redundancy: no rows for measure {measure!r}; the table has {sorted(set(df['measure']))}")
+    if methods is not None:
+        d = d[d["method"].isin(methods)]
+    if "state" not in d.columns:
+        d = d.assign(state="trained")
+    if states is not None:
+        d = d[d["state"].isin(states)]
+    stacks = [s for s in ("encoder", "decoder") if s in set(d["stack"])]
+    targets = [t for t in ("pretrained", "task") if t in set(d["target"])]
+    fig, axes = plt.subplots(len(targets), len(stacks), figsize=(5.2 * len(stacks), 3.0 * len(targets)),
+                             squeeze=False, sharey="row")
+    colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(d["method"]))}
+    for r, target in enumerate(targets):
+        for c, stack in enumerate(stacks):
+            ax = axes[r][c]
+            part = d[(d["stack"] == stack) & (d["target"] == target)]
+            pos, labels = _positions(d[d["stack"] == stack])
+            for (method, state), g in part.groupby(["method", "state"], sort=False):
+                x = np.array([pos[p] for p in g["point"]], dtype=float)
+                y = g["value"].to_numpy()
+                col, dashed = colours[method], state != "trained"
+                lab = f"{method}" + (f" ({state})" if dashed else "")
+                if "ci_lo" in g and g["ci_lo"].notna().any():
+                    err = np.vstack([y - g["ci_lo"].to_numpy(), g["ci_hi"].to_numpy() - y])
+                    ax.errorbar(x, y, yerr=np.clip(np.nan_to_num(err), 0, None), color=col, ls="--" if dashed else "-",
+                                marker="o" if not dashed else "x", ms=4, lw=1.4, capsize=2, label=lab,
+                                alpha=0.6 if dashed else 1.0)
+                else:
+                    ax.plot(x, y, color=col, ls="--" if dashed else "-", marker="o" if not dashed else "x", ms=4,
+                            label=lab, alpha=0.6 if dashed else 1.0)
+                if bands and not dashed and "null_lo" in g and g["null_lo"].notna().any():
+                    ax.fill_between(x, g["null_lo"].to_numpy(), g["null_hi"].to_numpy(), color=col, alpha=0.12, lw=0)
+            ax.set_xticks(range(len(labels)), labels, rotation=60, fontsize=7)
+            ax.grid(alpha=0.3)
+            ax.set_title(f"{stack}: {TARGET_LABELS[target]}", fontsize=9)
+            if c == 0:
+                ax.set_ylabel(MEASURE_LABELS.get(measure, measure))
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(title or f"{MEASURE_LABELS.get(measure, measure)} per module (shaded: permutation null, "
+                 "bars: bootstrap 95 %)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_ablations(df, title: str = "MixPHM ablations at N = 64"):
+    """One panel per ablation axis: mean test accuracy +- the 95 % interval per value; the official
+    value in black. ``df``: :func:`workbench.studies.mixphm.ablations`."""
+    _need(df, ["axis", "value", "mean", "ci_low", "ci_high", "official"], "plot_ablations")
+    axes_names = list(dict.fromkeys(df["axis"]))
+    fig, axes = plt.subplots(1, len(axes_names), figsize=(3.0 * len(axes_names), 3.2), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], axes_names):
+        part = df[df["axis"] == name].reset_index(drop=True)
+        x = np.arange(len(part))
+        y = part["mean"].to_numpy()
+        err = np.vstack([y - part["ci_low"].to_numpy(), part["ci_high"].to_numpy() - y])
+        for i, row in part.iterrows():
+            ax.errorbar(x[i], y[i], yerr=np.nan_to_num(err[:, i:i + 1]), fmt="o", capsize=3,
+                        color="black" if row["official"] else "C0")
+        ax.set_xticks(x, [str(v) for v in part["value"]], rotation=30, fontsize=8)
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (95 % interval)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_routes(df, title: str = "MixPHM at inference: merged, averaged or single experts"):
+    """Test accuracy per inference route, one point per seed and the mean as a bar.
+    ``df``: :func:`workbench.studies.mixphm.merges`."""
+    _need(df, ["route", "seed", "test_acc"], "plot_routes")
+    routes = list(dict.fromkeys(df["route"]))
+    fig, ax = plt.subplots(figsize=(7.5, 3.2))
+    means = df.groupby("route", sort=False)["test_acc"].mean().reindex(routes)
+    ax.bar(range(len(routes)), means.to_numpy(), color="C7", alpha=0.5)
+    for k, (seed, g) in enumerate(df.groupby("seed")):
+        ax.plot([routes.index(r) for r in g["route"]], g["test_acc"], "o", color=f"C{k}", label=f"seed {seed}")
+    ax.set_xticks(range(len(routes)), routes, rotation=20, fontsize=8)
+    ax.set(ylabel="test accuracy", title=title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
+def plot_draws(df, title: str = "expert draws over training (share of each module's draws)"):
+    """Heat map of each module's draw share per expert (rows: modules), from one run's ``routing`` rows."""
+    _need(df, ["module", "draws"], "plot_draws")
+    shares = np.array([np.asarray(d, float) / max(1, sum(d)) for d in df["draws"]])
+    fig, ax = plt.subplots(figsize=(4.5, 0.28 * len(df) + 1.2))
+    im = ax.imshow(shares, aspect="auto", cmap="viridis", vmin=0, vmax=max(0.5, float(shares.max())))
+    ax.set_yticks(range(len(df)), list(df["module"]), fontsize=7)
+    ax.set_xticks(range(shares.shape[1]), [f"expert {k}" for k in range(shares.shape[1])], fontsize=8)
+    fig.colorbar(im, ax=ax, label="share of draws")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_mixphm_block():
+    """Where MixPHM's analysis reads its representations in a T5 layer's FFN sub-layer: the frozen
+    output f = FFN(LN(x)), the module's contribution u = Delta(f), the sub-layer output
+    x + f + u, and (after the last layer) the stack's final representation g."""
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    fig, ax = plt.subplots(figsize=(10.5, 2.8))
+    ax.set_xlim(0, 11.6)
+    ax.set_ylim(0.5, 3.1)
+    ax.axis("off")
+    h = 0.7
+
+    def box(x0, y0, w, text, colour):
+        ax.add_patch(FancyBboxPatch((x0, y0), w, h, boxstyle="round,pad=0.05", fc=colour, ec="black", lw=1))
+        ax.text(x0 + w / 2, y0 + h / 2, text, ha="center", va="center", fontsize=8)
+
+    def arrow(a, b, text=None, colour="black", dy=0.12):
+        ax.add_patch(FancyArrowPatch(a, b, arrowstyle="-|>", mutation_scale=10, color=colour, lw=1.2))
+        if text:
+            ax.text((a[0] + b[0]) / 2, (a[1] + b[1]) / 2 + dy, text, fontsize=9, color=colour, ha="center")
+
+    y = 1.3
+    box(0.1, y, 1.1, "x\n(layer input)", "white")
+    box(1.6, y, 1.1, "LayerNorm", "#eeeeee")
+    box(3.1, y, 1.1, "FFN\n(frozen)", "#dddddd")
+    box(4.9, 2.25, 2.0, "MixPHM  Δ\nDown → GELU → Up_k", "#cfe3ff")
+    box(7.2, y, 0.9, "f + u", "white")
+    box(8.5, y, 1.0, "x + f + u", "white")
+    box(10.0, y, 1.5, "later layers …\nfinal repr. g", "#fff2cc")
+    mid = y + h / 2
+    arrow((1.2, mid), (1.6, mid))
+    arrow((2.7, mid), (3.1, mid))
+    arrow((4.2, mid), (7.2, mid), "f (frozen output)", "C0")
+    arrow((4.6, mid + 0.02), (5.2, 2.25), None, "C0")
+    arrow((6.9, 2.6), (7.65, y + h + 0.02), "u = Δ(f)", "C3", dy=0.2)
+    arrow((8.1, mid), (8.5, mid))
+    arrow((9.5, mid), (10.0, mid))
+    ax.plot([0.65, 0.65, 9.0], [y, 0.85, 0.85], color="black", lw=1)
+    arrow((9.0, 0.85), (9.0, y))
+    ax.text(4.8, 0.9, "residual", fontsize=8, ha="center")
+    ax.text(0.1, 2.85, "redundancy = similarity(u, f)\ntask correlation = similarity(u, g)", fontsize=9,
+            color="C3", va="center")
+    fig.tight_layout()
+    return fig
