@@ -226,6 +226,18 @@ else:
     print("no ablation runs in the bundle yet")
 
 # %% [markdown]
+# What each setting does inside the model: the mean RSA of u with f (redundancy) and with g (task
+# correlation) over the modules of each stack, for the seed-13 run of every setting the bundle
+# keeps weights for, beside its test accuracy.
+
+# %%
+abl_red = study.ablation_redundancy(store, max_samples=128)
+if len(abl_red):
+    view = abl_red[abl_red["measure"] == "rsa"].pivot_table(index=["axis", "value", "test_acc"],
+                                                             columns=["stack", "target"], values="mean")
+    display(view.round(2))
+
+# %% [markdown]
 # **The inference merge.** MixPHM trains with one expert drawn at random per forward pass and
 # answers with one merged expert (the "expert soup": each stored tensor S, T, b averaged). The
 # alternatives: average the products S·T instead (the mean of the experts' linear maps), average

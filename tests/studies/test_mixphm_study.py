@@ -22,10 +22,12 @@ def test_grids():
     assert study.ablation_config("reg_weight", 0.5).method_config == {"w_red": 0.5, "w_mi": 0.5}
     assert len(s.configs()) == 240 + 14 * 3
     kept = [c for c in s.configs() if s.keep_weights(c)]
-    # 6 table methods (not full) at seed 13 + mixphm with/without regularisers on 3 seeds
+    # 6 table methods (not full) at seed 13, mixphm with/without regularisers on 3 seeds, and the
+    # other 13 ablation settings at seed 13
     assert sorted((c.method, c.seed, bool(c.method_config)) for c in kept) == sorted(
         [(m, 13, False) for m in study.PEFT_METHODS if m != "mixphm"]
-        + [("mixphm", s_, False) for s_ in (13, 21, 42)] + [("mixphm", s_, True) for s_ in (13, 21, 42)])
+        + [("mixphm", s_, False) for s_ in (13, 21, 42)] + [("mixphm", s_, True) for s_ in (13, 21, 42)]
+        + [("mixphm", 13, True)] * 13)
     with pytest.raises(ValueError, match="unknown ablation axis"):
         study.ablation_config("experts", 2)
     with pytest.raises(ValueError, match="regularisers must be"):
@@ -90,6 +92,14 @@ def test_ablation_labels():
     assert study._ablation_label({"w_red": 0.0, "w_mi": 0.0}) == ("regularisers", "none")
     assert study._ablation_label({"w_red": 0.5, "w_mi": 0.5}) == ("reg_weight", 0.5)
     assert study._ablation_label({"num_experts": 8}) == ("num_experts", 8)
+
+
+def test_ablation_redundancy(store):
+    # the tiny runs all carry a bottleneck: each is read as an ablation of that option
+    a = study.ablation_redundancy(store, max_samples=16)
+    assert set(a["stack"]) == {"encoder", "decoder"} and set(a["target"]) == {"pretrained", "task"}
+    assert len(a) == 3 * 2 * 2 * 2  # three settings x stacks x measures x targets
+    assert a["mean"].notna().all()
 
 
 def test_experts_and_verdicts(store, monkeypatch):

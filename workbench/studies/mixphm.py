@@ -95,12 +95,14 @@ def _no_regularisers(cfg: RunConfig) -> bool:
 
 
 def keep_weights(cfg: RunConfig) -> bool:
-    """N = 64: seed 13 of every table method but full fine-tuning; MixPHM with and without its
-    regularisers on the ablation seeds."""
+    """N = 64: seed 13 of every table method but full fine-tuning and of every ablation setting;
+    MixPHM with and without its regularisers on the ablation seeds."""
     if cfg.n_shots != ABLATION_N:
         return False
     if cfg.method == "mixphm" and (not cfg.method_config or _no_regularisers(cfg)):
         return cfg.seed in ABLATION_SEEDS
+    if cfg.method == "mixphm":
+        return cfg.seed == 13
     return cfg.seed == 13 and cfg.method in TABLE_METHODS and cfg.method != "full" and not cfg.method_config
 
 
@@ -114,6 +116,13 @@ def _results(store):
     from ..train import load_results
 
     return load_results(store)
+
+
+def _as_store(store):
+    """A RunStore (a path or None is opened as one; a study's bundle already is one)."""
+    from ..train import RunStore
+
+    return store if isinstance(store, RunStore) else RunStore(store)
 
 
 def _table_rows(df):
@@ -181,8 +190,10 @@ def _ablation_label(cfg_mc: dict) -> tuple[str, object]:
                 return "regularisers", name
         if w[0] == w[1]:
             return "reg_weight", w[0]
-    (axis, value), = cfg_mc.items()
-    return axis, value
+    if len(cfg_mc) == 1:
+        (axis, value), = cfg_mc.items()
+        return axis, value
+    return ", ".join(cfg_mc), ", ".join(str(v) for v in cfg_mc.values())  # not one of the study's axes
 
 
 def ablations(store):
@@ -221,6 +232,7 @@ def _weighted_runs(store, method: str, seeds=(13,), method_config=None):
     """Stored runs of ``method`` at N = 64 that hold method weights, seed order."""
     from ..train import load_run
 
+    store = _as_store(store)
     out = []
     df = _results(store)
     mc = method_config or {}
@@ -270,6 +282,33 @@ def redundancy(store, methods=SUBLAYER_METHODS, states=("init", "trained"), max_
             df["method"] = label
             frames.append(df)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def ablation_redundancy(store, max_samples: int = 256, seed: int = 13):
+    """What each ablation setting does to redundancy and task correlation: the mean over modules of
+    RSA and CKA of u with f ("pretrained") and with g ("task"), per stack, for the seed-13 run of every
+    ablation setting (no resampling: one number per setting, read beside its accuracy)."""
+    import pandas as pd
+
+    from ..train import load_run, restore_run
+    from .redundancy import redundancy_analysis
+
+    store = _as_store(store)
+    df = _results(store)
+    df = df[(df["method"] == "mixphm") & (df["n_shots"] == ABLATION_N) & (df["seed"] == seed)]
+    rows = []
+    for _, row in df.iterrows():
+        path = store.locate(row["run"])
+        if path is None or not (path / "method.safetensors").is_file():
+            continue
+        axis, value = _ablation_label(row["method_config"] or {})
+        r = restore_run(load_run(row["run"], store), store=store)
+        red = redundancy_analysis(r.model, r.batches("test", max_samples=max_samples), max_samples=max_samples)
+        means = red.groupby(["stack", "measure", "target"])["value"].mean()
+        for (stack, measure, target), v in means.items():
+            rows.append({"axis": axis, "value": value, "stack": stack, "measure": measure, "target": target,
+                         "mean": float(v), "test_acc": row["test_acc"]})
+    return pd.DataFrame(rows, columns=["axis", "value", "stack", "measure", "target", "mean", "test_acc"])
 
 
 def merges(store, seeds=ABLATION_SEEDS, routes=ROUTES):
@@ -443,5 +482,5 @@ STUDY = register_study(Study(
     keep_weights=keep_weights,
     keep_predictions=keep_predictions,
     analyses={"table": table, "versus": versus, "ablations": ablations, "redundancy": redundancy,
-              "merges": merges, "routing": routing, "experts": experts, "verdicts": verdicts},
+              "ablation_redundancy": ablation_redundancy, "merges": merges, "routing": routing, "experts": experts, "verdicts": verdicts},
 ))
