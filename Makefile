@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 PYTEST_NBVAL := --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg --nbval-cell-timeout 900
 
-.PHONY: setup lab test test-unit test-notebooks reproduce bench pretrain clean
+.PHONY: setup lab test test-unit test-notebooks notebooks reproduce bench pretrain clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ test-unit: setup
 
 test-notebooks: setup
 	$(PY) -m pytest $(NOTEBOOKS) $(PYTEST_NBVAL) -p no:cacheprovider
+
+notebooks: setup  ## rebuild every notebook from its source in notebooks/src/ (outputs dropped: then make reproduce)
+	for src in notebooks/src/[0-9]*.py; do \
+	  $(PY) tools/make_notebook.py $$src notebooks/$$(basename $$src .py).ipynb || exit 1; \
+	done
 
 reproduce: setup  ## execute every notebook headless in place; refreshes figures/
 	cd notebooks && for nb in $(notdir $(NOTEBOOKS)); do \
