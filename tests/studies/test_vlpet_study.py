@@ -1,0 +1,64 @@
+"""The VL-PET study: its grids and what its analyses read from a store of tiny runs."""
+
+import numpy as np
+import pytest
+
+from workbench.studies import get_study
+from workbench.studies import vlpet as study
+from workbench.train import RunConfig, run
+
+
+def test_grids():
+    s = get_study("vlpet")
+    cost = study.cost_configs()
+    assert len(cost) == (4 + 4) * 4 * 3
+    assert study.vlpet_config("large").hash == RunConfig(task="shapes-vqa", method="vlpet", quiet=True).hash
+    assert study.vlpet_config("small").method_config == {"granularity": "small"}
+    # transfer: 4 methods x 3 N x 3 seeds; compacter and houlsby at N = 16, 64, 1000 are also cost runs
+    assert len(s.configs()) == 96 + 36 - 2 * 3 * 3
+    kept = [c for c in s.configs() if s.keep_weights(c)]
+    assert sorted(study.label(c.method, c.method_config) for c in kept) == sorted(
+        ["vlpet-large", "vlpet-middleX", "vlpet-middleY", "vlpet-small", "houlsby+g+lw", "compacter+g+lw"])
+    with pytest.raises(ValueError, match="granularity must be"):
+        study.vlpet_config("medium")
+
+
+@pytest.fixture(scope="module")
+def store(tiny_backbone, tmp_path_factory):
+    root = tmp_path_factory.mktemp("vlpet-store")
+    base = RunConfig(backbone=str(tiny_backbone), task="shapes-vqa", n_shots=64, max_steps=8, eval_every=4,
+                     batch_size=16, pool_size=160, test_size=24, quiet=True, task_options={"n_scenes": 60})
+    for seed in (13, 21):
+        for g in study.GRANULARITIES:
+            run(base.replace(method="vlpet", seed=seed, method_config={} if g == "large" else {"granularity": g}),
+                store=root)
+        for m in ("full", "houlsby", "houlsby+g+lw"):
+            run(base.replace(method=m, seed=seed), store=root)
+    return root
+
+
+def test_table_versus_transfer_and_verdicts(store):
+    t = study.table(store)
+    assert list(t["method"]) == ["vlpet-large", "vlpet-middleX", "vlpet-middleY", "vlpet-small", "full", "houlsby"]
+    assert (t["n"] == 2).all()
+    v = study.versus(store)
+    assert set(v["b"]) == {"vlpet-middleX", "vlpet-middleY", "vlpet-small", "full", "houlsby"}
+    assert (v["a"] == "vlpet-large").all() and (v["n"] == 2).all()
+    tr = study.transfer(store)
+    assert list(zip(tr["a"], tr["b"])) == [("houlsby+g+lw", "houlsby")]
+    verdicts = study.verdicts(store)
+    assert len(verdicts) == 4 and set(verdicts["verdict"]) <= {"reproduced", "not reproduced", "inconclusive"}
+
+
+def test_gates_and_redundancy(store):
+    g = study.gates(store, max_samples=16)
+    assert set(g["method"]) == {"vlpet-large", "vlpet-middleX", "vlpet-middleY", "vlpet-small", "houlsby+g+lw"}
+    # one row per gated encoder module (the tiny model: 1 layer x 2 sub-layers)
+    assert g.groupby("method").size().eq(2).all()
+    sig = g[g["method"] != "vlpet-middleY"]
+    assert sig["gate_q05"].between(0, 1).all() and sig["gate_q95"].between(0, 1).all()  # sigmoid gates
+    assert (g["gate_q05"] <= g["gate_q50"]).all() and (g["gate_q50"] <= g["gate_q95"]).all()
+    assert np.isfinite(g["gate_moves_H"]).all() and (g["module_moves_H"] > 0).all()
+    red = study.redundancy(store, max_samples=16, n_perm=9, n_boot=5)
+    assert set(red["stack"]) == {"encoder"} and red["method"].nunique() == 5
+    assert {"null_lo", "ci_hi"} <= set(red.columns)
