@@ -262,6 +262,10 @@ def test_bart_base_parameter_counts(granularity, per_encoder, total):
     ({"middley_form": "sigmoid"}, "middley_form"),
     ({"inner": "lora"}, "inner"),
     ({"inner_options": {"r": 4}}, "inner_options"),
+    ({"decoder_design": "lightweight"}, "decoder_design"),
+    ({"encoder_modules": "no"}, "encoder_modules"),
+    ({"encoder_modules": False, "decoder_design": "none"}, "no module to train"),
+    ({"inner": "houlsby", "decoder_design": "full"}, "lightweight-design switches"),
 ])
 def test_bad_configs_raise_before_any_change(tiny_model, overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -469,3 +473,43 @@ def test_save_load_round_trip(tiny_model, tiny_batch, tmp_path):
     assert h2.config == handle.config
     with torch.no_grad():
         assert torch.allclose(fresh(**batch).logits, ref, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ lightweight designs
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_lightweight_designs_place_the_official_modules(tiny_model, tiny_batch, family):
+    from workbench.methods.adapters import Adapter
+
+    n_layers = 2
+    designs = {
+        ("both", "value"): dict(),
+        ("encoder only", "none"): dict(decoder_design="none"),
+        ("decoder only", "value"): dict(encoder_modules=False),
+        ("both", "full"): dict(decoder_design="full"),
+    }
+    counts = {}
+    for (enc, dec), kw in designs.items():
+        model = tiny_model(family)
+        handle = methods.apply(model, "vlpet", **kw)
+        mods = model.modifications()
+        enc_gated = [p for p in mods if p.startswith("encoder")]
+        dec_points = [p for p in mods if p.startswith("decoder")]
+        assert len(enc_gated) == (0 if enc == "decoder only" else 2 * n_layers)
+        assert all(isinstance(m, GatedModification) for p in enc_gated for _, m in mods[p])
+        if dec == "value":
+            assert dec_points == [f"decoder.{i}.cross_attn.v" for i in range(n_layers)]
+        elif dec == "none":
+            assert dec_points == []
+        else:  # VL-Adapter's adapter after every decoder sub-layer, swish, bottleneck r, no gate
+            assert dec_points == [f"decoder.{i}.{s}" for i in range(n_layers) for s in ("self_attn", "cross_attn", "ffn")]
+            ad = mods["decoder.0.ffn"][0][1]
+            assert isinstance(ad, Adapter) and ad.down.out_features == handle.config.r
+        # trains, and only the method's parts (and the encoder LayerNorms) get gradients
+        batch = tiny_batch(model)
+        model.train()
+        model(**batch).loss.backward()
+        grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert grads and all(p.requires_grad for n, p in model.named_parameters() if n in grads)
+        counts[(enc, dec)] = handle.method_parameter_count()
+    assert counts[("decoder only", "value")] < counts[("both", "value")] < counts[("both", "full")]
+    assert counts[("encoder only", "none")] < counts[("both", "value")]

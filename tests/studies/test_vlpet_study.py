@@ -15,10 +15,11 @@ def test_grids():
     assert study.vlpet_config("large").hash == RunConfig(task="shapes-vqa", method="vlpet", quiet=True).hash
     assert study.vlpet_config("small").method_config == {"granularity": "small"}
     # transfer: 4 methods x 3 N x 3 seeds; compacter and houlsby at N = 16, 64, 1000 are also cost runs
-    assert len(s.configs()) == 96 + 36 - 2 * 3 * 3
+    assert len(s.configs()) == 96 + 9 + 36 - 2 * 3 * 3
     kept = [c for c in s.configs() if s.keep_weights(c)]
     assert sorted(study.label(c.method, c.method_config) for c in kept) == sorted(
-        ["vlpet-large", "vlpet-middleX", "vlpet-middleY", "vlpet-small", "houlsby+g+lw", "compacter+g+lw"])
+        ["vlpet-large", "vlpet-middleX", "vlpet-middleY", "vlpet-small", "houlsby+g+lw", "compacter+g+lw",
+         "vlpet-large (encoder only)", "vlpet-large (value adapter only)", "vlpet-large (encoder + full decoder)"])
     with pytest.raises(ValueError, match="granularity must be"):
         study.vlpet_config("medium")
 
@@ -34,6 +35,7 @@ def store(tiny_backbone, tmp_path_factory):
                 store=root)
         for m in ("full", "houlsby", "houlsby+g+lw"):
             run(base.replace(method=m, seed=seed), store=root)
+        run(base.replace(method="vlpet", seed=seed, method_config={"decoder_design": "none"}), store=root)
     return root
 
 
@@ -48,6 +50,13 @@ def test_table_versus_transfer_and_verdicts(store):
     assert list(zip(tr["a"], tr["b"])) == [("houlsby+g+lw", "houlsby")]
     verdicts = study.verdicts(store)
     assert len(verdicts) == 4 and set(verdicts["verdict"]) <= {"reproduced", "not reproduced", "inconclusive"}
+
+
+def test_designs(store):
+    d = study.designs(store)
+    assert list(d["design"]) == ["encoder + value adapter (default)", "encoder only"]
+    assert d.loc[0, "diff_vs_default"] == 0 and (d["n"] == 2).all()
+    assert d.loc[1, "trainable_pct"] < d.loc[0, "trainable_pct"]
 
 
 def test_gates_and_redundancy(store):

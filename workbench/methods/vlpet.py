@@ -126,6 +126,10 @@ from torch import nn
 from .base import MethodConfig, MethodHandle, freeze_backbone, get_config, list_methods, method_spec, register_method
 
 GRANULARITIES = ("large", "middleX", "middleY", "small")
+# The decoder of the lightweight-design ablation: the value adapter on the cross-attention (VL-PET's
+# lightweight decoder, the default), VL-Adapter's adapter on every decoder sub-layer ("full", the
+# official code without --no_decoder_adapter), or nothing.
+DECODER_DESIGNS = ("value", "full", "none")
 MIDDLEY_FORMS = ("one_plus_z", "one_plus_sigmoid")
 DECODER_MODULES = ("adapter", "phm")
 PHM_INNER = ("compacter", "compacter++")
@@ -188,6 +192,16 @@ class VlpetConfig(MethodConfig):
             d -> decoder_r -> d, ``gelu_new``) or ``phm`` (a parallel PHM adapter with the inner
             Compacter's n, rank and A: the Compacter + G + LW reading); ``None``: ``phm`` for a
             Compacter inner method, ``adapter`` otherwise.
+        encoder_modules: the gated modifications on the encoder sub-layers (``True``; ``False``: the
+            decoder-only design, the official ``--no_encoder_adapter`` without the multi-head and
+            gating flags).
+        decoder_design: ``value`` (the lightweight decoder: the value adapter above, the official
+            ``--no_decoder_adapter --use_decoder_enc_attn_value_parallel_adapter_down_dim``),
+            ``full`` (the official decoder without ``--no_decoder_adapter``: VL-Adapter's sequential
+            adapter h + Up(swish(Down(h))), bottleneck r, no gate, on the self-attention,
+            cross-attention and FFN outputs of every decoder layer) or ``none`` (the encoder-only
+            design). These two switches are the lightweight-design ablation; the official scripts use
+            the defaults, and the "+G + LW" methods keep them.
         lr: learning rate (BART 1e-3, T5 3e-4).
     """
 
@@ -204,6 +218,8 @@ class VlpetConfig(MethodConfig):
     inner: str = "multihead"
     inner_options: dict = field(default_factory=dict)
     decoder_module: str | None = None
+    encoder_modules: bool = True
+    decoder_design: str = "value"
     lr: float | None = None
 
     def validate(self) -> None:
@@ -241,6 +257,16 @@ class VlpetConfig(MethodConfig):
                              f"({list(PHM_INNER)}), not inner={self.inner!r}")
         if self.small_mask_padding not in (True, False):
             raise ValueError(f"{name}: small_mask_padding must be True or False, got {self.small_mask_padding!r}")
+        if self.encoder_modules not in (True, False):
+            raise ValueError(f"{name}: encoder_modules must be True or False, got {self.encoder_modules!r}")
+        if self.decoder_design not in DECODER_DESIGNS:
+            raise ValueError(f"{name}: decoder_design must be one of {list(DECODER_DESIGNS)}, "
+                             f"got {self.decoder_design!r}")
+        if not self.encoder_modules and self.decoder_design == "none":
+            raise ValueError(f"{name}: encoder_modules=False with decoder_design='none' leaves no module to train")
+        if self.inner != "multihead" and (not self.encoder_modules or self.decoder_design != "value"):
+            raise ValueError(f"{name}: the lightweight-design switches (encoder_modules, decoder_design) are for "
+                             f"VL-PET's own modification; inner={self.inner!r} (+G + LW) keeps both at their defaults")
 
     def resolved(self, family: str) -> "VlpetConfig":
         """A copy with every ``None`` default replaced by the official value for ``family``."""
@@ -622,7 +648,7 @@ def _apply_vlpet(model, config: VlpetConfig) -> VlpetHandle:
     inners: dict[str, nn.Module] = {}
     if inner_fn is None:
         freeze_backbone(model)
-        for p in enc_points:
+        for p in enc_points if cfg.encoder_modules else ():
             inners[p.name] = MultiHeadModification(d, cfg.r, cfg.n_heads)
     else:
         n_inputs = len(model.input_modifiers)
@@ -651,14 +677,30 @@ def _apply_vlpet(model, config: VlpetConfig) -> VlpetHandle:
         gated[p.name] = GatedModification(inners[p.name], gate, cfg.scale)
     shared = getattr(model, "peft_shared", None)
     shared_rule = (shared, "phm_rule") if isinstance(shared, nn.Module) and "phm_rule" in shared else None
-    decoder = {p.name: make_decoder_adapter(p, cfg, inner_cfg, shared_rule) for p in dec_points}
+    decoder = ({p.name: make_decoder_adapter(p, cfg, inner_cfg, shared_rule) for p in dec_points}
+               if cfg.decoder_design == "value" else {})
     init_std = float(getattr(model.lm.config, "init_std", 0.02) or 0.02)
     _init_modules(list(gated.values()), list(decoder.values()), model.family, cfg.zero_init, init_std,
                   own_inner=inner_fn is None)
+    full = {}
+    if cfg.decoder_design == "full":
+        # The official decoder without --no_decoder_adapter: VL-Adapter's AdapterController on the
+        # self-attention, cross-attention and FFN outputs of every decoder layer: h + Up(swish(Down(h))),
+        # bottleneck adapter_down_dim (= r), no gate; nn.Linear's init on T5, HF's N(0, init_std) on BART.
+        from .adapters import Adapter
+
+        init = "normal" if model.family == "bart" else "torch"
+        for i in range(n_dec):
+            for sub in ("self_attn", "cross_attn", "ffn"):
+                full[f"decoder.{i}.{sub}"] = Adapter(d, cfg.r, act="swish", reads="h", init=init, init_std=init_std,
+                                                     device=model.device)
     for name, mod in gated.items():
         model.add_sublayer_modification(name, mod, name="vlpet")
     for name, mod in decoder.items():
         model.add_projection_modification(name, mod, name="vlpet_lw")
+    for name, mod in full.items():
+        model.add_sublayer_modification(name, mod, name="vlpet_dec")
+    decoder = {**decoder, **full}
     for mod in list(gated.values()) + list(decoder.values()):
         mod.requires_grad_(True)
     if cfg.train_encoder_layernorms:

@@ -8,6 +8,10 @@ family values: r 192, 4 heads, r_g 192, s 0.3, lr 3e-4):
   middleX, middleY, small) against full fine-tuning, LoRA, Compacter and the VL-Adapter adapter
   (``houlsby``) at N in {16, 64, 500, 1000} x seeds 13, 21, 42 (96 runs; VL-PET large and the
   four baselines at N = 16, 64, 1000 are the gallery's runs, by hash);
+- **designs** (the lightweight-design ablation): VL-PET large with encoder modules only, the
+  decoder's value adapter only, or a full decoder (VL-Adapter's adapter on every decoder
+  sub-layer) instead of the value adapter, at N = 64 x 3 seeds (9 runs; the default design is the
+  cost grid's run);
 - **transfer** (the paper's Table 9): Compacter and the VL-Adapter adapter, plain and with the
   large gate and the lightweight decoder (``compacter+g+lw``, ``houlsby+g+lw``) at N in
   {16, 64, 1000} x 3 seeds (all the gallery's runs).
@@ -64,14 +68,33 @@ def transfer_configs() -> list[RunConfig]:
     return grid(base_config(), method=methods, n_shots=list(TRANSFER_N), seed=list(STUDY_SEEDS))
 
 
+# The lightweight-design ablation: label -> VL-PET options (the first is the default design).
+DESIGNS = {
+    "encoder + value adapter (default)": {},
+    "encoder only": {"decoder_design": "none"},
+    "value adapter only": {"encoder_modules": False},
+    "encoder + full decoder": {"decoder_design": "full"},
+}
+
+
+def design_configs() -> list[RunConfig]:
+    return [vlpet_config("large", ANALYSIS_N, s, **opts) for opts in DESIGNS.values() for s in STUDY_SEEDS]
+
+
 def vlpet_configs() -> list:
-    return [cost_configs(), transfer_configs()]
+    return [cost_configs(), design_configs(), transfer_configs()]
 
 
 def label(method: str, method_config: dict | None) -> str:
     """``vlpet-middleX`` for a granularity, the method's name otherwise."""
     if method == "vlpet":
-        return f"vlpet-{(method_config or {}).get('granularity', 'large')}"
+        mc = dict(method_config or {})
+        out = f"vlpet-{mc.pop('granularity', 'large')}"
+        design = {k: mc[k] for k in ("encoder_modules", "decoder_design") if k in mc}
+        if design:
+            names = {tuple(sorted(v.items())): k for k, v in DESIGNS.items()}
+            out += f" ({names.get(tuple(sorted(design.items())), design)})"
+        return out
     return method
 
 
@@ -98,6 +121,35 @@ def _results(store):
     if len(df):
         df = df.assign(label=[label(m, mc) for m, mc in zip(df["method"], df["method_config"])])
     return df
+
+
+def designs(store):
+    """The lightweight-design ablation at N = 64: accuracy (mean, std, n, 95 % interval over seeds),
+    trainable %, and the paired difference from the default design."""
+    import pandas as pd
+
+    from ..train import summarize
+
+    df = _results(store)
+    if df.empty:
+        return pd.DataFrame()
+    df = df[(df["method"] == "vlpet") & (df["n_shots"] == ANALYSIS_N)]
+    name_of = {tuple(sorted(v.items())): k for k, v in DESIGNS.items()}
+    df = df.assign(design=df["method_config"].apply(lambda mc: name_of.get(tuple(sorted((mc or {}).items())))))
+    df = df[df["design"].notna()]
+    if df.empty:
+        return pd.DataFrame()
+    out = summarize(df, by="design")
+    out["trainable_pct"] = out["design"].map(df.groupby("design")["trainable_pct"].first())
+    default = df[df["design"] == next(iter(DESIGNS))].set_index("seed")["test_acc"]
+    diffs = {}
+    for name, part in df.groupby("design"):
+        acc = part.set_index("seed")["test_acc"]
+        common = acc.index.intersection(default.index)
+        diffs[name] = float((acc[common] - default[common]).mean()) if len(common) else np.nan
+    out["diff_vs_default"] = out["design"].map(diffs)
+    out["design"] = pd.Categorical(out["design"], list(DESIGNS), ordered=True)
+    return out.sort_values("design").reset_index(drop=True)
 
 
 def _plain(df):
@@ -314,6 +366,6 @@ STUDY = register_study(Study(
     grids=vlpet_configs,
     keep_weights=keep_weights,
     keep_predictions=keep_predictions,
-    analyses={"table": table, "versus": versus, "transfer": transfer, "gates": gates, "redundancy": redundancy,
+    analyses={"table": table, "versus": versus, "designs": designs, "transfer": transfer, "gates": gates, "redundancy": redundancy,
               "verdicts": verdicts},
 ))
