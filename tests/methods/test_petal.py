@@ -207,3 +207,19 @@ def test_bad_config(tiny_model, bad, match):
     with pytest.raises(ValueError, match=match):
         methods.apply(model, "petal", **bad)
     assert not model.modifications() and len(model.input_modifiers) == 0
+
+
+def test_frozen_threshold_and_eval_statistics(tiny_model):
+    model = tiny_model("t5")
+    handle = apply(model, moe=False, w_ib=0.0, learn_threshold=False)
+    assert not handle.bank.threshold.requires_grad
+    assert "peft_shared.petal_modes.threshold" not in dict(handle.trainable_parameters())
+    stats = handle.eval_statistics()
+    assert stats["modes_on"] == handle.modes_on() == handle.config.rank and stats["threshold"] == 0.5
+    assert len(stats["mode_gates"]) == handle.config.rank
+    learned = apply(tiny_model("t5"), moe=False, w_ib=0.0)
+    assert learned.bank.threshold.requires_grad  # the paper's default: Gamma learns
+    released = apply(tiny_model("t5"), variant="released")
+    assert released.eval_statistics() == {}
+    with pytest.raises(ValueError, match="learn_threshold"):
+        apply(tiny_model("t5"), learn_threshold="yes")

@@ -282,3 +282,11 @@ def test_expert_draw_counts_are_recorded(small_config, tmp_path):
     # one Up expert drawn per training forward: 8 steps of one batch each
     assert all(len(c) == 4 and sum(c) == 8 for c in counts.values())
     assert "method_stats" not in run(small_config, store=tmp_path).metrics  # LoRA has none
+
+
+def test_method_statistics_are_recorded_at_every_evaluation(small_config, tmp_path):
+    result = run(small_config.replace(method="petal", method_config={"rank": 8}), store=tmp_path)
+    assert [h["step"] for h in result.history] == [4, 8]
+    for h in result.history:
+        assert len(h["method"]["mode_gates"]) == 8 and 0 <= h["method"]["modes_on"] <= 8
+    assert "method" not in run(small_config, store=tmp_path).history[0]  # LoRA reports nothing

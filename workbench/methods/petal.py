@@ -150,7 +150,8 @@ PROJECTIONS = ("q", "k", "v", "o")
 RELEASED_PROJECTIONS = ("q", "k", "v")  # BertSelfAttention: query, key, value (not the output dense)
 
 # Options of one variant only (their defaults when that variant is used; None under the other).
-PAPER_ONLY = {"form": "cp", "tau": 0.1, "threshold_init": 0.5, "n_templates": 4, "template_len": 4,
+PAPER_ONLY = {"form": "cp", "tau": 0.1, "threshold_init": 0.5, "learn_threshold": True, "n_templates": 4,
+              "template_len": 4,
               "z_dim": 32, "beta": 1e-3, "w_ib": 0.1, "w_gate": 0.0}
 RELEASED_ONLY = {"mode_dropout": 0.1, "embed_weight": 0.6, "expert_weight": 0.4}
 # Options of both variants whose default depends on the variant.
@@ -174,6 +175,7 @@ class PetalConfig(MethodConfig):
     form: str | None = None  # "cp" (the paper's) or "tucker" (a full core, as the released CP_C)
     tau: float | None = None  # temperature of the soft threshold (0.1)
     threshold_init: float | None = None  # Gamma at step 0 (0.5; lambda starts at 1)
+    learn_threshold: bool | None = None  # Gamma trains (True, the paper's); False freezes it at threshold_init
     # released only
     mode_dropout: float | None = None  # dropout on U x (0.1, the code's self.dp)
     # instruction mixture (both variants)
@@ -253,6 +255,8 @@ class PetalConfig(MethodConfig):
             return
         if self.form not in FORMS:
             raise ValueError(f"petal: form must be one of {FORMS}, got {self.form!r}")
+        if not isinstance(self.learn_threshold, bool):
+            raise ValueError(f"petal: learn_threshold must be True or False, got {self.learn_threshold!r}")
         v = self.tau
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise ValueError(f"petal: tau must be a number > 0, got {v!r}")
@@ -592,6 +596,17 @@ class PetalHandle(MethodHandle):
             raise ValueError("no forward pass with a prompt has run yet: routing probabilities are unknown")
         return self.moe.last_probs
 
+    def eval_statistics(self) -> dict:
+        """What the trainer records at every evaluation (``history[i]["method"]``): the soft mode
+        gates (``gate_r = sigmoid((|lambda_r| - Gamma) / tau)``), how many are on (> 0.5) and the
+        threshold Gamma; ``{}`` for ``variant="released"`` (no threshold)."""
+        if self.variant != "paper":
+            return {}
+        with torch.no_grad():
+            gates = self.bank.gate().float().cpu()
+        return {"mode_gates": [round(float(g), 6) for g in gates], "modes_on": int((gates > 0.5).sum()),
+                "threshold": float(self.bank.threshold.detach())}
+
     def routing_stats(self) -> dict:
         """:func:`workbench.probes.routing_stats` of the last routing probabilities."""
         from ..probes import routing_stats
@@ -661,6 +676,8 @@ def apply_petal(model, config: PetalConfig) -> MethodHandle:
     freeze_backbone(model)
     shapes = list(dict.fromkeys((p.in_dim, p.out_dim) for p in points))
     bank = ModeBank(shapes, config.rank, config.form, config.tau, config.threshold_init).to(model.device)
+    if not config.learn_threshold:  # the ablation "threshold frozen": Gamma stays at threshold_init
+        bank.threshold.requires_grad_(False)
     model.peft_shared = nn.ModuleDict({"petal_modes": bank})
     modules = {}
     for p in points:

@@ -501,6 +501,8 @@ def _train(cfg: RunConfig, store: RunStore, run_hash: str, payload: dict) -> Run
     steps_per_epoch = math.ceil(len(train) / (cfg.batch_size * cfg.grad_accum))
     opt, sched = build_optimizer(handle, cfg, lr, total_steps)
     trainable = [p for _, p in handle.trainable_parameters()]
+    eval_stats = getattr(handle, "eval_statistics", None)
+    eval_stats = eval_stats if callable(eval_stats) else None
 
     gen = torch.Generator().manual_seed(cfg.seed)
     answer_rng = np.random.default_rng([cfg.seed, _ANSWER_SEED_SALT]) if sample else None
@@ -544,6 +546,10 @@ def _train(cfg: RunConfig, store: RunStore, run_hash: str, payload: dict) -> Run
                 train_time += time.perf_counter() - t0
                 record = {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": float(np.mean(losses)),
                           "dev": score(predict(model, dev, cfg), dev_ex, spec)["overall"]}
+                if eval_stats is not None:  # e.g. PETAL's mode gates: how they evolve over training
+                    stats = eval_stats()
+                    if stats:
+                        record["method"] = stats
                 losses = []
                 if record["dev"] > best:
                     best, best_step, best_state, bad_evals = record["dev"], step, handle.state_dict(), 0
