@@ -1,0 +1,57 @@
+"""The empirical study: its grid (every cell applies to vlt5-tiny's shapes) and its analyses."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from workbench.studies import empirical as study
+from workbench.studies import get_study
+from workbench.train import RunConfig, run
+
+
+def test_grid():
+    s = get_study("empirical")
+    cfgs = s.configs()
+    assert len(cfgs) == 5 * 4 * 5 * 2 * 3
+    assert {c.pool_size for c in cfgs} == {10_000} and {c.task for c in cfgs} == set(study.TASKS)
+    assert study.config("shapes-vqa", "lora", 16, 64).method_config == {"r": 16}
+    assert sum(s.keep_weights(c) for c in cfgs) == 5 * 2 * 2 * 2
+    with pytest.raises(ValueError, match="r must be one of"):
+        study.config("shapes-vqa", "lora", 3, 64)
+    with pytest.raises(ValueError, match="task must be"):
+        study.config("coco", "lora", 4, 64)
+
+
+def test_every_size_applies_to_the_embedded_backbone():
+    from workbench import methods
+    from workbench.models import load_backbone
+
+    for method, (option, sizes) in study.SIZES.items():
+        counts = []
+        for size in (sizes[0], sizes[-1]):
+            model = load_backbone("vlt5-tiny")
+            methods.apply(model, method, **{option: size})
+            counts.append(methods.count_parameters(model)["trainable"])
+        assert counts[0] < counts[1], method
+
+
+def test_table_and_monotonicity(tiny_backbone, tmp_path):
+    for size in (1, 16):
+        for n in (16, 32):
+            run(RunConfig(backbone=str(tiny_backbone), task="shapes-vqa", method="lora", method_config={"r": size},
+                          n_shots=n, max_steps=4, eval_every=4, batch_size=8, pool_size=64, test_size=16,
+                          quiet=True, task_options={"n_scenes": 40}), store=tmp_path)
+    t = study.grid_table(tmp_path)
+    assert len(t) == 4 and set(t["size"]) == {1, 16} and (t["trainable"] > 0).all()
+
+
+def test_monotonicity_finds_a_planted_trend(monkeypatch):
+    rng = np.random.default_rng(0)
+    rows = [{"task": "shapes-vqa", "method": "lora", "n_shots": n, "size": s, "seed": seed,
+             "test_acc": 0.1 * np.log(n) + rng.normal(0, 0.02)}
+            for n in (16, 64, 250, 1000) for s in (1, 4, 16, 64) for seed in (13, 21, 42)]
+    monkeypatch.setattr(study, "_results", lambda store: pd.DataFrame(rows))
+    m = study.monotonicity(None).set_index("axis")
+    assert m.loc["n_shots", "spearman"] > 0.9 and m.loc["n_shots", "ci_low"] > 0.8  # rises with N
+    assert m.loc["size", "ci_low"] < 0 < m.loc["size", "ci_high"]  # no trend planted in size
+    assert not m.loc["n_shots", "consistent"] and m.loc["n_shots", "runs"] == 48
