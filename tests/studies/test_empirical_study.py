@@ -55,3 +55,42 @@ def test_monotonicity_finds_a_planted_trend(monkeypatch):
     assert m.loc["n_shots", "spearman"] > 0.9 and m.loc["n_shots", "ci_low"] > 0.8  # rises with N
     assert m.loc["size", "ci_low"] < 0 < m.loc["size", "ci_high"]  # no trend planted in size
     assert not m.loc["n_shots", "consistent"] and m.loc["n_shots", "runs"] == 48
+
+
+def _planted(task="shapes-caption"):
+    rng = np.random.default_rng(1)
+    rows = []
+    for method, (option, sizes) in study.SIZES.items():
+        for k, size in enumerate(sizes):
+            for n in (16, 64, 250, 1000):
+                for seed in (13, 21, 42):
+                    # an interior optimum in size (k = 1 or 2 best), no effect of N, layer > embedding by 0.1
+                    score = 0.5 - 0.05 * (k - 1.5) ** 2 + (0.1 if study.COMPOSITION[method] == "layer" else 0)
+                    rows.append({"task": task, "method": method, "size": size, "n_shots": n, "seed": seed,
+                                 "test_acc": score + rng.normal(0, 0.005), "trainable": 100 * (k + 1) * (
+                                     1 if study.COMPOSITION[method] == "layer" else 1.1),
+                                 "composition": study.COMPOSITION[method]})
+    return pd.DataFrame(rows)
+
+
+def test_slope_optimum_and_composition_on_a_planted_grid(monkeypatch):
+    monkeypatch.setattr(study, "_results", lambda store: _planted())
+    sl = study.data_slope(None)
+    # N does not matter here: small slopes, intervals that hold 0 (but for about 1 in 20 by chance)
+    assert (sl["slope_per_decade"].abs() < 0.01).all()
+    assert ((sl["ci_low"] < 0) & (sl["ci_high"] > 0)).mean() >= 0.85
+    opt = study.size_optimum(None)
+    assert opt["interior"].all() and opt["significant_interior"].all()
+    comp = study.composition(None)
+    assert (comp["layer_minus_embedding"] > 0.08).all() and (comp["ci_low"] > 0).all()
+    assert (comp["layer_params"] / comp["embedding_params"]).between(0.8, 1.2).all()
+
+
+def test_representation_shift_reads_frozen_and_tuned_encoders(tiny_backbone, tmp_path):
+    cfg = RunConfig(backbone=str(tiny_backbone), task="shapes-vqa", method="lora", method_config={"r": 16},
+                    n_shots=16, max_steps=8, eval_every=4, batch_size=8, pool_size=64, test_size=16, quiet=True,
+                    task_options={"n_scenes": 40}, lr=0.05)
+    run(cfg, store=tmp_path)
+    shift = study.representation_shift(tmp_path, max_samples=16)
+    assert list(shift["point"]) == ["encoder.final"]  # one encoder layer: only the final output
+    assert 0 < shift["cka_frozen_tuned"].iloc[0] < 1  # LoRA moved the encoder, but not to noise

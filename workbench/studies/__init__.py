@@ -15,6 +15,12 @@ pure maths of :mod:`workbench.probes`.
 - ``gallery``: every registered method on shapes-vqa at N = 16, 64, 1000 over three seeds.
 - ``mixphm`` (:mod:`.mixphm`, imported on first use): MixPHM's low-resource table, its ablations,
   the redundancy analysis of its section 3.1, its inference merges and routing, and the verdicts.
+- ``vlpet`` (:mod:`.vlpet`): VL-PET's granularities against cost, its lightweight designs, the gates
+  after training, the "+G + LW" transfer.
+- ``petal`` (:mod:`.petal`): PETAL against LoRA, VL-PET and full fine-tuning, and its ablations
+  (modes, threshold, mixture, bottleneck, released variant), mode gates over training, routing.
+- ``empirical`` (:mod:`.empirical`): data size x parameter size for five methods on a task
+  consistent with pre-training and one that is not (arXiv 2403.08433).
 """
 
 from . import gallery  # noqa: F401 - registers the gallery study

@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..data import SEEDS
+import torch
+
 from ..train import RunConfig
 from .study import Study, register_study
 
@@ -122,6 +124,130 @@ def monotonicity(store):
                                        "runs"])
 
 
+def _slope(x, y):
+    """OLS slope of y on x with its 95 % t-interval."""
+    from scipy import stats
+
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(np.unique(x)) < 2 or len(x) < 3:
+        return np.nan, np.nan, np.nan
+    r = stats.linregress(x, y)
+    h = stats.t.ppf(0.975, len(x) - 2) * r.stderr
+    return float(r.slope), float(r.slope - h), float(r.slope + h)
+
+
+def data_slope(store):
+    """Per task, method and size: the slope of the score against log10 N (score units per tenfold
+    data) with its 95 % interval, over every N and seed. The paper: on the consistent task data size
+    stops mattering (a slope near 0), on the inconsistent one it keeps paying."""
+    import pandas as pd
+
+    df = _results(store)
+    rows = []
+    for (task, method, size), part in df.groupby(["task", "method", "size"]):
+        b, lo, hi = _slope(np.log10(part["n_shots"]), part["test_acc"])
+        rows.append({"task": task, "consistent": CONSISTENT[task], "method": method, "size": size,
+                     "slope_per_decade": b, "ci_low": lo, "ci_high": hi, "runs": len(part)})
+    return pd.DataFrame(rows, columns=["task", "consistent", "method", "size", "slope_per_decade", "ci_low",
+                                       "ci_high", "runs"])
+
+
+def size_optimum(store):
+    """Per task, method and N: the size with the best mean score, and whether it is interior and
+    significantly better than both ends (paired over seeds: the difference to each end and its 95 %
+    t-interval). The paper: on the consistent task an interior size is best."""
+    import pandas as pd
+
+    from .mixphm import _t_interval
+
+    df = _results(store)
+    rows = []
+    for (task, method, n), part in df.groupby(["task", "method", "n_shots"]):
+        by_size = part.pivot_table(index="seed", columns="size", values="test_acc")
+        if by_size.shape[1] < 3:
+            continue
+        sizes = sorted(by_size.columns)
+        best = by_size.mean().idxmax()
+        row = {"task": task, "consistent": CONSISTENT[task], "method": method, "n_shots": n, "best_size": best,
+               "interior": sizes[0] < best < sizes[-1]}
+        for end, name in ((sizes[0], "smallest"), (sizes[-1], "largest")):
+            d = (by_size[best] - by_size[end]).dropna().to_numpy()
+            m, lo, hi, k = _t_interval(d) if best != end else (0.0, np.nan, np.nan, len(d))
+            row.update({f"vs_{name}": m, f"vs_{name}_ci_low": lo, f"vs_{name}_ci_high": hi})
+        row["significant_interior"] = bool(row["interior"] and row["vs_smallest_ci_low"] > 0
+                                           and row["vs_largest_ci_low"] > 0)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def composition(store):
+    """Layer against embedding composition at about equal parameters: for each task, N and embedding
+    configuration (prompt or prefix at a size), the layer configuration (LoRA or an adapter at a size)
+    whose trainable count is nearest on a log scale, paired over seeds: the mean difference (layer -
+    embedding), its 95 % interval, and the two counts. The paper: layer composition wins on the
+    inconsistent task."""
+    import pandas as pd
+
+    from .mixphm import _t_interval
+
+    df = _results(store)
+    rows = []
+    params = df.groupby(["method", "size"])["trainable"].first()
+    layer_cfgs = [k for k in params.index if COMPOSITION[k[0]] == "layer"]
+    for (task, n), part in df.groupby(["task", "n_shots"]):
+        for emb in [k for k in params.index if COMPOSITION[k[0]] == "embedding"]:
+            if not layer_cfgs:
+                break
+            near = min(layer_cfgs, key=lambda k: abs(np.log(params[k]) - np.log(params[emb])))
+            a = part[(part["method"] == near[0]) & (part["size"] == near[1])].set_index("seed")["test_acc"]
+            b = part[(part["method"] == emb[0]) & (part["size"] == emb[1])].set_index("seed")["test_acc"]
+            common = a.index.intersection(b.index)
+            if not len(common):
+                continue
+            m, lo, hi, k = _t_interval((a[common] - b[common]).to_numpy())
+            rows.append({"task": task, "consistent": CONSISTENT[task], "n_shots": n,
+                         "embedding": f"{emb[0]} {emb[1]}", "layer": f"{near[0]} {near[1]}",
+                         "embedding_params": int(params[emb]), "layer_params": int(params[near]),
+                         "layer_minus_embedding": m, "ci_low": lo, "ci_high": hi, "seeds": k})
+    return pd.DataFrame(rows)
+
+
+def representation_shift(store, cells=None, max_samples: int = 256):
+    """How far each method moves the encoder from the pre-trained one: per layer, linear CKA between
+    the frozen backbone's and the tuned model's residual stream (each layer's input, and the final
+    encoder output), mean-pooled over valid tokens, on the test questions of the task. ``cells``:
+    (task, method, size, N) tuples; default every seed-13 run of the store that has weights.
+    1 = unchanged representations (up to a linear map), lower = moved."""
+    import pandas as pd
+
+    from ..models import capture, load_backbone
+    from ..probes import cka
+    from ..train import RunStore, load_run, restore_run
+
+    store = store if isinstance(store, RunStore) else RunStore(store)
+    df = _results(store)
+    df = df[df["seed"] == 13]
+    rows = []
+    for _, row in df.iterrows():
+        key = (row["task"], row["method"], row["size"], row["n_shots"])
+        if cells is not None and key not in set(cells):
+            continue
+        path = store.locate(row["run"])
+        if path is None or not (path / "method.safetensors").is_file():
+            continue
+        r = restore_run(load_run(row["run"], store), store=store)
+        n_layers = r.model.config.n_enc_layers
+        points = [f"encoder.{i}.attn:input" for i in range(1, n_layers)] + ["encoder.final"]
+        data = r.batches("test", max_samples=max_samples)
+        frozen = load_backbone(r.config.backbone, **r.config.backbone_options)
+        a = capture(frozen, points, data=data, max_samples=max_samples, dtype=torch.float64)
+        b = capture(r.model, points, data=data, max_samples=max_samples, dtype=torch.float64)
+        for i, p in enumerate(points):
+            rows.append({"task": key[0], "consistent": CONSISTENT[key[0]], "method": key[1], "size": key[2],
+                         "n_shots": key[3], "layer": i + 1, "point": p, "cka_frozen_tuned": float(cka(a[p], b[p]))})
+    return pd.DataFrame(rows)
+
+
 STUDY = register_study(Study(
     NAME,
     "Data size x parameter size for prompt, prefix, LoRA, serial and parallel adapters on a task consistent "
@@ -129,5 +255,7 @@ STUDY = register_study(Study(
     "x 3 seeds.",
     grids=empirical_configs,
     keep_weights=keep_weights,
-    analyses={"grid_table": grid_table, "monotonicity": monotonicity},
+    analyses={"grid_table": grid_table, "monotonicity": monotonicity, "data_slope": data_slope,
+              "size_optimum": size_optimum, "composition": composition,
+              "representation_shift": representation_shift},
 ))
