@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 PYTEST_NBVAL := --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg --nbval-cell-timeout 900
 
-.PHONY: setup lab test test-unit test-notebooks notebooks reproduce bench pretrain clean
+.PHONY: setup lab test test-unit test-browser test-notebooks notebooks reproduce bench pretrain clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,11 +25,15 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: setup  ## open JupyterLab on notebooks/ (localhost, token authentication)
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --ServerApp.ip=localhost $(ROOT_FLAG)
 
-test: setup  ## unit tests + every notebook re-executed and compared (nbval)
-	OMP_NUM_THREADS=2 $(PY) -m pytest tests $(NOTEBOOKS) $(PYTEST_NBVAL) -p no:cacheprovider
+test: setup  ## unit tests + every notebook re-executed and compared (nbval), then the notebooks in a real browser
+	OMP_NUM_THREADS=2 $(PY) -m pytest tests --ignore=tests/browser $(NOTEBOOKS) $(PYTEST_NBVAL) -p no:cacheprovider
+	OMP_NUM_THREADS=2 $(PY) -m pytest tests/browser -p no:cacheprovider -rs
+
+test-browser: setup  ## JupyterLab in Chromium: every notebook run, every widget panel turned (tests/browser)
+	OMP_NUM_THREADS=2 $(PY) -m pytest tests/browser -p no:cacheprovider -rs -s
 
 test-unit: setup
-	$(PY) -m pytest tests -p no:cacheprovider
+	$(PY) -m pytest tests --ignore=tests/browser -p no:cacheprovider
 
 test-notebooks: setup
 	$(PY) -m pytest $(NOTEBOOKS) $(PYTEST_NBVAL) -p no:cacheprovider
