@@ -26,10 +26,9 @@ def test_grids_and_labels():
 
 
 @pytest.fixture(scope="module")
-def store(tiny_backbone, tmp_path_factory):
+def store(tiny_base, tmp_path_factory):
     root = tmp_path_factory.mktemp("petal-store")
-    base = RunConfig(backbone=str(tiny_backbone), task="shapes-vqa", n_shots=64, max_steps=8, eval_every=4,
-                     batch_size=16, pool_size=160, test_size=24, quiet=True, task_options={"n_scenes": 60})
+    base = tiny_base
     for seed in (13, 21):
         for method, mc in (("petal", {}), ("petal", {"moe": False, "w_ib": 0.0}), ("petal", {"w_ib": 0.0}), ("lora", {}),
                            ("full", {})):

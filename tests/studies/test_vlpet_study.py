@@ -25,10 +25,9 @@ def test_grids():
 
 
 @pytest.fixture(scope="module")
-def store(tiny_backbone, tmp_path_factory):
+def store(tiny_base, tmp_path_factory):
     root = tmp_path_factory.mktemp("vlpet-store")
-    base = RunConfig(backbone=str(tiny_backbone), task="shapes-vqa", n_shots=64, max_steps=8, eval_every=4,
-                     batch_size=16, pool_size=160, test_size=24, quiet=True, task_options={"n_scenes": 60})
+    base = tiny_base
     for seed in (13, 21):
         for g in study.GRANULARITIES:
             run(base.replace(method="vlpet", seed=seed, method_config={} if g == "large" else {"granularity": g}),

@@ -20,6 +20,7 @@ from ..data import SEEDS
 import torch
 
 from ..train import RunConfig
+from ._common import t_interval
 from .study import Study, register_study
 
 NAME = "empirical"
@@ -158,8 +159,6 @@ def size_optimum(store):
     t-interval). The paper: on the consistent task an interior size is best."""
     import pandas as pd
 
-    from .mixphm import _t_interval
-
     df = _results(store)
     rows = []
     for (task, method, n), part in df.groupby(["task", "method", "n_shots"]):
@@ -172,7 +171,7 @@ def size_optimum(store):
                "interior": sizes[0] < best < sizes[-1]}
         for end, name in ((sizes[0], "smallest"), (sizes[-1], "largest")):
             d = (by_size[best] - by_size[end]).dropna().to_numpy()
-            m, lo, hi, k = _t_interval(d) if best != end else (0.0, np.nan, np.nan, len(d))
+            m, lo, hi, k = t_interval(d) if best != end else (0.0, np.nan, np.nan, len(d))
             row.update({f"vs_{name}": m, f"vs_{name}_ci_low": lo, f"vs_{name}_ci_high": hi})
         row["significant_interior"] = bool(row["interior"] and row["vs_smallest_ci_low"] > 0
                                            and row["vs_largest_ci_low"] > 0)
@@ -188,8 +187,6 @@ def composition(store):
     inconsistent task."""
     import pandas as pd
 
-    from .mixphm import _t_interval
-
     df = _results(store)
     rows = []
     params = df.groupby(["method", "size"])["trainable"].first()
@@ -204,7 +201,7 @@ def composition(store):
             common = a.index.intersection(b.index)
             if not len(common):
                 continue
-            m, lo, hi, k = _t_interval((a[common] - b[common]).to_numpy())
+            m, lo, hi, k = t_interval((a[common] - b[common]).to_numpy())
             rows.append({"task": task, "consistent": CONSISTENT[task], "n_shots": n,
                          "embedding": f"{emb[0]} {emb[1]}", "layer": f"{near[0]} {near[1]}",
                          "embedding_params": int(params[emb]), "layer_params": int(params[near]),

@@ -27,6 +27,7 @@ import torch
 
 from ..data import SEEDS
 from ..train import RunConfig, grid
+from ._common import as_store, overall, t_interval, verdict
 from .study import Study, register_study
 
 NAME = "mixphm"
@@ -118,11 +119,7 @@ def _results(store):
     return load_results(store)
 
 
-def _as_store(store):
-    """A RunStore (a path or None is opened as one; a study's bundle already is one)."""
-    from ..train import RunStore
 
-    return store if isinstance(store, RunStore) else RunStore(store)
 
 
 def _table_rows(df):
@@ -232,7 +229,7 @@ def _weighted_runs(store, method: str, seeds=(13,), method_config=None):
     """Stored runs of ``method`` at N = 64 that hold method weights, seed order."""
     from ..train import load_run
 
-    store = _as_store(store)
+    store = as_store(store)
     out = []
     df = _results(store)
     mc = method_config or {}
@@ -293,7 +290,7 @@ def ablation_redundancy(store, max_samples: int = 256, seed: int = 13):
     from ..train import load_run, restore_run
     from .redundancy import redundancy_analysis
 
-    store = _as_store(store)
+    store = as_store(store)
     df = _results(store)
     df = df[(df["method"] == "mixphm") & (df["n_shots"] == ABLATION_N) & (df["seed"] == seed)]
     rows = []
@@ -379,27 +376,6 @@ def experts(store, seed: int = 13, max_samples: int = 256):
     return pd.DataFrame(rows)
 
 
-def _verdict(lo: float, hi: float, positive: bool = True) -> str:
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        return "inconclusive"
-    if (lo > 0) if positive else (hi < 0):
-        return "reproduced"
-    if (hi < 0) if positive else (lo > 0):
-        return "not reproduced"
-    return "inconclusive"
-
-
-def _t_interval(x) -> tuple[float, float, float, int]:
-    from scipy import stats
-
-    x = np.asarray([v for v in x if np.isfinite(v)], dtype=float)
-    if len(x) < 2:
-        return (float(x.mean()) if len(x) else np.nan), np.nan, np.nan, len(x)
-    m, se = x.mean(), x.std(ddof=1) / np.sqrt(len(x))
-    h = stats.t.ppf(0.975, len(x) - 1) * se
-    return float(m), float(m - h), float(m + h), len(x)
-
-
 def verdicts(store, redundancy_rows=None):
     """The verdict table: each claim of the paper, what it reports, what the study measures (with its
     95 % interval) and reproduced / not reproduced / inconclusive, computed from the bundle (and
@@ -415,24 +391,22 @@ def verdicts(store, redundancy_rows=None):
             rows.append({"claim": claim, "paper": "yes, on VQA v2, GQA, OK-VQA (N = 16 ... 1000, 5 seeds)",
                          "workbench": "no runs yet", "verdict": "inconclusive"})
             continue
-        each = [_verdict(r.ci_low, r.ci_high) for r in part.itertuples()]
-        verdict = ("reproduced" if all(v == "reproduced" for v in each) else
-                   "not reproduced" if any(v == "not reproduced" for v in each) else "inconclusive")
+        result = overall(verdict(r.ci_low, r.ci_high) for r in part.itertuples())
         text = "; ".join(f"N={r.n_shots}: {r.mean_diff:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}] (n={r.n})"
                          for r in part.itertuples())
         rows.append({"claim": claim, "paper": "yes, on VQA v2, GQA, OK-VQA (N = 16 ... 1000, 5 seeds)",
-                     "workbench": text, "verdict": verdict})
+                     "workbench": text, "verdict": result})
     if redundancy_rows is not None and len(redundancy_rows):
         d = redundancy_rows[(redundancy_rows["state"] == "trained") & (redundancy_rows["measure"] == "rsa")]
         ad = d[d["method"].isin(["houlsby", "pfeiffer"])]
         if len(ad):
             wide = ad.pivot_table(index=["method", "seed", "point"], columns="target", values="value")
-            m, lo, hi, n = _t_interval(wide["pretrained"] - wide["task"])
+            m, lo, hi, n = t_interval(wide["pretrained"] - wide["task"])
             rows.append({"claim": "adapter outputs are more similar to the frozen output than to the task "
                                   "representation (RSA)",
                          "paper": "yes (section 3.1, VQA v2)",
                          "workbench": f"RSA(u, f) - RSA(u, final) = {m:+.2f} [{lo:+.2f}, {hi:+.2f}] over {n} modules",
-                         "verdict": _verdict(lo, hi)})
+                         "verdict": verdict(lo, hi)})
         pair = d[d["method"].isin(["mixphm", "mixphm (no reg.)"])]
         if pair["method"].nunique() == 2:
             wide = pair.pivot_table(index=["seed", "point", "target"], columns="method", values="value")
@@ -442,11 +416,11 @@ def verdicts(store, redundancy_rows=None):
                                                      "representation (RSA)", True)):
                 w = wide.xs(target, level="target")
                 per_seed = (w["mixphm"] - w["mixphm (no reg.)"]).groupby(level="seed").mean()
-                m, lo, hi, n = _t_interval(per_seed)
+                m, lo, hi, n = t_interval(per_seed)
                 rows.append({"claim": claim, "paper": "yes (ablation of the two terms)",
                              "workbench": f"with - without = {m:+.2f} [{lo:+.2f}, {hi:+.2f}] over {n} seeds "
                                           "(mean over modules per seed)",
-                             "verdict": _verdict(lo, hi, positive)})
+                             "verdict": verdict(lo, hi, positive)})
     return pd.DataFrame(rows, columns=["claim", "paper", "workbench", "verdict"])
 
 

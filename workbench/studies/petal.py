@@ -31,7 +31,7 @@ import torch
 
 from ..data import SEEDS
 from ..train import RunConfig, grid
-from .mixphm import _t_interval, _verdict
+from ._common import as_store, overall, t_interval, verdict
 from .study import Study, register_study
 
 NAME = "petal"
@@ -104,16 +104,10 @@ def keep_predictions(cfg: RunConfig) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- analyses
-def _as_store(store):
-    from ..train import RunStore
-
-    return store if isinstance(store, RunStore) else RunStore(store)
-
-
 def _results(store):
     from ..train import load_results
 
-    return load_results(_as_store(store))
+    return load_results(as_store(store))
 
 
 def ablation_label(method_config: dict | None) -> tuple[str, object]:
@@ -192,7 +186,7 @@ def ablations(store):
             s = summarize(part.assign(axis=axis), by="axis").iloc[0]
             acc = part.set_index("seed")["test_acc"]
             common = acc.index.intersection(default.index)
-            diff, lo, hi, _ = _t_interval((acc[common] - default[common]).to_numpy())
+            diff, lo, hi, _ = t_interval((acc[common] - default[common]).to_numpy())
             rows.append({"axis": axis, "value": value, "official": i == 0 and axis != "rank (Tucker)",
                          "mean": s["mean"], "std": s["std"], "n": int(s["n"]), "ci_low": s["ci_low"],
                          "ci_high": s["ci_high"], "trainable_pct": float(part["trainable_pct"].iloc[0]),
@@ -214,7 +208,7 @@ def mode_gates(store, method_config: dict | None = None, seed: int = 13):
              & df["method_config"].apply(lambda v: (v or {}) == mc)]
     rows = []
     for h in sel["run"]:
-        for rec in load_run(h, _as_store(store)).history:
+        for rec in load_run(h, as_store(store)).history:
             stats = rec.get("method") or {}
             for r, g in enumerate(stats.get("mode_gates", [])):
                 rows.append({"step": rec["step"], "mode": r, "gate": g, "modes_on": stats["modes_on"],
@@ -239,7 +233,7 @@ def routing(store, seed: int = 13, max_samples: int | None = None):
     df = _results(store)
     sel = df[(df["method"] == "petal") & (df["n_shots"] == ANALYSIS_N) & (df["seed"] == seed)
              & df["method_config"].apply(lambda v: not v)]
-    store = _as_store(store)
+    store = as_store(store)
     paths = [h for h in sel["run"] if (store.locate(h) or store.path(h)).joinpath("method.safetensors").is_file()]
     if not paths:
         return None, None, None
@@ -275,9 +269,7 @@ def verdicts(store):
     abl = ablations(store)
 
     def combine(part):
-        each = [_verdict(r.ci_low, r.ci_high) for r in part.itertuples()]
-        return ("reproduced" if each and all(v == "reproduced" for v in each) else
-                "not reproduced" if any(v == "not reproduced" for v in each) else "inconclusive")
+        return overall(verdict(r.ci_low, r.ci_high) for r in part.itertuples())
 
     if len(fs):
         pct = float(fs[fs["method"] == "petal"]["trainable_pct"].iloc[0]) if (fs["method"] == "petal").any() else np.nan
@@ -302,7 +294,7 @@ def verdicts(store):
         d, lo, hi = -r["diff_vs_default"], -r["diff_ci_high"], -r["diff_ci_low"]
         rows.append({"claim": claim, "paper": "yes (ablation)",
                      "workbench": f"default - ({axis} {value}): {d:+.3f} [{lo:+.3f}, {hi:+.3f}] over {int(r['n'])} seeds",
-                     "verdict": _verdict(lo, hi)})
+                     "verdict": verdict(lo, hi)})
     return pd.DataFrame(rows, columns=["claim", "paper", "workbench", "verdict"])
 
 

@@ -30,6 +30,7 @@ import torch
 
 from ..data import SEEDS
 from ..train import RunConfig, grid
+from ._common import as_store, overall, verdict
 from .study import Study, register_study
 
 NAME = "vlpet"
@@ -108,16 +109,10 @@ def keep_predictions(cfg: RunConfig) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- analyses
-def _as_store(store):
-    from ..train import RunStore
-
-    return store if isinstance(store, RunStore) else RunStore(store)
-
-
 def _results(store):
     from ..train import load_results
 
-    df = load_results(_as_store(store))
+    df = load_results(as_store(store))
     if len(df):
         df = df.assign(label=[label(m, mc) for m, mc in zip(df["method"], df["method_config"])])
     return df
@@ -221,7 +216,7 @@ def transfer(store):
 def _weighted(store, method: str, method_config: dict, seed: int = 13):
     from ..train import load_run
 
-    store = _as_store(store)
+    store = as_store(store)
     df = _results(store)
     sel = df[(df["method"] == method) & (df["n_shots"] == ANALYSIS_N) & (df["seed"] == seed)
              & df["method_config"].apply(lambda v: (v or {}) == method_config)]
@@ -300,7 +295,7 @@ def gates(store, max_samples: int = 256):
         res = _weighted(store, method, mc)
         if res is None:
             continue
-        r = restore_run(res, store=_as_store(store))
+        r = restore_run(res, store=as_store(store))
         for row in gate_statistics(r, max_samples=max_samples):
             rows.append({"method": label(method, mc), **row})
     return pd.DataFrame(rows)
@@ -320,7 +315,7 @@ def redundancy(store, max_samples: int = 256, n_perm: int = 100, n_boot: int = 1
         res = _weighted(store, method, mc)
         if res is None:
             continue
-        r = restore_run(res, store=_as_store(store))
+        r = restore_run(res, store=as_store(store))
         df = redundancy_analysis(r.model, r.batches("test", max_samples=max_samples), max_samples=max_samples,
                                  stacks=("encoder",), n_perm=n_perm, n_boot=n_boot, seed=seed)
         df["method"] = label(method, mc)
@@ -332,8 +327,6 @@ def verdicts(store):
     """Each claim, what the paper reports, what the study measures (95 % interval) and the verdict."""
     import pandas as pd
 
-    from .mixphm import _verdict
-
     vs, tr = versus(store), transfer(store)
     rows = []
 
@@ -341,12 +334,10 @@ def verdicts(store):
         if part.empty:
             rows.append({"claim": text, "paper": paper, "workbench": "no runs yet", "verdict": "inconclusive"})
             return
-        each = [_verdict(r.ci_low, r.ci_high, positive) for r in part.itertuples()]
-        verdict = ("reproduced" if all(v == "reproduced" for v in each) else
-                   "not reproduced" if any(v == "not reproduced" for v in each) else "inconclusive")
+        result = overall(verdict(r.ci_low, r.ci_high, positive) for r in part.itertuples())
         text_ = "; ".join(f"{r.a} - {r.b} N={r.n_shots}: {r.mean_diff:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]"
                           for r in part.itertuples())
-        rows.append({"claim": text, "paper": paper, "workbench": text_, "verdict": verdict})
+        rows.append({"claim": text, "paper": paper, "workbench": text_, "verdict": result})
 
     claim("the large gate beats the other granularities",
           "large 79.18 vs middleX 78.37 / middleY 78.23 / small 78.14 (BART-base, 4-task average)",

@@ -407,6 +407,22 @@ def build_backbone(cfg: RunConfig, device, store: FeatureStore | None = None):
         raise
 
 
+def build_run(cfg: RunConfig, spec: TaskSpec, feature_store: FeatureStore | None, device):
+    """What a run starts from, in the trainer's order (so a seed gives the same model and draws):
+    seed, backbone, the low-resource splits, their features, the prepared splits.
+    Returns ``(model, train, dev, test)``; the method is applied by the caller."""
+    seed_everything(cfg.seed)
+    model = build_backbone(cfg, device, feature_store)
+    if feature_store is not None:
+        feature_store.close()  # reopened with the backbone's feat_dim by features_for
+    train_ex, dev_ex, test_ex = load_splits(cfg)
+    feats = features_for(model, train_ex + dev_ex + test_ex, cfg)
+    sample = spec.kind == "vqa" and cfg.task_options.get("target", "sample") == "sample"
+    train = prepare_split(model, train_ex, feats, device, sample_answers=sample)
+    dev, test = (prepare_split(model, ex, feats, device) for ex in (dev_ex, test_ex))
+    return model, train, dev, test
+
+
 def run(config: RunConfig | None = None, *, force: bool = False, store: RunStore | str | None = None,
         **overrides) -> RunResult:
     """Train and evaluate one configuration, or return the stored result.
@@ -483,16 +499,10 @@ def _train(cfg: RunConfig, store: RunStore, run_hash: str, payload: dict) -> Run
     spec = get_task_spec(cfg.task)
     check_task_options(cfg, spec)
     feature_store = open_feature_store(cfg)  # a missing file fails before the backbone is built
-    seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    model = build_backbone(cfg, device, feature_store)
-    if feature_store is not None:
-        feature_store.close()  # reopened with the backbone's feat_dim by features_for
-    train_ex, dev_ex, test_ex = load_splits(cfg)
-    feats = features_for(model, train_ex + dev_ex + test_ex, cfg)
-    sample = spec.kind == "vqa" and cfg.task_options.get("target", "sample") == "sample"
-    train = prepare_split(model, train_ex, feats, device, sample_answers=sample)
-    dev, test = (prepare_split(model, ex, feats, device) for ex in (dev_ex, test_ex))
+    model, train, dev, test = build_run(cfg, spec, feature_store, device)
+    train_ex, dev_ex, test_ex = train.examples, dev.examples, test.examples
+    sample = train.answers is not None
 
     handle = methods.apply(model, cfg.method, **cfg.method_config)
     params = {**methods.count_parameters(model), "projector_note": handle.projector_note}
@@ -731,17 +741,8 @@ def restore_run(run: RunResult | str, store: RunStore | str | None = None, weigh
         except Exception as e:  # noqa: BLE001 - any unreadable file is a damaged run
             raise DamagedRunError(path, "method.safetensors", f"unreadable ({type(e).__name__}: {e})") from None
     spec = get_task_spec(cfg.task)
-    feature_store = open_feature_store(cfg)
-    seed_everything(cfg.seed)
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    model = build_backbone(cfg, dev, feature_store)
-    if feature_store is not None:
-        feature_store.close()
-    train_ex, dev_ex, test_ex = load_splits(cfg)
-    feats = features_for(model, train_ex + dev_ex + test_ex, cfg)
-    sample = spec.kind == "vqa" and cfg.task_options.get("target", "sample") == "sample"
-    train = prepare_split(model, train_ex, feats, dev, sample_answers=sample)
-    dev_split, test = (prepare_split(model, ex, feats, dev) for ex in (dev_ex, test_ex))
+    model, train, dev_split, test = build_run(cfg, spec, open_feature_store(cfg),
+                                              torch.device(device) if device is not None else torch.device("cpu"))
     handle = methods.apply(model, cfg.method, **cfg.method_config)
     if state is not None:
         handle.load_state_dict(state)
