@@ -137,3 +137,35 @@ def test_mixphm_panel_widget_sets_the_fields_and_reports(capsys):
     assert seen[-1].method_config == {"num_experts": 8, "rank": 16}
     assert seen[-1].n_shots == 100 and seen[-1].seed == 42
     assert panel.table()["configuration"].iloc[0].startswith("mixphm [num_experts=8, rank=16]")
+
+
+def test_vlpet_panel_builds_the_study_configs():
+    from workbench.studies import vlpet as study
+    from workbench.viz.panels import VLPETPanel
+
+    panel = VLPETPanel(RunConfig(task="shapes-vqa", quiet=True), runner=_Result, analyser=lambda r: "rows")
+    assert panel.config().hash == study.vlpet_config("large").hash
+    panel.granularity, panel.design = "small", "encoder only"
+    assert panel.config().hash == study.vlpet_config("small", decoder_design="none").hash
+    panel.run()
+    panel.scale, panel.n_shots = 1.0, 16
+    assert panel.config().method_config == {"granularity": "small", "scale": 1.0, "decoder_design": "none"}
+    panel.run()
+    assert len(panel.table()) == 2 and panel.analyses[panel.label(panel.results[0])] == "rows"
+    panel.r = 100
+    with pytest.raises(ValueError, match="r must be one of"):
+        panel.config()
+
+
+def test_vlpet_panel_widget(capsys):
+    pytest.importorskip("ipywidgets")
+    from workbench.viz.panels import VLPETPanel
+
+    seen = []
+    panel = VLPETPanel(RunConfig(task="shapes-vqa", quiet=True), runner=lambda c: seen.append(c) or _Result(c))
+    row1, row2, _ = panel.widget().children
+    granularity, r, r_gate, scale = row1.children
+    design, shots, seed, button = row2.children
+    granularity.value, design.value, shots.value = "middleY", "encoder + full decoder", 500
+    button.click()
+    assert seen[-1].method_config == {"granularity": "middleY", "decoder_design": "full"} and seen[-1].n_shots == 500

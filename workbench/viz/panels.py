@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar
 
 from ..methods import list_methods, method_spec
 
@@ -102,81 +102,62 @@ class GalleryPanel:
         return w.VBox([w.HBox([method, shots, knob, button]), out])
 
 
-# MixPHM's knobs and the values the panel offers (the first of each is the official value).
-MIXPHM_KNOBS = {
-    "num_experts": (4, 1, 2, 8),
-    "rank": (8, 1, 4, 16),
-    "reduction_factor": (12, 6, 24),
-    "w_red": (0.2, 0.0, 0.05, 0.5, 1.0),
-    "w_mi": (0.2, 0.0, 0.05, 0.5, 1.0),
-}
-
-
 @dataclass
-class MixPHMPanel:
-    """Train (or reuse) one MixPHM configuration and draw its per-layer redundancy beside reference runs.
-
-    The state lives in plain fields (``num_experts``, ``rank``, ``reduction_factor``, ``w_red``,
-    ``w_mi``, ``n_shots``, ``seed``) so tests and scripts drive the panel without a browser:
-    set them, call :meth:`run`. ``runner(cfg)`` trains or reuses a run (e.g. ``run(cfg,
-    store=load_study("mixphm"))``); ``analyser(result)`` returns its redundancy rows
-    (:func:`~workbench.studies.redundancy_analysis` on the restored model; None: no curves).
-    ``reference``: redundancy rows of the reference runs, drawn beside the new one. Every run of
-    the session is kept in :meth:`table`. A value equal to the official one is left out of the
-    config, so the official setting is the study's own run (the same hash).
+class KnobPanel:
+    """A panel over one method's knobs: a dropdown per knob (``KNOBS``: name -> offered values, the
+    first being the default), N and seed; :meth:`run` trains or reuses the configuration through
+    ``runner`` (e.g. ``run(cfg, store=load_study(...))``) and keeps it for :meth:`table`;
+    ``analyser(result)`` may compute something to show beside it (kept in ``analyses``). The state
+    lives in plain fields, so tests and scripts drive the panel without a browser. A value equal to
+    the default is left out of the config, so the default setting is the study's own run (same hash).
     """
+
+    METHOD: ClassVar[str] = ""
+    KNOBS: ClassVar[dict] = {}
 
     base: object
     runner: Callable | None = None
     analyser: Callable | None = None
-    reference: object = None
     shots: tuple = (16, 32, 64, 100, 500, 1000)
     seeds: tuple = (13, 21, 42, 87, 100)
-    measure: str = "rsa"
-    num_experts: int = 4
-    rank: int = 8
-    reduction_factor: int = 12
-    w_red: float = 0.2
-    w_mi: float = 0.2
     n_shots: int = 64
     seed: int = 13
     results: list = field(default_factory=list, repr=False)
-    curves: dict = field(default_factory=dict, repr=False)
+    analyses: dict = field(default_factory=dict, repr=False)
+
+    def overrides(self) -> dict:
+        """The method_config entries of the current knobs (those that differ from the default)."""
+        return {name: getattr(self, name) for name, choices in self.KNOBS.items() if getattr(self, name) != choices[0]}
 
     def config(self):
         """The RunConfig of the current choices (a ValueError names a value the panel does not offer)."""
-        overrides = {}
-        for name, choices in MIXPHM_KNOBS.items():
-            value = getattr(self, name)
-            if value not in choices:
-                raise ValueError(f"mixphm: {name} must be one of {choices}, got {value!r}")
-            if value != choices[0]:
-                overrides[name] = value
+        for name, choices in self.KNOBS.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{self.METHOD}: {name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.n_shots not in self.shots:
             raise ValueError(f"n_shots must be one of {self.shots}, got {self.n_shots!r}")
         if self.seed not in self.seeds:
             raise ValueError(f"seed must be one of {self.seeds}, got {self.seed!r}")
-        return self.base.replace(method="mixphm", n_shots=self.n_shots, seed=self.seed, method_config=overrides)
+        return self.base.replace(method=self.METHOD, n_shots=self.n_shots, seed=self.seed,
+                                 method_config=self.overrides())
 
-    @staticmethod
-    def label(result) -> str:
-        mc = result.config.method_config
-        opts = ", ".join(f"{k}={v}" for k, v in mc.items()) or "official"
-        return f"mixphm [{opts}] N={result.config.n_shots} s{result.config.seed}"
+    @classmethod
+    def label(cls, result) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in result.config.method_config.items()) or "default"
+        return f"{cls.METHOD} [{opts}] N={result.config.n_shots} s{result.config.seed}"
 
     def run(self):
-        """Train or reuse the current configuration; add it to the table and its curves to ``curves``."""
-        if self.runner is None:
+        """Train or reuse the current configuration; add it to the table and its analysis to ``analyses``."""
+        runner = self.runner
+        if runner is None:
             from ..train import run as runner
-        else:
-            runner = self.runner
         result = runner(self.config())
         if all(r.hash != result.hash for r in self.results):
             self.results.append(result)
         if self.analyser is not None:
             rows = self.analyser(result)
             if rows is not None:
-                self.curves[self.label(result)] = rows.assign(method=self.label(result))
+                self.analyses[self.label(result)] = rows
         return result
 
     def table(self):
@@ -188,27 +169,16 @@ class MixPHMPanel:
                  "reused": r.reused} for r in self.results]
         return pd.DataFrame(rows, columns=["configuration", "N", "seed", "test acc", "trainable %", "reused"])
 
-    def figure(self):
-        """The per-layer curves of ``measure`` for the reference runs and every configuration analysed."""
-        import pandas as pd
-
-        from .study_plots import plot_redundancy
-
-        frames = ([self.reference] if self.reference is not None else []) + list(self.curves.values())
-        if not frames:
-            return None
-        df = pd.concat(frames, ignore_index=True)
-        return plot_redundancy(df, measure=self.measure, states=("trained",), bands=False,
-                               title=f"{self.measure.upper()} per module: reference runs and the panel's")
+    def show(self, result) -> None:
+        """What the widget shows below the table after a run (subclasses add a figure or rows)."""
 
     def widget(self):
         """An ipywidgets VBox: a dropdown per knob, N and seed, a run button and an output area."""
         import ipywidgets as w
-        import matplotlib.pyplot as plt
 
         controls = {name: w.Dropdown(options=list(choices), value=getattr(self, name), description=name,
                                      style={"description_width": "initial"})
-                    for name, choices in MIXPHM_KNOBS.items()}
+                    for name, choices in self.KNOBS.items()}
         controls["n_shots"] = w.Dropdown(options=list(self.shots), value=self.n_shots, description="N")
         controls["seed"] = w.Dropdown(options=list(self.seeds), value=self.seed, description="seed")
         button = w.Button(description="run", button_style="primary")
@@ -221,16 +191,110 @@ class MixPHMPanel:
                 out.clear_output()
                 try:
                     result = self.run()
-                except ValueError as e:
+                except ValueError as e:  # an impossible config: say why instead of a traceback
                     print(f"not run: {e}")
                     return
                 print(result.summary())
                 print(self.table().to_string(index=False))
-                fig = self.figure()
-                if fig is not None:
-                    plt.show()
+                self.show(result)
 
         button.on_click(on_run)
         names = list(controls)
         return w.VBox([w.HBox([controls[n] for n in names[:4]]), w.HBox([controls[n] for n in names[4:]] + [button]),
                        out])
+
+
+# MixPHM's knobs and the values the panel offers (the first of each is the official value).
+MIXPHM_KNOBS = {
+    "num_experts": (4, 1, 2, 8),
+    "rank": (8, 1, 4, 16),
+    "reduction_factor": (12, 6, 24),
+    "w_red": (0.2, 0.0, 0.05, 0.5, 1.0),
+    "w_mi": (0.2, 0.0, 0.05, 0.5, 1.0),
+}
+
+
+@dataclass
+class MixPHMPanel(KnobPanel):
+    """MixPHM's knobs (experts, rank, reduction factor, the two regulariser weights), N and seed; the
+    ``analyser`` returns a run's redundancy rows (:func:`~workbench.studies.redundancy_analysis`),
+    drawn per layer beside ``reference`` (the reference runs' rows) by :meth:`figure`."""
+
+    METHOD: ClassVar[str] = "mixphm"
+    KNOBS: ClassVar[dict] = MIXPHM_KNOBS
+
+    reference: object = None
+    measure: str = "rsa"
+    num_experts: int = 4
+    rank: int = 8
+    reduction_factor: int = 12
+    w_red: float = 0.2
+    w_mi: float = 0.2
+
+    @property
+    def curves(self) -> dict:
+        """label -> the redundancy rows of each configuration analysed (``method`` set to the label)."""
+        return {k: v.assign(method=k) for k, v in self.analyses.items()}
+
+    @classmethod
+    def label(cls, result) -> str:
+        return super().label(result).replace("[default]", "[official]")
+
+    def figure(self):
+        """The per-layer curves of ``measure`` for the reference runs and every configuration analysed."""
+        import pandas as pd
+
+        from .study_plots import plot_redundancy
+
+        frames = ([self.reference] if self.reference is not None else []) + list(self.curves.values())
+        if not frames:
+            return None
+        return plot_redundancy(pd.concat(frames, ignore_index=True), measure=self.measure, states=("trained",),
+                               bands=False, title=f"{self.measure.upper()} per module: reference runs and the panel's")
+
+    def show(self, result) -> None:
+        import matplotlib.pyplot as plt
+
+        if self.figure() is not None:
+            plt.show()
+
+
+# VL-PET's knobs the panel offers (the first of each is the default on T5: r 192, r_g 192, s 0.3).
+VLPET_KNOBS = {
+    "granularity": ("large", "middleX", "middleY", "small"),
+    "r": (192, 48, 96, 384),
+    "r_gate": (192, 48, 96, 384),
+    "scale": (0.3, 0.1, 0.5, 1.0),
+    "design": ("encoder + value adapter (default)", "encoder only", "value adapter only", "encoder + full decoder"),
+}
+
+
+@dataclass
+class VLPETPanel(KnobPanel):
+    """VL-PET's knobs: granularity, bottleneck r, gate rank r_g, scale s and the lightweight design
+    (the defaults are VL-PET's T5 values, which vlt5-tiny resolves to), N and seed; the ``analyser``
+    may return rows (e.g. gate statistics), shown below the table."""
+
+    METHOD: ClassVar[str] = "vlpet"
+    KNOBS: ClassVar[dict] = VLPET_KNOBS
+
+    shots: tuple = (16, 64, 500, 1000)
+    seeds: tuple = (13, 21, 42)
+    granularity: str = "large"
+    r: int = 192
+    r_gate: int = 192
+    scale: float = 0.3
+    design: str = "encoder + value adapter (default)"
+
+    def overrides(self) -> dict:
+        from ..studies.vlpet import DESIGNS
+
+        out = {k: v for k, v in super().overrides().items() if k != "design"}
+        return {**out, **DESIGNS[self.design]}
+
+    def show(self, result) -> None:
+        from IPython.display import display
+
+        rows = self.analyses.get(self.label(result))
+        if rows is not None:
+            display(rows)
