@@ -136,3 +136,20 @@ def test_a_bundle_from_other_code_is_stale(tiny_bundle):
     bundle.write(other, records)
     (check,) = verify_study(NAME, runs=other, root=root).checks
     assert check.status == "stale" and not check.ok and "hashes this config to" in check.differences[0]
+
+
+def test_the_gallery_bundle_holds_the_current_hash_of_every_method_at_n64():
+    """A change of any method's defaults renames its runs (the hash covers the resolved config); the
+    gallery's N = 64 runs are complete, so such a change must come with its re-trained runs. Options
+    added with a behaviour-preserving default are declared in the config's HASH_NEUTRAL instead."""
+    from workbench.methods import list_methods
+    from workbench.studies import load_study
+
+    if not (RESULTS / "gallery").is_dir():
+        pytest.skip("no gallery bundle committed")
+    store = load_study("gallery")
+    missing = [(m, s) for m in list_methods() for s in (13, 21, 42)
+               if not store.is_finished(RunConfig(task="shapes-vqa", method=m, n_shots=64, seed=s, quiet=True).hash)]
+    assert not missing, (f"the gallery bundle lacks the current runs of {missing}: a method's defaults changed "
+                         "(retrain with `python -m workbench.studies run gallery` and export) or a new option "
+                         "needs MethodConfig.HASH_NEUTRAL")

@@ -141,3 +141,19 @@ def test_fingerprints_are_cached_on_disk(tmp_path, monkeypatch):
     utils._DIGESTS.clear()
     monkeypatch.setattr(utils, "_CHUNK", None)  # reading the file again would fail
     assert utils.file_fingerprint(f) == first
+
+
+def test_an_option_at_its_neutral_value_leaves_the_hash_alone(monkeypatch):
+    from workbench.methods.vlpet import VlpetConfig
+
+    base = RunConfig(backbone="/nonexistent/ckpt", method="vlpet")
+    base_hash = base.hash
+    before = base.hash_payload()["method_config"]
+    assert "encoder_modules" not in before and "decoder_design" not in before  # neutral: left out
+    spelled = base.replace(method_config={"encoder_modules": True, "decoder_design": "value"})
+    assert spelled.hash == base.hash
+    changed = base.replace(method_config={"decoder_design": "full"})
+    assert changed.hash != base.hash and changed.hash_payload()["method_config"]["decoder_design"] == "full"
+    # without the declaration the new options would rename every stored VL-PET run
+    monkeypatch.setattr(VlpetConfig, "HASH_NEUTRAL", {})
+    assert RunConfig(backbone="/nonexistent/ckpt", method="vlpet").hash != base_hash

@@ -84,3 +84,16 @@ def test_block_diagram_names_the_three_representations():
 
     texts = " ".join(t.get_text() for t in plot_mixphm_block().axes[0].texts)
     assert "f (frozen output)" in texts and "u = Δ(f)" in texts and "final repr. g" in texts
+
+
+def test_gates_plot():
+    from workbench.viz.study_plots import plot_gates
+
+    rows = [dict(method=m, point=f"encoder.{i}.{s}", gate_q05=0.1, gate_q50=0.5, gate_q95=0.9, gate_moves_H=0.5,
+                 module_moves_H=0.7) for m in ("vlpet-large", "vlpet-small") for i in range(2) for s in ("attn", "ffn")]
+    fig = plot_gates(pd.DataFrame(rows))
+    a, b = fig.axes
+    assert [t.get_text() for t in a.get_xticklabels()] == ["0.attn", "0.ffn", "1.attn", "1.ffn"]
+    assert len(b.get_lines()) == 4  # solid and dashed per method
+    with pytest.raises(ValueError, match="lacks the columns"):
+        plot_gates(pd.DataFrame(rows).drop(columns="gate_q50"))

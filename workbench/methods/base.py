@@ -48,6 +48,11 @@ class MethodConfig:
     """
 
     OFFICIAL_TRAIN_PROJECTOR: ClassVar[bool] = True
+    # Options added after runs were stored, with the values that reproduce the earlier behaviour:
+    # ``{option: (neutral values...)}``. The run hash leaves an option out while it holds one of them,
+    # so adding an option that changes nothing by default does not rename every stored run of the
+    # method (RunConfig.hash_payload). An option that changes a default's behaviour must not be here.
+    HASH_NEUTRAL: ClassVar[dict] = {}
 
     lr: float = 1e-3
     train_projector: bool | None = None
@@ -60,6 +65,13 @@ class MethodConfig:
     def official_train_projector(self) -> bool:
         """Whether the method's official code trains the visual projector (a variant may differ)."""
         return type(self).OFFICIAL_TRAIN_PROJECTOR
+
+    def hashed_dict(self) -> dict:
+        """The resolved config as the run hash digests it: :meth:`to_dict` without ``lr`` (the run's
+        own resolved ``lr`` entry covers it) and without options at a :attr:`HASH_NEUTRAL` value."""
+        neutral = type(self).HASH_NEUTRAL
+        return {k: v for k, v in self.to_dict().items()
+                if k != "lr" and not (k in neutral and any(v == n and type(v) is type(n) for n in neutral[k]))}
 
     def validate(self) -> None:
         """Raise ValueError for impossible settings (called by :func:`apply` before any change)."""

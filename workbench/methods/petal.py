@@ -136,6 +136,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -165,6 +166,9 @@ VARIANT_DEFAULTS = {
 class PetalConfig(MethodConfig):
     """PETAL's options. ``None`` means "the variant's default" (see the module docstring); the
     options of the other variant stay ``None`` and raise a ValueError when set."""
+
+    # learn_threshold came after the gallery's runs: learned (paper) or absent (released) changes nothing
+    HASH_NEUTRAL: ClassVar[dict] = {"learn_threshold": (True, None)}
 
     variant: str = "paper"  # "paper" (the workbench's reading of the paper) or "released" (the code)
     # mode approximation (both variants)

@@ -194,9 +194,9 @@ class RunConfig:
         d = self.hash_fields()
         # The method's whole resolved config, defaults included: a default that changes in the code
         # names a new run (never a stale one from the store), and spelling a default out changes nothing.
-        # (its lr aside: the resolved learning rate is the run's own ``lr`` entry, see hash_fields)
-        d["method_config"] = {k: v for k, v in get_config(self.method, **self.method_config).to_dict().items()
-                              if k != "lr"}
+        # (its lr aside: the resolved learning rate is the run's own ``lr`` entry, see hash_fields; and
+        # options added later at their neutral value aside: MethodConfig.HASH_NEUTRAL)
+        d["method_config"] = get_config(self.method, **self.method_config).hashed_dict()
         d["backbone_fingerprint"] = backbone_fingerprint(self.backbone)
         d.update(self.data_fingerprints())
         return json.loads(json.dumps(d, sort_keys=True, default=str))

@@ -203,3 +203,32 @@ def plot_mixphm_block():
             color="C3", va="center")
     fig.tight_layout()
     return fig
+
+
+def plot_gates(df, title: str = "VL-PET gates after training (N = 64, seed 13)"):
+    """Per gated module (x, in forward order) and method (colour): the median gate value with its
+    5-95 % range (left), and how far the gate and the whole module move the frozen output (right:
+    ||(G - 1) H|| / ||H|| solid, ||H_out - H|| / ||H|| dashed). ``df``: :func:`workbench.studies.vlpet.gates`."""
+    _need(df, ["method", "point", "gate_q05", "gate_q50", "gate_q95", "gate_moves_H", "module_moves_H"], "plot_gates")
+    points = list(dict.fromkeys(df["point"]))
+    labels = [p.split(".", 1)[1] for p in points]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 3.6))
+    methods = list(dict.fromkeys(df["method"]))
+    width = 0.8 / max(1, len(methods))
+    for k, (method, part) in enumerate(df.groupby("method", sort=False)):
+        x = np.array([points.index(p) for p in part["point"]], dtype=float) + (k - (len(methods) - 1) / 2) * width
+        med = part["gate_q50"].to_numpy()
+        err = np.vstack([med - part["gate_q05"].to_numpy(), part["gate_q95"].to_numpy() - med])
+        a.errorbar(x, med, yerr=np.clip(err, 0, None), fmt="o", ms=4, capsize=2, color=f"C{k}", label=method)
+        xs = np.array([points.index(p) for p in part["point"]], dtype=float)
+        b.plot(xs, part["gate_moves_H"], "-o", ms=3, color=f"C{k}", label=method)
+        b.plot(xs, part["module_moves_H"], "--", color=f"C{k}", alpha=0.6)
+    for ax in (a, b):
+        ax.set_xticks(range(len(points)), labels, rotation=60, fontsize=7)
+        ax.grid(alpha=0.3)
+    a.set(ylabel="gate value (median, 5-95 %)", title="gate values per module")
+    b.set(ylabel="relative change of H", title="||(G-1)H|| / ||H|| (solid), ||H_out - H|| / ||H|| (dashed)")
+    a.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
