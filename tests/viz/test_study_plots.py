@@ -97,3 +97,18 @@ def test_gates_plot():
     assert len(b.get_lines()) == 4  # solid and dashed per method
     with pytest.raises(ValueError, match="lacks the columns"):
         plot_gates(pd.DataFrame(rows).drop(columns="gate_q50"))
+
+
+def test_mode_gates_and_type_routing_plots():
+    from workbench.viz.study_plots import plot_mode_gates, plot_type_routing
+
+    rows = [dict(step=s, mode=m, gate=(1.0 if m < 3 else 0.1 * s / 50), modes_on=3, threshold=0.5 + s / 1000)
+            for s in (25, 50) for m in range(5)]
+    fig = plot_mode_gates(pd.DataFrame(rows))
+    img = fig.axes[0].images[0].get_array()
+    assert img.shape == (5, 2) and (img[:3, -1] == 1).all()  # sorted by the final gate
+    per_type = pd.DataFrame({"expert 0": [0.7, 0.2], "expert 1": [0.3, 0.8]}, index=["count", "exist"])
+    fig = plot_type_routing(per_type)
+    assert [t.get_text() for t in fig.axes[0].texts][:2] == ["0.70", "0.30"]
+    with pytest.raises(ValueError, match="empty"):
+        plot_type_routing(per_type.iloc[:0])

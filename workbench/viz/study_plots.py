@@ -232,3 +232,43 @@ def plot_gates(df, title: str = "VL-PET gates after training (N = 64, seed 13)")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def plot_mode_gates(df, title: str = "PETAL: soft mode gates over training"):
+    """Heat map of the mode gates (rows: modes sorted by their final gate, columns: evaluation steps)
+    with the number of modes on (> 0.5) and the threshold over training. ``df``:
+    :func:`workbench.studies.petal.mode_gates`."""
+    _need(df, ["step", "mode", "gate", "modes_on", "threshold"], "plot_mode_gates")
+    grid = df.pivot(index="mode", columns="step", values="gate")
+    grid = grid.loc[grid.iloc[:, -1].sort_values(ascending=False).index]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 3.8), gridspec_kw={"width_ratios": [2, 1]})
+    im = a.imshow(grid.to_numpy(), aspect="auto", cmap="magma", vmin=0, vmax=1,
+                  extent=[grid.columns.min(), grid.columns.max(), len(grid), 0])
+    fig.colorbar(im, ax=a, label="gate")
+    a.set(xlabel="step", ylabel="mode (sorted by final gate)", title="mode gates")
+    per_step = df.groupby("step")[["modes_on", "threshold"]].first()
+    b.plot(per_step.index, per_step["modes_on"], "-o", ms=3, color="C0")
+    b.set(xlabel="step", ylabel="modes on (gate > 0.5)", title="modes on and threshold")
+    b2 = b.twinx()
+    b2.plot(per_step.index, per_step["threshold"], "--", color="C3")
+    b2.set_ylabel("threshold Γ", color="C3")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_type_routing(per_type, title: str = "PETAL: mean gate probability per question type and expert"):
+    """Heat map of a type x expert table of mean routing probabilities (:func:`workbench.studies.petal.routing`)."""
+    if per_type is None or len(per_type) == 0:
+        raise ValueError("plot_type_routing: the table is empty (no routed questions)")
+    fig, ax = plt.subplots(figsize=(1.2 * per_type.shape[1] + 2.5, 0.35 * len(per_type) + 1.4))
+    im = ax.imshow(per_type.to_numpy(), aspect="auto", cmap="viridis", vmin=0)
+    ax.set_xticks(range(per_type.shape[1]), list(per_type.columns), fontsize=8)
+    ax.set_yticks(range(len(per_type)), list(per_type.index), fontsize=8)
+    for i in range(len(per_type)):
+        for j in range(per_type.shape[1]):
+            ax.text(j, i, f"{per_type.iat[i, j]:.2f}", ha="center", va="center", fontsize=7, color="white")
+    fig.colorbar(im, ax=ax, label="mean probability")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
