@@ -169,3 +169,17 @@ def test_vlpet_panel_widget(capsys):
     granularity.value, design.value, shots.value = "middleY", "encoder + full decoder", 500
     button.click()
     assert seen[-1].method_config == {"granularity": "middleY", "decoder_design": "full"} and seen[-1].n_shots == 500
+
+
+def test_petal_panel_builds_the_study_configs():
+    from workbench.studies import petal as study
+    from workbench.viz.panels import PETALPanel
+
+    panel = PETALPanel(RunConfig(task="shapes-vqa", quiet=True), runner=_Result)
+    assert panel.config().hash == study.ablation_config("rank (CP)", 64).hash
+    panel.learn_threshold = False
+    assert panel.config().hash == study.ablation_config("threshold", "frozen").hash
+    panel.learn_threshold, panel.w_ib, panel.n_shots = True, 0.0, 16
+    assert panel.config().method_config == {"w_ib": 0.0} and panel.config().n_shots == 16
+    panel.run()
+    assert panel.table()["configuration"].iloc[0] == "petal [w_ib=0.0] N=16 s13"

@@ -298,3 +298,30 @@ class VLPETPanel(KnobPanel):
         rows = self.analyses.get(self.label(result))
         if rows is not None:
             display(rows)
+
+
+# PETAL's knobs the panel offers (the first of each is the default of variant="paper").
+PETAL_KNOBS = {
+    "rank": (64, 4, 16, 128),
+    "learn_threshold": (True, False),
+    "n_experts": (4, 2, 8),
+    "n_templates": (4, 1, 8),
+    "w_ib": (0.1, 0.0, 0.03, 0.3, 1.0),
+}
+
+
+@dataclass
+class PETALPanel(KnobPanel):
+    """PETAL's knobs: modes R, the threshold learned or frozen, experts K, instruction templates M,
+    the bottleneck weight; N and seed."""
+
+    METHOD: ClassVar[str] = "petal"
+    KNOBS: ClassVar[dict] = PETAL_KNOBS
+
+    shots: tuple = (16, 64, 1000)
+    seeds: tuple = (13, 21, 42)
+    rank: int = 64
+    learn_threshold: bool = True
+    n_experts: int = 4
+    n_templates: int = 4
+    w_ib: float = 0.1
