@@ -177,8 +177,22 @@ def get_study(name: str | Study) -> Study:
     return STUDIES.get(name)
 
 
+# Modules of this package that are infrastructure, not studies.
+_NOT_STUDIES = {"study", "bundle", "redundancy"}
+
+
+def discover_studies() -> None:
+    """Import every study module of this package (``workbench/studies/<name>.py``), so that the
+    registry lists them all; a module imports once."""
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        if path.stem.startswith("_") or path.stem in _NOT_STUDIES:
+            continue
+        importlib.import_module(f"{__package__}.{path.stem}")
+
+
 def list_studies() -> list[str]:
-    """The registered study names, sorted."""
+    """The study names, sorted: every study module of the package and any study registered in code."""
+    discover_studies()
     return STUDIES.names()
 
 
