@@ -99,6 +99,15 @@ def start_lab(root: Path, notebooks, timeout: float = 120.0) -> Lab:
     return once it answers with the token it printed."""
     (root / "notebooks").mkdir(parents=True, exist_ok=True)
     (root / "figures").mkdir(exist_ok=True)  # the notebooks save their figures to ../figures
+    # Throw-away user settings: every cell in the page (JupyterLab 4 renders only the visible cells
+    # by default, which would hide the cells a test looks for) and no news pop-up over the page.
+    settings = root / "settings"
+    for plugin, values in (("@jupyterlab/notebook-extension/tracker", {"windowingMode": "none"}),
+                           ("@jupyterlab/apputils-extension/notification", {"fetchNews": "false",
+                                                                           "checkForUpdates": False})):
+        path = settings / f"{plugin}.jupyterlab-settings"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(values))
     for nb in notebooks:
         strip_outputs(Path(nb), root / "notebooks" / Path(nb).name)
     args = make_lab_command()
@@ -107,7 +116,7 @@ def start_lab(root: Path, notebooks, timeout: float = 120.0) -> Lab:
         args[0] = str(ROOT / args[0])
     port = free_port()
     args += [f"--port={port}", "--no-browser", "--ServerApp.port_retries=0"]
-    env = dict(os.environ, JUPYTERLAB_SETTINGS_DIR=str(root / "settings"), JUPYTERLAB_WORKSPACES_DIR=str(root / "ws"),
+    env = dict(os.environ, JUPYTERLAB_SETTINGS_DIR=str(settings), JUPYTERLAB_WORKSPACES_DIR=str(root / "ws"),
                JUPYTER_RUNTIME_DIR=str(root / "runtime"), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     log = root / "lab.log"
     handle = log.open("w")
@@ -196,7 +205,7 @@ def widget_panel(page, cell_text: str):
     """The widget view of the code cell whose source contains ``cell_text``."""
     cell = page.locator(".jp-CodeCell").filter(has_text=cell_text).last
     cell.scroll_into_view_if_needed()
-    return cell.locator(".jp-OutputArea-output").last
+    return cell.locator(".jp-OutputArea-output").first  # the widget's view (its own output area nests inside)
 
 
 def set_dropdown(panel, description: str, value) -> None:
@@ -205,21 +214,25 @@ def set_dropdown(panel, description: str, value) -> None:
     box.locator("select").select_option(label=str(value))
 
 
+def output_text(panel) -> str:
+    """The text of a widget panel's own output area (what its callback printed), without its controls."""
+    return "\n".join(panel.locator(".jp-OutputArea-output").all_inner_texts())
+
+
 def press_run(panel, expect: str, timeout_s: float = 300.0) -> str:
-    """Click the panel's run button and wait for its output area to show ``expect``; return the text.
+    """Click the panel's run button and wait until its output area shows ``expect``; return that text.
 
     Raises AssertionError naming what the panel showed when its callback raised (a traceback in the
-    output) or when ``expect`` does not appear in time.
+    output area) or when ``expect`` does not appear within ``timeout_s``.
     """
-    before = panel.inner_text()
+    before = output_text(panel)
     panel.locator("button", has_text="run").click()
-    t0 = time.time()
-    text = before
+    t0, text = time.time(), before
     while time.time() - t0 < timeout_s:
-        text = panel.inner_text()  # the controls' labels and the panel's output area
+        text = output_text(panel)
         if "Traceback" in text or re.search(r"\b\w+Error: ", text):
             raise AssertionError(f"the panel's callback raised:\n{text[-2000:]}")
         if expect in text and (text != before or expect not in before):
             return text
-        time.sleep(1.0)
-    raise AssertionError(f"the panel did not show {expect!r} within {timeout_s:.0f} s; it shows:\n{text[-2000:]}")
+        time.sleep(0.5)
+    raise AssertionError(f"the panel did not show {expect!r} within {timeout_s:.0f} s; its output:\n{text[-2000:]}")

@@ -89,7 +89,7 @@ def test_gallery_panel_answers_from_the_bundle_and_trains_new_configs(ran, lab):
     set_dropdown(panel, "method", "lora")
     set_dropdown(panel, "r", 4)
     cfg = RunConfig(task="shapes-vqa", n_shots=16, seed=13, quiet=True, method="lora", method_config={"r": 4})
-    text = press_run(panel, "lora", timeout_s=600)
+    text = press_run(panel, "N=16", timeout_s=600)
     stored = run(cfg, store=RunStore())  # the kernel's run, reused from the store
     assert stored.reused and stored.summary().strip() in text
 
@@ -132,7 +132,7 @@ def test_a_panel_whose_callback_raises_fails(chromium, lab):
         run_all(page, timeout_s=180)
         panel = widget_panel(page, "panel.widget()")
         with pytest.raises(AssertionError, match="deliberately broken runner"):
-            press_run(panel, "this never appears", timeout_s=60)
+            press_run(panel, "this never appears", timeout_s=180)
     finally:
         context.close()
 
