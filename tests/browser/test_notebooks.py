@@ -95,9 +95,9 @@ def test_gallery_panel_answers_from_the_bundle_and_trains_new_configs(ran, lab):
 
 
 def test_mixphm_panel_turns_every_control(ran, lab):
-    """Each control of the MixPHM panel set to a non-default value through the page: settings the
-    bundle holds come back from it; one it does not hold is trained by the kernel and then read from
-    the run store."""
+    """The MixPHM panel's controls set to non-default values through the page (experts, rank, both
+    regulariser weights, seed), each setting one the bundle holds, which the panel must show. (The
+    gallery panel's test covers a setting the kernel has to train.)"""
     from workbench.studies import load_study
     from workbench.studies.mixphm import base_config
     from workbench.train import RunStore, run
@@ -110,7 +110,6 @@ def test_mixphm_panel_turns_every_control(ran, lab):
         ({"num_experts": 2}, {"num_experts": 2}, 64, 13),
         ({"rank": 4}, {"rank": 4}, 64, 13),
         ({"w_red": 0.0, "w_mi": 0.0, "seed": 21}, {"w_red": 0.0, "w_mi": 0.0}, 64, 21),
-        ({"reduction_factor": 24, "N": 16}, {"reduction_factor": 24}, 16, 13),
     ]
     for changes, mc, n, seed in steps:
         for control, value in {**defaults, **changes}.items():
@@ -129,7 +128,7 @@ def test_a_panel_whose_callback_raises_fails(chromium, lab):
     page = context.new_page()
     try:
         open_notebook(page, lab, "broken_panel.ipynb")
-        run_all(page, timeout_s=180)
+        run_all(page, timeout_s=600)
         panel = widget_panel(page, "panel.widget()")
         with pytest.raises(AssertionError, match="deliberately broken runner"):
             press_run(panel, "this never appears", timeout_s=180)
