@@ -8,6 +8,21 @@ from typing import Callable, ClassVar
 from ..methods import list_methods, method_spec
 
 
+def run_into(out, run: Callable, after: Callable | None = None) -> None:
+    """A panel's run button: clear the Output ``out``, call ``run()`` and print its result's summary
+    there (then ``after(result)``); an impossible config (ValueError) says why instead of a traceback."""
+    with out:
+        out.clear_output()
+        try:
+            result = run()
+        except ValueError as e:
+            print(f"not run: {e}")
+            return
+        print(result.summary())
+        if after is not None:
+            after(result)
+
+
 def main_knob(method: str) -> tuple[str, tuple] | None:
     """``(config field, choices)`` of a method's main knob (recorded with its registration), or None."""
     return method_spec(method).main_knob if method in list_methods() else None
@@ -87,14 +102,7 @@ class GalleryPanel:
         def on_run(_):
             self.method, self.n_shots = method.value, shots.value
             self.knob_value = None if knob.value == "default" else knob.value
-            with out:
-                out.clear_output()
-                try:
-                    result = self.run()
-                except ValueError as e:  # an impossible config: say why instead of a traceback
-                    print(f"not run: {e}")
-                    return
-                print(result.summary())
+            run_into(out, self.run)
 
         method.observe(refresh_knob, names="value")
         button.on_click(on_run)
@@ -187,16 +195,8 @@ class KnobPanel:
         def on_run(_):
             for name, control in controls.items():
                 setattr(self, name, control.value)
-            with out:
-                out.clear_output()
-                try:
-                    result = self.run()
-                except ValueError as e:  # an impossible config: say why instead of a traceback
-                    print(f"not run: {e}")
-                    return
-                print(result.summary())
-                print(self.table().to_string(index=False))
-                self.show(result)
+            run_into(out, self.run, after=lambda result: (print(self.table().to_string(index=False)),
+                                                          self.show(result)))
 
         button.on_click(on_run)
         names = list(controls)
