@@ -49,6 +49,7 @@ from .study import (
     get_study,
     list_studies,
     register_study,
+    retarget,
     run_study,
     unregister_study,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "redundancy_analysis",
     "register_study",
     "results_root",
+    "retarget",
     "run_study",
     "study_status",
     "unregister_study",

@@ -4,6 +4,8 @@
     python -m workbench.studies status NAME [--store DIR] [--results DIR]
     python -m workbench.studies run NAME [--executor local|processes|ray] [--store DIR] [--limit K]
                                          [--filter KEY=VALUE[,VALUE...]]... [--workers W] [--threads T]
+                                         [--backbone DIR] [--backbone-option KEY=VALUE]...
+                                         [--task NAME]... [--task-option KEY=VALUE]... [--set FIELD=VALUE]...
     python -m workbench.studies export NAME [--store DIR] [--results DIR]
     python -m workbench.studies verify NAME [--sample K] [--seed S] [--run HASH]... [--max-wall-s S]
                                             [--tolerance T] [--results DIR]
@@ -11,6 +13,8 @@
 ``run`` trains what neither the store nor the study's bundle holds yet (a second ``run`` trains
 nothing; ``--limit`` spreads a long study over sessions); ``export`` writes the bundle under
 ``results/NAME/`` (partial bundles are fine: it says how many of the grid's runs are present);
+``--backbone`` / ``--task`` run the same grid on another backbone and on real data (a VQA task
+replaces the grid's VQA tasks, a caption task its caption tasks; ``--set`` changes any other field);
 ``verify`` re-trains a sample of the bundle and exits 1 if a run does not reproduce.
 Exit status: 0 on success, 1 when verification fails or a run failed, 2 on bad usage or input.
 """
@@ -52,6 +56,19 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--workers", type=int, default=None, help="process pool size (--executor processes)")
     sp.add_argument("--threads", type=int, default=None, help="torch threads per worker (processes, ray)")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sp.add_argument("--backbone", default=None, metavar="DIR",
+                    help="run the grid on this backbone (a checkpoint directory or a registered name)")
+    sp.add_argument("--backbone-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="an option of --backbone (repeatable), e.g. feat_dim=2048")
+    sp.add_argument("--task", action="append", default=[], metavar="NAME",
+                    help="replace the grid's tasks of this task's kind (vqa or caption) with it (repeatable), "
+                         "e.g. --task vqa-v2 --task coco-caption")
+    sp.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="an option of the --task tasks (repeatable), e.g. root=data/vqa_v2 "
+                         "features=data/features/vqa.h5")
+    sp.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="set a RunConfig field on every config (repeatable), e.g. n_shots=2 max_steps=4 "
+                         "pool_size=null")
     common(sp)
 
     sp = sub.add_parser("export", help="write the bundle results/NAME/ from the run store")
@@ -69,6 +86,23 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--tolerance", type=float, default=None, help="override the tolerance")
     common(sp, store=False)
     return p
+
+
+def _options(items, flag):
+    """``["feat_dim=2048", "root=data"]`` -> ``{"feat_dim": 2048, "root": "data"}`` (None when empty);
+    values are read as JSON where they parse (numbers, true/false/null), else as strings."""
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{flag} takes KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except ValueError:
+            out[key.strip()] = raw
+    return out or None
 
 
 def main(argv=None) -> int:
@@ -96,7 +130,11 @@ def main(argv=None) -> int:
         if args.command == "run":
             df = run_study(args.name, executor=args.executor, store=args.store, results=args.results,
                            filters=parse_filters(args.filter), limit=args.limit, workers=args.workers,
-                           threads=args.threads, progress=not args.no_progress)
+                           threads=args.threads, progress=not args.no_progress, backbone=args.backbone,
+                           backbone_options=_options(args.backbone_option, "--backbone-option"),
+                           tasks=args.task or None,
+                           task_options=_options(args.task_option, "--task-option"),
+                           changes=_options(args.set, "--set"))
             counts = df["status"].value_counts().to_dict() if len(df) else {}
             print(f"study {args.name}: {counts.get('done', 0)} trained, {counts.get('reused', 0)} reused, "
                   f"{counts.get('failed', 0)} failed; {df.attrs['finished']} of {df.attrs['grid']} grid runs "

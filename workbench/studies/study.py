@@ -251,11 +251,72 @@ def select(configs, filters: dict | None = None) -> list[RunConfig]:
     return out
 
 
+def retarget(configs, backbone: str | os.PathLike | None = None, backbone_options: dict | None = None,
+             tasks=None, task_options: dict | None = None, changes: dict | None = None) -> list[RunConfig]:
+    """The same configs on another backbone and task: how a study runs on real data, unchanged.
+
+    Args:
+        configs: the study's configs (usually already filtered).
+        backbone / backbone_options: replace every config's backbone and its options (e.g. a t5-base
+            directory with ``{"feat_dim": 2048}``).
+        tasks: task names (or one name). Each replaces the configs' tasks *of the same kind* (a VQA
+            task replaces ``shapes-vqa``, a caption task ``shapes-caption``); the replaced configs get
+            ``task_options`` instead of their own (the ShapesWorld options mean nothing to another task).
+        changes: any other RunConfig fields, set on every config after the rest (e.g. ``{"n_shots": 2,
+            "max_steps": 4}`` for a smoke test on small fixture files).
+
+    Raises:
+        ValueError: an unknown task, two tasks of one kind, a config whose task kind no given task
+            replaces, or an unknown field in ``changes``, before anything is trained.
+    """
+    from ..data import get_task_spec, list_tasks
+
+    configs = list(configs)
+    by_kind: dict[str, str] = {}
+    for t in [tasks] if isinstance(tasks, str) else list(tasks or ()):
+        if t not in list_tasks():
+            raise ValueError(f"unknown task {t!r}; registered tasks: {', '.join(list_tasks())}")
+        kind = get_task_spec(t).kind
+        if kind in by_kind:
+            raise ValueError(f"two {kind} tasks given ({by_kind[kind]!r} and {t!r}); give one task per kind")
+        by_kind[kind] = t
+    if by_kind:
+        missing = sorted({get_task_spec(c.task).kind for c in configs} - set(by_kind))
+        if missing:
+            have = sorted({c.task for c in configs if get_task_spec(c.task).kind in missing})
+            raise ValueError(f"the selected configs also have {'/'.join(missing)} tasks ({', '.join(have)}) and no "
+                             f"{'/'.join(missing)} task was given to replace them; give one (e.g. --task "
+                             f"{'coco-caption' if 'caption' in missing else 'vqa-v2'}) or filter them out "
+                             f"(--filter task=...)")
+    elif task_options is not None:
+        raise ValueError("task_options are given for the replacing task: give the task too (--task NAME)")
+    names = {f.name for f in fields(RunConfig)}
+    unknown = sorted(set(changes or {}) - names)
+    if unknown:
+        raise ValueError(f"unknown RunConfig field(s) {unknown}; fields: {', '.join(sorted(names))}")
+    out = []
+    for cfg in configs:
+        update = {}
+        if backbone is not None:
+            update["backbone"] = os.fspath(backbone)
+            update["backbone_options"] = dict(backbone_options or {})
+        elif backbone_options is not None:
+            update["backbone_options"] = dict(backbone_options)
+        if by_kind:
+            update["task"] = by_kind[get_task_spec(cfg.task).kind]
+            update["task_options"] = dict(task_options or {})
+        update.update(changes or {})
+        out.append(cfg.replace(**update) if update else cfg)
+    return out
+
+
 def run_study(name: str | Study, executor: str = "local", store: RunStore | str | os.PathLike | None = None,
               results: str | os.PathLike | None = None, filters: dict | None = None, limit: int | None = None,
               workers: int | None = None, threads: int | None = None, progress: bool = True,
               ray_options=None, num_cpus: float | None = None, num_gpus: float | None = None,
-              ray_address: str | None = None):
+              ray_address: str | None = None, backbone: str | os.PathLike | None = None,
+              backbone_options: dict | None = None, tasks=None, task_options: dict | None = None,
+              changes: dict | None = None):
     """Train the study's runs that neither ``store`` nor the study's bundle holds yet; return the sweep's frame.
 
     Args:
@@ -272,6 +333,9 @@ def run_study(name: str | Study, executor: str = "local", store: RunStore | str 
         progress: the sweep's progress bar.
         ray_options / num_cpus / num_gpus / ray_address: for ``executor="ray"``, as
             :func:`~workbench.train.sweep` takes them.
+        backbone / backbone_options / tasks / task_options / changes: run the (filtered) grid on
+            another backbone and on real tasks (:func:`retarget`); the "grid" of ``attrs`` is then
+            the retargeted selection.
 
     Returns:
         The :func:`~workbench.train.sweep` DataFrame of the configs run now (``status`` done /
@@ -301,6 +365,11 @@ def run_study(name: str | Study, executor: str = "local", store: RunStore | str 
     hash_of = {id(c): c.hash for c in every}  # hashing reads fingerprints: once per config
     grid_hashes = set(hash_of.values())
     configs = select(every, filters)
+    if any(v is not None for v in (backbone, backbone_options, tasks, task_options, changes)):
+        configs = retarget(configs, backbone=backbone, backbone_options=backbone_options, tasks=tasks,
+                           task_options=task_options, changes=changes)
+        hash_of = {id(c): c.hash for c in configs}
+        grid_hashes = set(hash_of.values())
     todo = [c for c in configs if not layered.is_finished(hash_of[id(c)])]
     chosen = todo[:limit] if limit is not None else configs
     ray_args = {k: v for k, v in (("ray_options", ray_options), ("num_cpus", num_cpus), ("num_gpus", num_gpus),
