@@ -219,20 +219,41 @@ def output_text(panel) -> str:
     return "\n".join(panel.locator(".jp-OutputArea-output").all_inner_texts())
 
 
-def press_run(panel, expect: str, timeout_s: float = 300.0) -> str:
+def press_run(panel, expect, timeout_s: float = 300.0) -> str:
     """Click the panel's run button and wait until its output area shows ``expect``; return that text.
 
+    ``expect`` is the text itself, or a function returning it once it is known and None until then
+    (e.g. the summary of a run the kernel is training, read from the run store once the run is
+    published there), so that the test never reads a result before the kernel has written it.
+
     Raises AssertionError naming what the panel showed when its callback raised (a traceback in the
-    output area) or when ``expect`` does not appear within ``timeout_s``.
+    output area) or when the expected text does not appear within ``timeout_s``.
     """
     before = output_text(panel)
     panel.locator("button", has_text="run").click()
-    t0, text = time.time(), before
+    t0, text, wanted = time.time(), before, None
     while time.time() - t0 < timeout_s:
         text = output_text(panel)
         if "Traceback" in text or re.search(r"\b\w+Error: ", text):
             raise AssertionError(f"the panel's callback raised:\n{text[-2000:]}")
-        if expect in text and (text != before or expect not in before):
+        wanted = expect() if callable(expect) else expect
+        if wanted is not None and wanted in text and (text != before or wanted not in before):
             return text
         time.sleep(0.5)
-    raise AssertionError(f"the panel did not show {expect!r} within {timeout_s:.0f} s; its output:\n{text[-2000:]}")
+    what = repr(wanted) if wanted is not None else "the run's result (it never reached the run store)"
+    raise AssertionError(f"the panel did not show {what} within {timeout_s:.0f} s; its output:\n{text[-2000:]}")
+
+
+def finished_summary(cfg, store):
+    """A function for :func:`press_run`: the summary of ``cfg``'s run once ``store`` holds it, else None
+    (never trains: the kernel does)."""
+    from workbench.train import run
+
+    def summary():
+        if not store.is_finished(cfg.hash):
+            return None
+        result = run(cfg, store=store)
+        assert result.reused, "the run was trained by the test, not by the kernel"
+        return result.summary().strip()
+
+    return summary
