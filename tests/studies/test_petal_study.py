@@ -57,3 +57,14 @@ def test_mode_gates_and_routing(store):
     assert per_type.shape[1] == 4 and np.allclose(per_type.sum(1), 1.0)
     assert 0 <= test["p"] <= 1 or np.isnan(test["p"])
     assert test["n"] == 24 and "entropy" in " ".join(stats)
+
+
+def test_information_estimates_mi_per_ib_weight(store):
+    info = study.information(store, mi_steps=60, components=4)
+    assert list(info["w_ib"]) == [0.1, 0.0]  # the IB weights the store holds, in the ablation's order
+    assert (info["n"] == 24).all() and (info["acc_n"] == 2).all()
+    assert (info["h_answer"] > 0).all()
+    for est in ("infonce", "nwj"):
+        assert np.isfinite(info[f"mi_{est}"]).all()
+    # InfoNCE is a lower bound capped at log(batch): never above the answers' entropy by more than noise
+    assert (info["mi_infonce"] <= info["h_answer"] + 0.1).all()

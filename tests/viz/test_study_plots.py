@@ -112,3 +112,17 @@ def test_mode_gates_and_type_routing_plots():
     assert [t.get_text() for t in fig.axes[0].texts][:2] == ["0.70", "0.30"]
     with pytest.raises(ValueError, match="empty"):
         plot_type_routing(per_type.iloc[:0])
+
+
+def test_information_plot():
+    from workbench.viz.study_plots import plot_information
+
+    df = pd.DataFrame({"w_ib": [0.1, 0.0, 1.0], "acc_mean": [0.3, 0.2, 0.25], "test_acc": [0.31, 0.22, 0.2],
+                       "mi_infonce": [1.0, 0.5, 0.8], "mi_nwj": [0.9, 0.4, 0.7], "h_answer": [2.5] * 3})
+    fig = plot_information(df)
+    a, b = fig.axes
+    assert [t.get_text() for t in a.get_xticklabels()] == ["0", "0.1", "1"]  # sorted by weight
+    assert list(a.get_lines()[0].get_ydata()) == [0.2, 0.3, 0.25]
+    assert len(b.get_lines()) == 3  # two estimators and the ceiling
+    with pytest.raises(ValueError, match="lacks the columns"):
+        plot_information(df.drop(columns="h_answer"))

@@ -371,6 +371,7 @@ class InstructionMoE(nn.Module):
         self.register_buffer("special_ids", torch.tensor(sorted(set(special_ids)), dtype=torch.long),
                              persistent=False)
         self.last_probs: torch.Tensor | None = None
+        self.last_instruction: torch.Tensor | None = None  # mu [B, d] of the last forward (probes read it)
         self._ib = None  # (z, mean, logvar) of the last forward
 
     def forward(self, inputs):
@@ -400,6 +401,7 @@ class InstructionMoE(nn.Module):
         mu = (probs.unsqueeze(-1) * experts).sum(1)  # [B, d]
         mixed = txt + mu.unsqueeze(1) * tmask.unsqueeze(-1)
         self.last_probs = probs.detach()
+        self.last_instruction = mu.detach()
         self._ib = self._bottleneck(mu, mixed, tmask) if self.use_ib else None
         embeds = torch.cat([emb[:, : ts.start], mixed, emb[:, ts.stop :]], 1)
         return inputs.replace(embeds=embeds, petal_routing=self.last_probs)
@@ -599,6 +601,17 @@ class PetalHandle(MethodHandle):
         if self.moe.last_probs is None:
             raise ValueError("no forward pass with a prompt has run yet: routing probabilities are unknown")
         return self.moe.last_probs
+
+    def instruction(self) -> torch.Tensor:
+        """The mixed instruction vector mu ``[batch, d]`` of the last forward (what the mixture adds to
+        every prompt token, and what the information bottleneck reads); the released variant mixes
+        each token on its own and has no such vector."""
+        self._paper_only("instruction (the mixed instruction vector)")
+        if self.moe is None:
+            raise ValueError("petal was applied with moe=False: there is no instruction mixture")
+        if self.moe.last_instruction is None:
+            raise ValueError("no forward pass with a prompt has run yet: the instruction vector is unknown")
+        return self.moe.last_instruction
 
     def eval_statistics(self) -> dict:
         """What the trainer records at every evaluation (``history[i]["method"]``): the soft mode

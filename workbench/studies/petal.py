@@ -259,6 +259,63 @@ def routing(store, seed: int = 13, max_samples: int | None = None):
     return per_type, st, test
 
 
+def information(store, seed: int = 13, max_samples: int | None = None, components: int = 16,
+                estimators=("infonce", "nwj"), mi_steps: int = 1000):
+    """The information bottleneck's effect: for each IB weight of the ablation (N = 64, ``seed``), the
+    run rebuilt from the bundle, its instruction vector mu (what the mixture adds to every prompt token
+    and what the bottleneck reads) collected on the test questions, and the mutual information
+    I(mu; answer) estimated with the workbench's variational lower bounds (:func:`~workbench.probes.
+    estimate_mi` on the ``components`` leading principal components of mu against the one-hot answer,
+    held-out estimate). The bottleneck is meant to raise it. ``h_answer`` is the entropy of the test
+    answers (the ceiling of any estimate; InfoNCE is also capped at log of its batch size).
+
+    Returns a DataFrame: ``w_ib``, ``test_acc`` (this run), ``acc_mean`` / ``acc_n`` over the seeds,
+    one ``mi_<estimator>`` column per estimator (nats), ``h_answer``, ``n``; a row per weight whose
+    run has weights in the store (empty when none has).
+    """
+    import pandas as pd
+
+    from ..probes import estimate_mi
+    from ..train import load_run, restore_run
+
+    store = as_store(store)
+    df = _results(store)
+    rows = []
+    if df.empty:
+        return pd.DataFrame()
+    petal = df[(df["method"] == "petal") & (df["n_shots"] == ANALYSIS_N)]
+    for w in ABLATIONS["IB weight"]:
+        same = petal[petal["method_config"].apply(lambda mc, w=w: (mc or {}) == _options("IB weight", w))]
+        hashes = [h for h in same[same["seed"] == seed]["run"]
+                  if (store.locate(h) or store.path(h)).joinpath("method.safetensors").is_file()]
+        if not hashes:
+            continue
+        r = restore_run(load_run(hashes[0], store), store=store)
+        mus, answers = [], []
+        with torch.no_grad():
+            for batch in r.batches("test", max_samples=max_samples):
+                r.model(**batch)
+                mus.append(r.handle.instruction().float().cpu())
+        X = torch.cat(mus).numpy()
+        answers = [e.answers[0] for e in r.test.examples[: X.shape[0]]]
+        Xc = X - X.mean(0)
+        _, _, vt = np.linalg.svd(Xc, full_matrices=False)
+        Z = Xc @ vt[: min(components, vt.shape[0])].T
+        Z = Z / (Z.std(0) + 1e-12)
+        classes = {a: i for i, a in enumerate(sorted(set(answers)))}
+        Y = np.eye(len(classes), dtype=np.float32)[[classes[a] for a in answers]]
+        p = Y.mean(0)
+        row = {"w_ib": float(w), "test_acc": float(r.result.metrics["test"]["overall"])}
+        accs = same[same["seed"].isin(STUDY_SEEDS)]["test_acc"]
+        row.update(acc_mean=float(accs.mean()), acc_n=int(len(accs)))
+        for est in estimators:
+            row[f"mi_{est}"] = float(estimate_mi(Z.astype(np.float32), Y, estimator=est, max_steps=mi_steps,
+                                                 seed=0))
+        row.update(h_answer=float(-(p[p > 0] * np.log(p[p > 0])).sum()), n=int(X.shape[0]))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def verdicts(store):
     """Each claim, what the paper reports, what the study measures and the verdict."""
     import pandas as pd
@@ -306,5 +363,5 @@ STUDY = register_study(Study(
     keep_weights=keep_weights,
     keep_predictions=keep_predictions,
     analyses={"few_shot": few_shot, "versus": versus, "ablations": ablations, "mode_gates": mode_gates,
-              "routing": routing, "verdicts": verdicts},
+              "routing": routing, "information": information, "verdicts": verdicts},
 ))

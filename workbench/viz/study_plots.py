@@ -272,3 +272,26 @@ def plot_type_routing(per_type, title: str = "PETAL: mean gate probability per q
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def plot_information(df, title: str = "PETAL: the information bottleneck's weight"):
+    """Accuracy (mean over seeds, and the analysed run) and the estimated I(instruction; answer) per
+    IB weight, with the answers' entropy as the ceiling. ``df``: :func:`workbench.studies.petal.information`."""
+    _need(df, ["w_ib", "acc_mean", "test_acc", "h_answer"], "plot_information")
+    d = df.sort_values("w_ib")
+    x = range(len(d))
+    labels = [f"{w:g}" for w in d["w_ib"]]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4))
+    a.plot(x, d["acc_mean"], "-o", label="mean over seeds")
+    a.plot(x, d["test_acc"], "s", mfc="none", label="the analysed run")
+    a.set(xticks=list(x), xticklabels=labels, xlabel="IB weight", ylabel="test accuracy", title="accuracy")
+    a.legend(fontsize=8)
+    for i, col in enumerate(c for c in d.columns if c.startswith("mi_")):
+        b.plot(x, d[col], "-o", color=f"C{i}", label=col[3:])
+    b.plot(x, d["h_answer"], "--", color="grey", label="H(answer): ceiling")
+    b.set(xticks=list(x), xticklabels=labels, xlabel="IB weight", ylabel="nats",
+          title="I(instruction vector; answer), held-out bounds")
+    b.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
