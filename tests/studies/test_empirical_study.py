@@ -94,3 +94,44 @@ def test_representation_shift_reads_frozen_and_tuned_encoders(tiny_backbone, tmp
     shift = study.representation_shift(tmp_path, max_samples=16)
     assert list(shift["point"]) == ["encoder.final"]  # one encoder layer: only the final output
     assert 0 < shift["cka_frozen_tuned"].iloc[0] < 1  # LoRA moved the encoder, but not to noise
+
+
+def test_verdicts_on_planted_grids(monkeypatch):
+    """The caption grid planted flat in N with an interior optimum and layer > embedding; the VQA grid
+    planted rising in N and in size: every finding reproduced."""
+    caption = _planted("shapes-caption")
+    vqa = _planted("shapes-vqa")
+    rng = np.random.default_rng(2)
+    k = vqa.groupby("method")["size"].rank(method="dense")
+    vqa["test_acc"] = 0.2 + 0.05 * np.log(vqa["n_shots"]) + 0.03 * k + 0.1 * (vqa["composition"] == "layer") \
+        + rng.normal(0, 0.005, len(vqa))
+    monkeypatch.setattr(study, "_results", lambda store: pd.concat([caption, vqa], ignore_index=True))
+    v = study.verdicts(None).set_index("finding")
+    assert len(v) == 5 and (v["verdict"] == "reproduced").all(), v[["workbench", "verdict"]].to_string()
+    assert "20 of 20 flat" in v.loc["on the consistent task data size stops mattering", "workbench"]
+    # the caption grid made to rise with N: data still matters there
+    caption["test_acc"] = caption["test_acc"] + 0.1 * np.log10(caption["n_shots"])
+    monkeypatch.setattr(study, "_results", lambda store: pd.concat([caption, vqa], ignore_index=True))
+    v = study.verdicts(None).set_index("finding")
+    assert v.loc["on the consistent task data size stops mattering", "verdict"] == "not reproduced"
+
+
+def test_verdicts_without_runs(monkeypatch):
+    monkeypatch.setattr(study, "_results", lambda store: pd.DataFrame(
+        columns=["task", "method", "size", "n_shots", "seed", "test_acc", "trainable", "composition"]))
+    v = study.verdicts(None)
+    assert len(v) == 5 and (v["verdict"] == "inconclusive").all()
+
+
+def test_grid_table_reads_a_caption_metric(monkeypatch):
+    df = _planted("shapes-caption").assign(**{"test/BLEU-4": 0.25})
+    df = pd.concat([df, _planted("shapes-vqa")], ignore_index=True)
+    monkeypatch.setattr(study, "_results", lambda store: df)
+    bleu = study.grid_table(None, metric="BLEU-4")
+    assert set(bleu["task"]) == {"shapes-caption"} and np.allclose(bleu["mean"], 0.25)
+    assert set(study.grid_table(None)["task"]) == set(study.TASKS)
+    with pytest.raises(ValueError, match="metric must be one of"):
+        study.grid_table(None, metric="METEOR")
+    assert study.metric_column("shapes-vqa", None) == "test_acc"
+    with pytest.raises(ValueError, match="shapes-vqa is scored with"):
+        study.metric_column("shapes-vqa", "BLEU-4")

@@ -183,3 +183,69 @@ def test_petal_panel_builds_the_study_configs():
     assert panel.config().method_config == {"w_ib": 0.0} and panel.config().n_shots == 16
     panel.run()
     assert panel.table()["configuration"].iloc[0] == "petal [w_ib=0.0] N=16 s13"
+
+
+# ------------------------------------------------------------------------------------- empirical panel
+class _Scored(_Result):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.metrics = {"test": {"overall": 0.61, "BLEU-4": 0.22, "CIDEr": 0.61, "n": 10, "per_type": {}}}
+
+
+def _grid(monkeypatch):
+    import pandas as pd
+
+    from workbench.studies import empirical as study
+
+    def grid_table(store, metric=None):
+        value = 0.2 if metric == "BLEU-4" else 0.6
+        return pd.DataFrame([{"task": "shapes-caption", "method": "prompt", "size": 32, "n_shots": 250,
+                              "mean": value, "std": 0.01, "n": 3}])
+
+    monkeypatch.setattr(study, "grid_table", grid_table)
+    return study
+
+
+def test_empirical_panel_builds_the_grid_cells_and_reads_the_metric(monkeypatch):
+    from workbench.viz.panels import EmpiricalPanel
+
+    study = _grid(monkeypatch)
+    panel = EmpiricalPanel(runner=_Scored, store="bundle")
+    assert panel.config().hash == study.config("shapes-vqa", "lora", 4, 64, 13).hash  # the middle size
+    panel.method, panel.task, panel.size, panel.n_shots = "prompt", "shapes-caption", 32, 250
+    assert panel.config().hash == study.config("shapes-caption", "prompt", 32, 250, 13).hash
+    result = panel.run()
+    assert panel.score(result) == 0.61
+    assert panel.describe(result).endswith("CIDEr-D 0.610 (seed 13); over 3 seeds 0.600 +- 0.010")
+    panel.metric = "BLEU-4"
+    assert panel.score(result) == 0.22 and "over 3 seeds 0.200" in panel.describe(result)
+    panel.task = "shapes-vqa"
+    with pytest.raises(ValueError, match=r"shapes-vqa is scored with \('accuracy',\)"):
+        panel.config()
+    panel.metric, panel.size = None, 5
+    with pytest.raises(ValueError, match="prompt: length must be one of"):
+        panel.config()
+    panel.size, panel.n_shots = 8, 100
+    with pytest.raises(ValueError, match="n_shots must be one of"):
+        panel.config()
+
+
+def test_empirical_panel_widget_follows_method_and_task(monkeypatch, capsys):
+    pytest.importorskip("ipywidgets")
+    from workbench.viz.panels import EmpiricalPanel
+
+    _grid(monkeypatch)
+    seen = []
+    panel = EmpiricalPanel(runner=lambda c: seen.append(c) or _Scored(c), store="bundle")
+    row1, row2, out = panel.widget().children
+    method, task, metric = row1.children
+    shots, size, seed, button = row2.children
+    assert size.description == "r" and list(size.options) == [1, 4, 16, 64] and list(metric.options) == ["accuracy"]
+    method.value, task.value = "prompt", "shapes-caption"
+    assert size.description == "length" and size.value == 8
+    assert list(metric.options) == ["CIDEr-D", "BLEU-4"]
+    size.value, shots.value, metric.value, seed.value = 32, 250, "BLEU-4", 21
+    button.click()
+    assert seen[-1].method == "prompt" and seen[-1].method_config == {"length": 32}
+    assert seen[-1].task == "shapes-caption" and seen[-1].n_shots == 250 and seen[-1].seed == 21
+    assert panel.metric == "BLEU-4"

@@ -126,3 +126,26 @@ def test_information_plot():
     assert len(b.get_lines()) == 3  # two estimators and the ceiling
     with pytest.raises(ValueError, match="lacks the columns"):
         plot_information(df.drop(columns="h_answer"))
+
+
+def _empirical_table():
+    rows = [{"task": "shapes-vqa", "method": m, "size": s, "n_shots": n, "trainable": 10 * s,
+             "mean": 0.1 * k + 0.01 * n / 16, "std": 0.01, "n": 3}
+            for m in ("lora", "prompt") for k, s in enumerate((1, 4, 16)) for n in (16, 64)]
+    return pd.DataFrame(rows)
+
+
+def test_score_vs_size_and_heatmaps():
+    from workbench.viz.study_plots import plot_score_heatmaps, plot_score_vs_size
+
+    t = _empirical_table()
+    fig = plot_score_vs_size(t[t["method"] == "lora"])
+    lines = fig.axes[0].get_lines()
+    assert [ln.get_label() for ln in lines] == ["N=16", "N=64"] and list(lines[0].get_xdata()) == [10, 40, 160]
+    fig = plot_score_heatmaps(t)
+    maps = [a for a in fig.axes if a.images]
+    assert [a.get_title() for a in maps] == ["lora", "prompt"]
+    img = maps[0].images[0].get_array()
+    assert img.shape == (2, 3) and img[0, 2] == pytest.approx(0.21)  # row N=16, column size 16
+    with pytest.raises(ValueError, match="lacks the columns"):
+        plot_score_vs_size(t.drop(columns="trainable"))

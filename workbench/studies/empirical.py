@@ -83,14 +83,41 @@ def _results(store):
                      composition=df["method"].map(COMPOSITION))
 
 
-def grid_table(store):
+METRICS = {"shapes-caption": ("CIDEr-D", "BLEU-4"), "shapes-vqa": ("accuracy",)}
+
+
+def metric_column(task: str, metric: str | None) -> str:
+    """The results column of a task's metric (``None`` or the first of ``METRICS[task]``: the headline)."""
+    if task not in METRICS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if metric is None or metric == METRICS[task][0]:
+        return "test_acc"
+    if metric not in METRICS[task]:
+        raise ValueError(f"{task} is scored with {METRICS[task]}, got {metric!r}")
+    return f"test/{metric}"
+
+
+def grid_table(store, metric: str | None = None):
     """Mean, std, n and 95 % interval over seeds of the headline score (accuracy; CIDEr-D for
-    captions) per task, method, size and N, with the trainable parameters of each (method, size)."""
+    captions) per task, method, size and N, with the trainable parameters of each (method, size).
+    ``metric="BLEU-4"``: the captioning runs' BLEU-4 instead (the VQA rows are then left out)."""
     from ..train import summarize
 
     df = _results(store)
     if df.empty:
         return df
+    if metric is not None:
+        tasks = [t for t in TASKS if metric in METRICS[t]]
+        if not tasks:
+            raise ValueError(f"metric must be one of {sorted({m for ms in METRICS.values() for m in ms})}, "
+                             f"got {metric!r}")
+        df = df[df["task"].isin(tasks)]
+        column = metric_column(tasks[0], metric)
+        if column not in df.columns:
+            return df.iloc[:0]
+        df = df.assign(test_acc=df[column]).dropna(subset=["test_acc"])
+        if df.empty:
+            return df
     out = summarize(df, by=("task", "method", "size", "n_shots"))
     params = df.groupby(["method", "size"])["trainable"].first()
     out["trainable"] = [params.get((m, s), np.nan) for m, s in zip(out["method"], out["size"])]
@@ -245,6 +272,87 @@ def representation_shift(store, cells=None, max_samples: int = 256):
     return pd.DataFrame(rows)
 
 
+# "Data stops mattering": the slope per tenfold N counts as flat when its 95 % interval lies within
+# +- this share of the mean score of the (task, method, size) over the grid.
+FLAT_MARGIN = 0.05
+
+
+def verdicts(store):
+    """Each finding of the paper, its wording, what the embedded world shows, and the verdict.
+
+    - inconsistent task (shapes-vqa): the score rises with N, and with parameter size (Spearman over
+      the grid per method; reproduced for a method when the bootstrap interval is above 0);
+    - consistent task (shapes-caption): data size stops mattering (the slope per tenfold N lies
+      within +- ``FLAT_MARGIN`` of the mean score: reproduced; above it: not reproduced);
+    - consistent task: an interior parameter size is best (reproduced in a cell when the best mean size
+      is interior and beats both ends paired over seeds; not reproduced when an end is best and beats
+      the other end);
+    - layer composition beats embedding composition at about equal parameters (paired over seeds).
+
+    A finding tested in several places is combined with :func:`~._common.overall`.
+    """
+    import pandas as pd
+
+    from ._common import overall, verdict
+
+    rows = []
+    mono = monotonicity(store)
+    for axis, finding in (("n_shots", "on the inconsistent task performance rises with data size"),
+                          ("size", "on the inconsistent task performance rises with parameter size")):
+        part = mono[(~mono["consistent"]) & (mono["axis"] == axis)] if len(mono) else mono
+        text = "; ".join(f"{r.method} {r.spearman:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]" for r in part.itertuples())
+        rows.append({"finding": finding, "paper": "yes (inconsistent tasks)",
+                     "workbench": f"Spearman with log {'N' if axis == 'n_shots' else 'size'}: {text or 'no runs yet'}",
+                     "verdict": overall(verdict(r.ci_low, r.ci_high) for r in part.itertuples()) if len(part)
+                     else "inconclusive"})
+    slope = data_slope(store)
+    means = _results(store).groupby(["task", "method", "size"])["test_acc"].mean() if len(slope) else None
+    part = slope[slope["consistent"]] if len(slope) else slope
+    vs, texts = [], []
+    for r in part.itertuples():
+        m = FLAT_MARGIN * abs(means.get((r.task, r.method, r.size), np.nan))
+        if not (np.isfinite(r.ci_low) and np.isfinite(m)):
+            vs.append("inconclusive")
+        elif -m <= r.ci_low and r.ci_high <= m:
+            vs.append("reproduced")
+        elif r.ci_low > m:
+            vs.append("not reproduced")
+        else:
+            vs.append("inconclusive")
+        texts.append(f"{r.method} {r.size}: {r.slope_per_decade:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]")
+    rows.append({"finding": "on the consistent task data size stops mattering",
+                 "paper": "yes (consistent tasks)",
+                 "workbench": (f"slope per tenfold N (flat: within +-{FLAT_MARGIN:.0%} of the mean score), "
+                               f"{sum(v == 'reproduced' for v in vs)} of {len(vs)} flat: " + "; ".join(texts[:6])
+                               + ("; ..." if len(texts) > 6 else "")) if vs else "no runs yet",
+                 "verdict": overall(vs) if vs else "inconclusive"})
+    opt = size_optimum(store)
+    part = opt[opt["consistent"]] if len(opt) else opt
+    vs = []
+    for r in part.itertuples():
+        if r.significant_interior:
+            vs.append("reproduced")
+        elif not r.interior and (r.vs_smallest_ci_low > 0 or r.vs_largest_ci_low > 0):
+            vs.append("not reproduced")
+        else:
+            vs.append("inconclusive")
+    rows.append({"finding": "on the consistent task an interior parameter size is best", "paper": "yes",
+                 "workbench": (f"{sum(v == 'reproduced' for v in vs)} of {len(vs)} (method, N) cells have a "
+                               f"significant interior optimum, {sum(v == 'not reproduced' for v in vs)} a "
+                               "significantly better end") if vs else "no runs yet",
+                 "verdict": overall(vs) if vs else "inconclusive"})
+    comp = composition(store)
+    part = comp[~comp["consistent"]] if len(comp) else comp
+    rows.append({"finding": "layer composition (LoRA, adapters) beats embedding composition (prompt, prefix) "
+                            "at equal parameters", "paper": "yes (inconsistent tasks)",
+                 "workbench": (f"{sum(r.ci_low > 0 for r in part.itertuples())} of {len(part)} matched pairs "
+                               f"significantly better for the layer method, "
+                               f"{sum(r.ci_high < 0 for r in part.itertuples())} worse") if len(part) else "no runs yet",
+                 "verdict": overall(verdict(r.ci_low, r.ci_high) for r in part.itertuples()) if len(part)
+                 else "inconclusive"})
+    return pd.DataFrame(rows, columns=["finding", "paper", "workbench", "verdict"])
+
+
 STUDY = register_study(Study(
     NAME,
     "Data size x parameter size for prompt, prefix, LoRA, serial and parallel adapters on a task consistent "
@@ -254,5 +362,5 @@ STUDY = register_study(Study(
     keep_weights=keep_weights,
     analyses={"grid_table": grid_table, "monotonicity": monotonicity, "data_slope": data_slope,
               "size_optimum": size_optimum, "composition": composition,
-              "representation_shift": representation_shift},
+              "representation_shift": representation_shift, "verdicts": verdicts},
 ))

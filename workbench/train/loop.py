@@ -779,6 +779,13 @@ def _check_identity(cfg: RunConfig, identity, run_hash: str, path) -> None:
 _DERIVED = ("method_config", "backbone_fingerprint", "features_fingerprint", "data_fingerprint")
 
 
+def metric_columns(test: dict) -> dict:
+    """The test split's scalar metrics besides the headline, as ``test/<name>`` columns (e.g.
+    ``test/BLEU-4`` and ``test/CIDEr`` for captioning)."""
+    return {f"test/{k}": float(v) for k, v in test.items()
+            if k not in ("overall", "n", "per_type") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def load_results(store: RunStore | str | None = None):
     """Every finished run as one pandas DataFrame (config fields, metrics, per-type accuracy).
 
@@ -813,6 +820,7 @@ def load_results(store: RunStore | str | None = None):
         row["dev_best"] = r.metrics["dev_best"]
         for t, v in r.metrics["test"].get("per_type", {}).items():
             row[f"acc/{t}"] = v
+        row.update(metric_columns(r.metrics["test"]))
         row["trainable"] = r.params.get("trainable")
         row["trainable_pct"] = r.params["trainable_pct"]
         row["samples_per_s"] = r.timings.get("samples_per_s")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .config import RunConfig
 from .store import RunStore
+from .loop import metric_columns
 
 EXECUTORS = ("local", "processes", "ray")
 STATUSES = ("done", "reused", "failed")
@@ -254,6 +255,7 @@ def _row(cfg: RunConfig, run_hash, result, status: str, error: str | None, mc_ke
     row["best_step"] = m.get("best_step", nan)
     for t, v in m["test"].get("per_type", {}).items():
         row[f"acc/{t}"] = v
+    row.update(metric_columns(m["test"]))
     row["trainable"] = result.params["trainable"]
     row["trainable_pct"] = result.params["trainable_pct"]
     row["wall_s"] = result.timings["wall_s"]

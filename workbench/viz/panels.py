@@ -325,3 +325,128 @@ class PETALPanel(KnobPanel):
     n_experts: int = 4
     n_templates: int = 4
     w_ib: float = 0.1
+
+
+@dataclass
+class EmpiricalPanel:
+    """One cell of the empirical study's grid: method, task, metric, N, parameter size and seed.
+
+    **run** shows the cell's run (``runner(cfg)``, e.g. ``run(cfg, store=load_study("empirical"))``:
+    reused from the bundle or the run store, trained live otherwise), its score in the chosen metric,
+    and the cell's mean +- std over the seeds that ``store`` holds. The size offered depends on the
+    method (prompt / prefix length, LoRA rank, adapter bottleneck), the metric on the task (CIDEr-D
+    and BLEU-4 for captions, accuracy for VQA). State in plain fields, as the other panels.
+    """
+
+    runner: Callable | None = None
+    store: object = None
+    method: str = "lora"
+    task: str = "shapes-vqa"
+    metric: str | None = None  # None: the task's headline metric
+    n_shots: int = 64
+    size: int | None = None  # None: the method's second size
+    seed: int = 13
+    results: list = field(default_factory=list, repr=False)
+
+    @staticmethod
+    def _study():
+        from ..studies import empirical
+
+        return empirical
+
+    def sizes(self) -> tuple:
+        study = self._study()
+        if self.method not in study.SIZES:
+            raise ValueError(f"method must be one of {tuple(study.SIZES)}, got {self.method!r}")
+        return study.SIZES[self.method][1]
+
+    def metrics(self) -> tuple:
+        study = self._study()
+        if self.task not in study.METRICS:
+            raise ValueError(f"task must be one of {study.TASKS}, got {self.task!r}")
+        return study.METRICS[self.task]
+
+    def config(self):
+        """The grid cell's RunConfig (a ValueError names what the grid does not hold)."""
+        study = self._study()
+        if self.n_shots not in study.N_SHOTS:
+            raise ValueError(f"n_shots must be one of {study.N_SHOTS}, got {self.n_shots!r}")
+        if self.seed not in study.STUDY_SEEDS:
+            raise ValueError(f"seed must be one of {study.STUDY_SEEDS}, got {self.seed!r}")
+        if self.metric is not None and self.metric not in self.metrics():
+            raise ValueError(f"{self.task} is scored with {self.metrics()}, got {self.metric!r}")
+        size = self.sizes()[1] if self.size is None else self.size
+        return study.config(self.task, self.method, size, self.n_shots, self.seed)
+
+    def score(self, result) -> float:
+        """The result's test score in the panel's metric."""
+        column = self._study().metric_column(self.task, self.metric)
+        test = result.metrics["test"]
+        return float(test["overall"] if column == "test_acc" else test[column.split("/", 1)[1]])
+
+    def cell(self):
+        """The cell's mean, std and number of seeds in ``store`` (None without a store or runs)."""
+        if self.store is None:
+            return None
+        cfg = self.config()
+        table = self._study().grid_table(self.store, metric=self.metric)
+        if len(table) == 0:
+            return None
+        size = cfg.method_config[self._study().SIZES[self.method][0]]
+        row = table[(table["task"] == self.task) & (table["method"] == self.method) & (table["size"] == size)
+                    & (table["n_shots"] == self.n_shots)]
+        return None if row.empty else row.iloc[0]
+
+    def run(self):
+        """Train or reuse the current cell; keep its result."""
+        runner = self.runner
+        if runner is None:
+            from ..train import run as runner
+        result = runner(self.config())
+        if all(r.hash != result.hash for r in self.results):
+            self.results.append(result)
+        return result
+
+    def describe(self, result) -> str:
+        """The line the widget prints under the run's summary."""
+        metric = self.metric or self.metrics()[0]
+        text = f"{self.task} {self.method} size={self.config().method_config} N={self.n_shots}: " \
+               f"{metric} {self.score(result):.3f} (seed {self.seed})"
+        cell = self.cell()
+        if cell is not None:
+            text += f"; over {int(cell['n'])} seeds {cell['mean']:.3f} +- {cell['std']:.3f}"
+        return text
+
+    def widget(self):
+        """Dropdowns for method, task, metric, N, size and seed; a run button; an output area."""
+        import ipywidgets as w
+
+        study = self._study()
+        method = w.Dropdown(options=list(study.SIZES), value=self.method, description="method")
+        task = w.Dropdown(options=list(study.TASKS), value=self.task, description="task")
+        metric = w.Dropdown(description="metric")
+        shots = w.Dropdown(options=list(study.N_SHOTS), value=self.n_shots, description="N")
+        size = w.Dropdown(description="size")
+        seed = w.Dropdown(options=list(study.STUDY_SEEDS), value=self.seed, description="seed")
+        button = w.Button(description="run", button_style="primary")
+        out = w.Output()
+
+        def refresh(*_):
+            self.method, self.task = method.value, task.value
+            size.options = list(self.sizes())
+            size.value = self.size if self.size in self.sizes() else self.sizes()[1]
+            size.description = study.SIZES[self.method][0]
+            metric.options = list(self.metrics())
+            metric.value = self.metric if self.metric in self.metrics() else self.metrics()[0]
+
+        def on_run(_):
+            self.method, self.task, self.n_shots, self.seed = method.value, task.value, shots.value, seed.value
+            self.size = size.value
+            self.metric = None if metric.value == self.metrics()[0] else metric.value
+            run_into(out, self.run, after=lambda result: print(self.describe(result)))
+
+        method.observe(refresh, names="value")
+        task.observe(refresh, names="value")
+        button.on_click(on_run)
+        refresh()
+        return w.VBox([w.HBox([method, task, metric]), w.HBox([shots, size, seed, button]), out])

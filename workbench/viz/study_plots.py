@@ -295,3 +295,49 @@ def plot_information(df, title: str = "PETAL: the information bottleneck's weigh
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def plot_score_vs_size(table, title: str = "score against parameter size, one line per N", ylabel: str = "score"):
+    """Mean score against trainable parameters (log axis), one line per N, +- one std over seeds as a
+    band. ``table``: rows of one task and method with ``n_shots, size, trainable, mean, std``
+    (:func:`workbench.studies.empirical.grid_table`)."""
+    _need(table, ["n_shots", "size", "trainable", "mean", "std"], "plot_score_vs_size")
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for n, part in table.groupby("n_shots"):
+        part = part.sort_values("trainable")
+        x, y, s = part["trainable"].to_numpy(float), part["mean"].to_numpy(), np.nan_to_num(part["std"].to_numpy())
+        line, = ax.plot(x, y, marker="o", label=f"N={n}")
+        ax.fill_between(x, y - s, y + s, color=line.get_color(), alpha=0.1, lw=0)
+    ax.set(xscale="log", xlabel="trainable parameters", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_score_heatmaps(table, title: str = "mean score: N x parameter size", methods=None):
+    """One heat map per method (rows: N, columns: the method's sizes, smallest first) of the mean
+    score over seeds, annotated, on a colour scale shared by the methods. ``table``: rows of one task
+    (:func:`workbench.studies.empirical.grid_table`)."""
+    _need(table, ["method", "n_shots", "size", "mean"], "plot_score_heatmaps")
+    methods = list(methods) if methods is not None else list(dict.fromkeys(table["method"]))
+    vmin, vmax = float(table["mean"].min()), float(table["mean"].max())
+    fig, axes = plt.subplots(1, len(methods), figsize=(2.6 * len(methods) + 1.2, 3.2), squeeze=False)
+    im = None
+    for ax, method in zip(axes[0], methods):
+        grid = table[table["method"] == method].pivot(index="n_shots", columns="size", values="mean")
+        grid = grid.sort_index().sort_index(axis=1)
+        im = ax.imshow(grid.to_numpy(), aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax, origin="lower")
+        ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns], fontsize=8)
+        ax.set_yticks(range(grid.shape[0]), [str(i) for i in grid.index], fontsize=8)
+        for i in range(grid.shape[0]):
+            for j in range(grid.shape[1]):
+                v = grid.iat[i, j]
+                if np.isfinite(v):
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white")
+        ax.set(title=method, xlabel="size")
+    axes[0][0].set_ylabel("N")
+    if im is not None:
+        fig.colorbar(im, ax=list(axes[0]), label="mean score", shrink=0.9)
+    fig.suptitle(title, fontsize=10)
+    return fig
