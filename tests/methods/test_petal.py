@@ -223,3 +223,25 @@ def test_frozen_threshold_and_eval_statistics(tiny_model):
     assert released.eval_statistics() == {}
     with pytest.raises(ValueError, match="learn_threshold"):
         apply(tiny_model("t5"), learn_threshold="yes")
+
+
+def test_instruction_vector_is_the_routed_mixture(family, tiny_model, tiny_batch):
+    model = tiny_model(family)
+    batch = tiny_batch(model, n=3)
+    handle = apply(model)
+    with pytest.raises(ValueError, match="no forward pass"):
+        handle.instruction()
+    with torch.no_grad():
+        for p in model.input_modifiers[0].up:  # non-zero experts: mu is zero at initialisation
+            p.normal_()
+        model(**batch)
+    mu, probs = handle.instruction(), handle.routing_probs()
+    assert mu.shape == (3, model.config.d_model) and probs.shape[0] == 3 and mu.abs().sum() > 0
+    released = tiny_model(family)
+    h = apply(released, variant="released")
+    with pytest.raises(ValueError, match="variant"):
+        h.instruction()
+    off = tiny_model(family)
+    h = apply(off, moe=False, w_ib=0.0)
+    with pytest.raises(ValueError, match="no instruction mixture"):
+        h.instruction()

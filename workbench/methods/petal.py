@@ -595,23 +595,22 @@ class PetalHandle(MethodHandle):
 
     def routing_probs(self) -> torch.Tensor:
         """The gate probabilities ``[batch, K]`` of the last forward (rows sum to 1)."""
-        self._paper_only("routing_probs (the gate of the instruction mixture)")
-        if self.moe is None:
-            raise ValueError("petal was applied with moe=False: there is no router")
-        if self.moe.last_probs is None:
-            raise ValueError("no forward pass with a prompt has run yet: routing probabilities are unknown")
-        return self.moe.last_probs
+        return self._last("last_probs", "routing_probs (the gate of the instruction mixture)", "routing probabilities")
 
     def instruction(self) -> torch.Tensor:
         """The mixed instruction vector mu ``[batch, d]`` of the last forward (what the mixture adds to
         every prompt token, and what the information bottleneck reads); the released variant mixes
         each token on its own and has no such vector."""
-        self._paper_only("instruction (the mixed instruction vector)")
+        return self._last("last_instruction", "instruction (the mixed instruction vector)", "the instruction vector")
+
+    def _last(self, attr: str, what: str, noun: str) -> torch.Tensor:
+        """The mixture's record ``attr`` of the last forward, or a ValueError saying why there is none."""
+        self._paper_only(what)
         if self.moe is None:
-            raise ValueError("petal was applied with moe=False: there is no instruction mixture")
-        if self.moe.last_instruction is None:
-            raise ValueError("no forward pass with a prompt has run yet: the instruction vector is unknown")
-        return self.moe.last_instruction
+            raise ValueError("petal was applied with moe=False: there is no instruction mixture (and no router)")
+        if getattr(self.moe, attr) is None:
+            raise ValueError(f"no forward pass with a prompt has run yet: {noun} unknown")
+        return getattr(self.moe, attr)
 
     def eval_statistics(self) -> dict:
         """What the trainer records at every evaluation (``history[i]["method"]``): the soft mode

@@ -23,6 +23,17 @@ def run_into(out, run: Callable, after: Callable | None = None) -> None:
             after(result)
 
 
+def run_kept(runner: Callable | None, cfg, results: list):
+    """``runner(cfg)`` (default :func:`workbench.train.run`), its result appended to ``results``
+    unless a result of the same run is there already."""
+    if runner is None:
+        from ..train import run as runner
+    result = runner(cfg)
+    if all(r.hash != result.hash for r in results):
+        results.append(result)
+    return result
+
+
 def main_knob(method: str) -> tuple[str, tuple] | None:
     """``(config field, choices)`` of a method's main knob (recorded with its registration), or None."""
     return method_spec(method).main_knob if method in list_methods() else None
@@ -156,12 +167,7 @@ class KnobPanel:
 
     def run(self):
         """Train or reuse the current configuration; add it to the table and its analysis to ``analyses``."""
-        runner = self.runner
-        if runner is None:
-            from ..train import run as runner
-        result = runner(self.config())
-        if all(r.hash != result.hash for r in self.results):
-            self.results.append(result)
+        result = run_kept(self.runner, self.config(), self.results)
         if self.analyser is not None:
             rows = self.analyser(result)
             if rows is not None:
@@ -399,13 +405,7 @@ class EmpiricalPanel:
 
     def run(self):
         """Train or reuse the current cell; keep its result."""
-        runner = self.runner
-        if runner is None:
-            from ..train import run as runner
-        result = runner(self.config())
-        if all(r.hash != result.hash for r in self.results):
-            self.results.append(result)
-        return result
+        return run_kept(self.runner, self.config(), self.results)
 
     def describe(self, result) -> str:
         """The line the widget prints under the run's summary."""
