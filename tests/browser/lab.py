@@ -154,7 +154,7 @@ def open_notebook(page, lab: Lab, name: str, timeout_s: float = 180.0) -> None:
     raise AssertionError(f"{name}: the kernel did not start within {timeout_s:.0f} s")
 
 
-def run_all(page, timeout_s: float = 900.0) -> None:
+def run_all(page, timeout_s: float = 1500.0) -> None:
     """Run every cell (menu Run > Run All Cells) and wait until every code cell has run."""
     page.get_by_role("menuitem", name="Run", exact=True).click()
     page.get_by_text("Run All Cells", exact=True).click()
