@@ -36,6 +36,7 @@ from workbench.viz.study_plots import (
     plot_accuracy_vs_n,
     plot_information,
     plot_mode_gates,
+    plot_mode_usage,
     plot_type_routing,
 )
 
@@ -95,6 +96,21 @@ if len(gates):
     plt.show()
 else:
     print("the default run's history holds no mode gates (trained before the trainer recorded them)")
+
+# %% [markdown]
+# **Modes per matrix.** The threshold switches modes off for every matrix at once, but each matrix j
+# weights the shared modes with its own coefficients p_j. After training (the same run), the share of
+# each mode in each matrix's update, and how many modes carry 90 % of it: few modes per matrix means
+# the matrices specialise on different parts of the shared bank.
+
+# %%
+shares, usage = study.mode_usage(store)
+if shares is not None:
+    fig = plot_mode_usage(shares, usage)
+    plt.show()
+    print(usage[["modes_for_mass", "participation"]].describe().loc[["mean", "min", "max"]].round(1))
+else:
+    print("no weights of the default PETAL run in the bundle yet")
 
 # %% [markdown]
 # ## 3 · The instruction mixture: where does it send each question?

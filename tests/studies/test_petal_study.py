@@ -68,3 +68,12 @@ def test_information_estimates_mi_per_ib_weight(store):
         assert np.isfinite(info[f"mi_{est}"]).all()
     # InfoNCE is a lower bound capped at log(batch): never above the answers' entropy by more than noise
     assert (info["mi_infonce"] <= info["h_answer"] + 0.1).all()
+
+
+def test_mode_usage_per_matrix(store):
+    shares, summary = study.mode_usage(store)
+    assert summary["point"].nunique() == len(summary) and len(shares) == 64 * len(summary)
+    assert np.allclose(shares.groupby("point")["share"].sum(), 1.0)
+    assert summary["modes_for_mass"].between(1, 64).all()
+    assert (summary["participation"] >= 1).all() and (summary["participation"] <= 64 + 1e-6).all()
+    assert study.mode_usage(store, method_config={"rank": 4, "form": "tucker"}) == (None, None)

@@ -149,3 +149,17 @@ def test_score_vs_size_and_heatmaps():
     assert img.shape == (2, 3) and img[0, 2] == pytest.approx(0.21)  # row N=16, column size 16
     with pytest.raises(ValueError, match="lacks the columns"):
         plot_score_vs_size(t.drop(columns="trainable"))
+
+
+def test_mode_usage_plot():
+    from workbench.viz.study_plots import plot_mode_usage
+
+    shares = pd.DataFrame([{"point": p, "mode": m, "share": s, "gate": g}
+                           for p, ss in (("enc.q", (0.7, 0.2, 0.1)), ("enc.v", (0.1, 0.1, 0.8)))
+                           for m, (s, g) in enumerate(zip(ss, (0.2, 0.9, 0.6)))])
+    summary = pd.DataFrame({"point": ["enc.q", "enc.v"], "modes_for_mass": [2, 2], "modes_on": [2, 2]})
+    fig = plot_mode_usage(shares, summary)
+    img = fig.axes[0].images[0].get_array()
+    assert img.shape == (2, 3) and img[0, 0] == pytest.approx(0.2)  # mode 1 (gate 0.9) first
+    with pytest.raises(ValueError, match="lacks the columns"):
+        plot_mode_usage(shares.drop(columns="gate"), summary)

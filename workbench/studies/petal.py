@@ -216,6 +216,51 @@ def mode_gates(store, method_config: dict | None = None, seed: int = 13):
     return pd.DataFrame(rows, columns=["step", "mode", "gate", "modes_on", "threshold", "dev"])
 
 
+def mode_usage(store, method_config: dict | None = None, seed: int = 13, mass: float = 0.9):
+    """How many modes each targeted matrix uses after training (a PETAL run in CP form at N = 64 with
+    its weights, default setting): the share of mode r in Delta W_j = sum_r c_jr u_r v_r^T is
+    ``|c_jr| ||u_r|| ||v_r||`` normalised over r (an upper bound of its Frobenius share, exact when the
+    modes are orthogonal), where ``c_jr = lambda_r p_jr gate_r``. The modes are shared and switched off
+    globally by the threshold, but each matrix weights them with its own p_j: this is the per-matrix
+    view.
+
+    Returns ``(shares, summary)``: rows (point, mode, share, gate) and per matrix the number of
+    modes that carry ``mass`` of its weight, the participation ratio 1 / sum share^2, and the modes on
+    globally (gate > 0.5). ``(None, None)`` without such a run (or for the Tucker form)."""
+    import pandas as pd
+
+    from ..train import load_run, restore_run
+
+    store = as_store(store)
+    df = _results(store)
+    if df.empty:
+        return None, None
+    mc = method_config or {}
+    sel = df[(df["method"] == "petal") & (df["n_shots"] == ANALYSIS_N) & (df["seed"] == seed)
+             & df["method_config"].apply(lambda v: (v or {}) == mc)]
+    hashes = [h for h in sel["run"] if (store.locate(h) or store.path(h)).joinpath("method.safetensors").is_file()]
+    if not hashes:
+        return None, None
+    r = restore_run(load_run(hashes[0], store), store=store)
+    handle = r.handle
+    if getattr(handle, "variant", "paper") != "paper" or handle.bank.form != "cp":
+        return None, None
+    rows, summary = [], []
+    with torch.no_grad():
+        gate = handle.bank.gate().float()
+        for point, module in handle.modules.items():
+            U, V = handle.bank.U[module.group].float(), handle.bank.V[module.group].float()
+            w = handle.bank.mixing(module.p).float().abs() * U.norm(dim=0) * V.norm(dim=0)
+            share = (w / w.sum().clamp_min(1e-30)).numpy()
+            order = np.sort(share)[::-1]
+            summary.append({"point": point, "modes_for_mass": int(np.searchsorted(np.cumsum(order), mass) + 1),
+                            "participation": float(1.0 / max((share ** 2).sum(), 1e-30)),
+                            "modes_on": int((gate > 0.5).sum())})
+            rows += [{"point": point, "mode": k, "share": float(share[k]), "gate": float(gate[k])}
+                     for k in range(len(share))]
+    return pd.DataFrame(rows), pd.DataFrame(summary)
+
+
 def routing(store, seed: int = 13, max_samples: int | None = None):
     """Where the instruction mixture sends each test question (default PETAL, N = 64, ``seed``):
     the mean gate probability per question type and expert, the routing statistics
@@ -363,5 +408,5 @@ STUDY = register_study(Study(
     keep_weights=keep_weights,
     keep_predictions=keep_predictions,
     analyses={"few_shot": few_shot, "versus": versus, "ablations": ablations, "mode_gates": mode_gates,
-              "routing": routing, "information": information, "verdicts": verdicts},
+              "mode_usage": mode_usage, "routing": routing, "information": information, "verdicts": verdicts},
 ))

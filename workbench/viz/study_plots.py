@@ -341,3 +341,29 @@ def plot_score_heatmaps(table, title: str = "mean score: N x parameter size", me
         fig.colorbar(im, ax=list(axes[0]), label="mean score", shrink=0.9)
     fig.suptitle(title, fontsize=10)
     return fig
+
+
+def plot_mode_usage(shares, summary, title: str = "PETAL: how each matrix weights the shared modes"):
+    """Heat map of each targeted matrix's share per mode (rows: matrices in model order, columns:
+    modes sorted by their global gate), and per matrix the modes that carry 90 % of its weight.
+    ``shares``, ``summary``: :func:`workbench.studies.petal.mode_usage`."""
+    _need(shares, ["point", "mode", "share", "gate"], "plot_mode_usage")
+    _need(summary, ["point", "modes_for_mass", "modes_on"], "plot_mode_usage")
+    grid = shares.pivot(index="point", columns="mode", values="share").reindex(list(summary["point"]))
+    order = shares.groupby("mode")["gate"].first().sort_values(ascending=False).index
+    grid = grid[order]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 0.16 * len(grid) + 2.2), gridspec_kw={"width_ratios": [3, 1]})
+    im = a.imshow(grid.to_numpy(), aspect="auto", cmap="magma", vmin=0)
+    fig.colorbar(im, ax=a, label="share of the matrix's update")
+    a.set_yticks(range(len(grid)), [str(p) for p in grid.index], fontsize=6)
+    a.set(xlabel="mode (sorted by its global gate)", title="share per matrix and mode")
+    y = np.arange(len(summary))
+    b.barh(y, summary["modes_for_mass"], color="C0")
+    b.axvline(float(summary["modes_on"].iloc[0]), color="C3", ls="--", label="modes on (gate > 0.5)")
+    b.set_yticks(y, [""] * len(y))
+    b.invert_yaxis()
+    b.set(xlabel="modes for 90 % of the weight", title="modes used per matrix")
+    b.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
