@@ -141,6 +141,44 @@ def test_study_panel_turns_every_control(ran, lab, name):
             press_run(panel, finished_summary(cfg, store.overlay), timeout_s=900)
 
 
+def test_empirical_panel_shows_the_cell(ran, lab):
+    """The empirical study's panel: method, task, metric, N, size and seed chosen through the page;
+    the panel shows the cell's run and its score in the chosen metric (BLEU-4 for a caption cell)."""
+    from workbench.studies import empirical as study
+    from workbench.studies import load_study
+    from workbench.train import RunStore, run
+    from workbench.viz.panels import EmpiricalPanel
+
+    name = "07_empirical_study.ipynb"
+    if not (ROOT / "notebooks" / name).is_file():
+        pytest.skip(f"{name} is not built yet")
+    page, _ = _run(ran, lab, name)
+    panel = widget_panel(page, "panel.widget()")
+    store = load_study("empirical")
+    for choice in ({"method": "prompt", "task": "shapes-caption", "metric": "BLEU-4", "n_shots": 16, "size": 8,
+                    "seed": 21},
+                   {"method": "lora", "task": "shapes-vqa", "metric": "accuracy", "n_shots": 16, "size": 16,
+                    "seed": 13}):
+        mirror = EmpiricalPanel(store=store, method=choice["method"], task=choice["task"],
+                                n_shots=choice["n_shots"], size=choice["size"], seed=choice["seed"],
+                                metric=None if choice["metric"] == study.METRICS[choice["task"]][0] else choice["metric"])
+        option = study.SIZES[choice["method"]][0]
+        for control, label in (("method", "method"), ("task", "task"), ("metric", "metric"), ("n_shots", "N"),
+                               ("size", option), ("seed", "seed")):
+            set_dropdown(panel, label, choice[control])
+        cfg = mirror.config()
+        if store.is_finished(cfg.hash):
+            press_run(panel, mirror.describe(run(cfg, store=store)))
+        else:
+            target = store.overlay if hasattr(store, "overlay") else RunStore()
+
+            def described(cfg=cfg, target=target, mirror=mirror):
+                summary = finished_summary(cfg, target)()
+                return None if summary is None else mirror.describe(run(cfg, store=target))
+
+            press_run(panel, described, timeout_s=900)
+
+
 def test_a_panel_whose_callback_raises_fails(chromium, lab):
     context = chromium.new_context(viewport={"width": 1200, "height": 900})
     page = context.new_page()
