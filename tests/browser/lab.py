@@ -164,7 +164,9 @@ def run_all(page, timeout_s: float = 1500.0) -> None:
                 .map(e => e.textContent.trim());
             return prompts.length > 0 && prompts.every(t => /^\\[\\d+\\]:$/.test(t));
         }""", timeout=timeout_s * 1000, polling=1000)
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=timeout_s * 1000)
+    # attached, not visible: a narrow status bar hides the indicator, which is still there
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", state="attached",
+                           timeout=timeout_s * 1000)
 
 
 def save(page, lab: Lab, name: str) -> dict:

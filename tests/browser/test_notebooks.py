@@ -180,11 +180,11 @@ def test_empirical_panel_shows_the_cell(ran, lab):
 
 
 def test_a_panel_whose_callback_raises_fails(chromium, lab):
-    context = chromium.new_context(viewport={"width": 1200, "height": 900})
+    context = chromium.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
     try:
         open_notebook(page, lab, "broken_panel.ipynb")
-        run_all(page, timeout_s=600)
+        run_all(page, timeout_s=300)
         panel = widget_panel(page, "panel.widget()")
         with pytest.raises(AssertionError, match="deliberately broken runner"):
             press_run(panel, "this never appears", timeout_s=180)
