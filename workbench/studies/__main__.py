@@ -89,19 +89,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _options(items, flag):
-    """``["feat_dim=2048", "root=data"]`` -> ``{"feat_dim": 2048, "root": "data"}`` (None when empty);
-    values are read as JSON where they parse (numbers, true/false/null), else as strings."""
-    import json
+    """``["feat_dim=2048", "root=data"]`` -> ``{"feat_dim": 2048, "root": "data"}`` (None when empty),
+    values read as :func:`~workbench.studies.study.parse_value` reads them."""
+    from .study import parse_value
 
     out = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"{flag} takes KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = json.loads(raw)
-        except ValueError:
-            out[key.strip()] = raw
+        out[key.strip()] = parse_value(raw)
     return out or None
 
 

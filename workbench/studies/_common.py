@@ -14,6 +14,14 @@ def as_store(store):
     return store if isinstance(store, RunStore) else RunStore(store)
 
 
+def has_weights(store, run_hash: str) -> bool:
+    """Whether ``store`` holds the method weights of run ``run_hash`` (what a restored run needs)."""
+    from .bundle import WEIGHTS_FILE
+
+    path = store.locate(run_hash)
+    return path is not None and (path / WEIGHTS_FILE).is_file()
+
+
 def t_interval(x) -> tuple[float, float, float, int]:
     """(mean, low, high, n): the mean of the finite values of ``x`` and its 95 % t-interval
     (NaN bounds with fewer than two values)."""

@@ -31,7 +31,7 @@ import torch
 
 from ..data import SEEDS
 from ..train import RunConfig, grid
-from ._common import as_store, overall, t_interval, verdict
+from ._common import as_store, has_weights, overall, t_interval, verdict
 from .study import Study, register_study
 
 NAME = "petal"
@@ -216,6 +216,18 @@ def mode_gates(store, method_config: dict | None = None, seed: int = 13):
     return pd.DataFrame(rows, columns=["step", "mode", "gate", "modes_on", "threshold", "dev"])
 
 
+def _restored(store, df, method_config: dict | None = None, seed: int = 13):
+    """The PETAL run at N = 64 with ``method_config`` and ``seed`` rebuilt from ``store`` (the first
+    with weights), or None."""
+    from ..train import load_run, restore_run
+
+    mc = method_config or {}
+    sel = df[(df["method"] == "petal") & (df["n_shots"] == ANALYSIS_N) & (df["seed"] == seed)
+             & df["method_config"].apply(lambda v: (v or {}) == mc)]
+    hashes = [h for h in sel["run"] if has_weights(store, h)]
+    return restore_run(load_run(hashes[0], store), store=store) if hashes else None
+
+
 def mode_usage(store, method_config: dict | None = None, seed: int = 13, mass: float = 0.9):
     """How many modes each targeted matrix uses after training (a PETAL run in CP form at N = 64 with
     its weights, default setting): the share of mode r in Delta W_j = sum_r c_jr u_r v_r^T is
@@ -229,19 +241,11 @@ def mode_usage(store, method_config: dict | None = None, seed: int = 13, mass: f
     globally (gate > 0.5). ``(None, None)`` without such a run (or for the Tucker form)."""
     import pandas as pd
 
-    from ..train import load_run, restore_run
-
     store = as_store(store)
     df = _results(store)
-    if df.empty:
+    r = None if df.empty else _restored(store, df, method_config, seed)
+    if r is None:
         return None, None
-    mc = method_config or {}
-    sel = df[(df["method"] == "petal") & (df["n_shots"] == ANALYSIS_N) & (df["seed"] == seed)
-             & df["method_config"].apply(lambda v: (v or {}) == mc)]
-    hashes = [h for h in sel["run"] if (store.locate(h) or store.path(h)).joinpath("method.safetensors").is_file()]
-    if not hashes:
-        return None, None
-    r = restore_run(load_run(hashes[0], store), store=store)
     handle = r.handle
     if getattr(handle, "variant", "paper") != "paper" or handle.bank.form != "cp":
         return None, None
@@ -273,16 +277,12 @@ def routing(store, seed: int = 13, max_samples: int | None = None):
     from scipy import stats as sstats
 
     from ..probes import routing_stats
-    from ..train import load_run, restore_run
 
-    df = _results(store)
-    sel = df[(df["method"] == "petal") & (df["n_shots"] == ANALYSIS_N) & (df["seed"] == seed)
-             & df["method_config"].apply(lambda v: not v)]
     store = as_store(store)
-    paths = [h for h in sel["run"] if (store.locate(h) or store.path(h)).joinpath("method.safetensors").is_file()]
-    if not paths:
+    df = _results(store)
+    r = None if df.empty else _restored(store, df, seed=seed)
+    if r is None:
         return None, None, None
-    r = restore_run(load_run(paths[0], store), store=store)
     probs = []
     with torch.no_grad():
         for batch in r.batches("test", max_samples=max_samples):
@@ -321,7 +321,6 @@ def information(store, seed: int = 13, max_samples: int | None = None, component
     import pandas as pd
 
     from ..probes import estimate_mi
-    from ..train import load_run, restore_run
 
     store = as_store(store)
     df = _results(store)
@@ -330,13 +329,12 @@ def information(store, seed: int = 13, max_samples: int | None = None, component
         return pd.DataFrame()
     petal = df[(df["method"] == "petal") & (df["n_shots"] == ANALYSIS_N)]
     for w in ABLATIONS["IB weight"]:
-        same = petal[petal["method_config"].apply(lambda mc, w=w: (mc or {}) == _options("IB weight", w))]
-        hashes = [h for h in same[same["seed"] == seed]["run"]
-                  if (store.locate(h) or store.path(h)).joinpath("method.safetensors").is_file()]
-        if not hashes:
+        options = _options("IB weight", w)
+        r = _restored(store, df, options, seed)
+        if r is None:
             continue
-        r = restore_run(load_run(hashes[0], store), store=store)
-        mus, answers = [], []
+        same = petal[petal["method_config"].apply(lambda mc: (mc or {}) == options)]
+        mus = []
         with torch.no_grad():
             for batch in r.batches("test", max_samples=max_samples):
                 r.model(**batch)

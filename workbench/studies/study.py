@@ -208,15 +208,16 @@ def parse_filters(items) -> dict:
         key = key.strip()
         if not sep or not key or raw == "":
             raise ValueError(f"a filter is KEY=VALUE[,VALUE...] (e.g. method=lora or n_shots=16,64), got {item!r}")
-        values = []
-        for v in raw.split(","):
-            v = v.strip()
-            try:
-                values.append(json.loads(v))
-            except ValueError:
-                values.append(v)
-        out.setdefault(key, []).extend(values)
+        out.setdefault(key, []).extend(parse_value(v.strip()) for v in raw.split(","))
     return out
+
+
+def parse_value(raw: str):
+    """A command-line value: JSON where it parses (numbers, true/false/null), else the string."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
 
 
 def _config_value(cfg: RunConfig, key: str):
