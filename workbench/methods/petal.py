@@ -52,7 +52,7 @@ trains, as in every method):
 
 Defaults (the workbench's choice; the paper gives no values for our backbones): R = 64 modes,
 tau = 0.1, Gamma_0 = 0.5, scale 1, M = 4 templates of 4 vectors, K = 4 experts of rank 16,
-z_dim = 32, beta = 1e-3, w_ib = 0.1, w_gate = 0, lr 1e-3. At step 0 the model's outputs are those
+z_dim = 32, beta = 1e-3, w_ib = 0.1, w_gate = 0, lr 3e-3 (tuned on vlt5-tiny). At step 0 the model's outputs are those
 of the backbone (p_j = 0 and zero expert up-projections).
 
 Parameters: shared U, V (in + out) R per shape group, lambda R, Gamma 1, (Tucker: R^3); p_j R per
@@ -127,7 +127,7 @@ keeps out on purpose):
   ``t5_proj`` stay frozen); so ``"released"`` keeps a pre-trained projector frozen too
   (``train_projector=True`` trains it; a freshly initialised one always trains). The
   code's lr (2e-5, cosine, weight decay 0.02 on FlanT5-XXL,
-  ``lavis/projects/blip2/train/aurora_mixture/``) is not the default; ``lr`` stays 1e-3.
+  ``lavis/projects/blip2/train/aurora_mixture/``) is not the default; ``lr`` stays the tuned 3e-3.
 - At step 0 the released variant does *not* compute the backbone's function: the text embeddings
   are scaled by 0.6 (plus a small random expert term), as in the code.
 """
