@@ -155,9 +155,23 @@ def open_notebook(page, lab: Lab, name: str, timeout_s: float = 180.0) -> None:
 
 
 def run_all(page, timeout_s: float = 1500.0) -> None:
-    """Run every cell (menu Run > Run All Cells) and wait until every code cell has run."""
-    page.get_by_role("menuitem", name="Run", exact=True).click()
-    page.get_by_text("Run All Cells", exact=True).click()
+    """Run every cell (menu Run > Run All Cells) and wait until every code cell has run.
+
+    JupyterLab marks a cell ``[*]`` as soon as it is queued; a menu click that did not register
+    leaves every prompt blank, so the command is given again (at most three times in all)."""
+    for attempt in range(3):
+        page.get_by_role("menuitem", name="Run", exact=True).click()
+        page.get_by_text("Run All Cells", exact=True).click()
+        try:
+            page.wait_for_function(
+                """() => [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')]
+                    .some(e => /^\\[(\\*|\\d+)\\]:$/.test(e.textContent.trim()))""",
+                timeout=60_000, polling=500)
+            break
+        except Exception:  # playwright's TimeoutError
+            page.keyboard.press("Escape")  # close a menu left open
+    else:
+        raise AssertionError("Run All Cells never queued a cell (three tries, a minute each)")
     page.wait_for_function(
         """() => {
             const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')]
