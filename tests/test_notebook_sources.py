@@ -30,3 +30,31 @@ def test_notebook_cells_are_its_source(notebook):
 
 def test_there_are_notebooks():
     assert len(NOTEBOOKS) >= 4
+
+
+def _make_notebook():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import make_notebook
+    finally:
+        sys.path.pop(0)
+    return make_notebook
+
+
+def test_a_source_whose_bundle_is_missing_is_not_built(tmp_path):
+    """``# needs: PATH`` above the first cell: `make notebooks` skips the source while PATH is missing
+    (its notebook would fail under nbval), builds it with --force, and the line never reaches a cell."""
+    import subprocess
+
+    pytest.importorskip("nbformat")
+    src = tmp_path / "99_x.py"
+    src.write_text("# needs: results/no-such-bundle\n# %% [markdown]\n# # Title\n\n# %%\nx = 1\n")
+    assert _make_notebook().needs(src.read_text()) == ["results/no-such-bundle"]
+    dst = tmp_path / "99_x.ipynb"
+    tool = [sys.executable, str(ROOT / "tools" / "make_notebook.py"), str(src), str(dst)]
+    out = subprocess.run(tool, capture_output=True, text=True, check=True).stdout
+    assert "not built" in out and "results/no-such-bundle" in out and not dst.exists()
+    subprocess.run(tool + ["--force"], check=True)
+    cells = json.loads(dst.read_text())["cells"]
+    assert [c["cell_type"] for c in cells] == ["markdown", "code"]
+    assert "needs" not in "".join("".join(c["source"]) for c in cells)

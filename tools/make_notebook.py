@@ -3,11 +3,29 @@
 `make reproduce` then executes them in place.
 
     python tools/make_notebook.py notebooks/src/00_data_tour.py notebooks/00_data_tour.ipynb
+
+A source may name, above its first cell, a folder its notebook reads (``# needs: results/empirical``):
+while that folder does not exist the notebook is not built (it would fail without it), unless
+``--force`` is given.
 """
 
 import sys
+from pathlib import Path
 
 import nbformat
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def needs(src: str) -> list[str]:
+    """The folders named by ``# needs: PATH`` lines above the first cell."""
+    out = []
+    for line in src.splitlines():
+        if line.startswith("# %%"):
+            break
+        if line.startswith("# needs:"):
+            out.append(line.split(":", 1)[1].strip())
+    return out
 
 
 def build(src: str) -> nbformat.NotebookNode:
@@ -34,5 +52,14 @@ def build(src: str) -> nbformat.NotebookNode:
 
 
 if __name__ == "__main__":
-    src, dst = sys.argv[1], sys.argv[2]
-    nbformat.write(build(open(src).read()), dst)
+    args = [a for a in sys.argv[1:] if a != "--force"]
+    if len(args) != 2:
+        sys.exit("usage: make_notebook.py SOURCE.py NOTEBOOK.ipynb [--force]")
+    src, dst = args
+    text = open(src).read()
+    missing = [n for n in needs(text) if not (ROOT / n).exists()]
+    if missing and "--force" not in sys.argv:
+        print(f"{src}: not built: it needs {', '.join(missing)}, which does not exist yet "
+              f"(train and export its study first; --force builds it anyway)")
+        sys.exit(0)
+    nbformat.write(build(text), dst)

@@ -1,3 +1,4 @@
+# needs: results/empirical
 # %% [markdown]
 # # 07 · Data size × parameter size, on a task consistent with pre-training and on one that is not
 #
