@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import time
+import uuid
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -139,8 +140,13 @@ def start_lab(root: Path, notebooks, timeout: float = 120.0) -> Lab:
 
 def open_notebook(page, lab: Lab, name: str, timeout_s: float = 180.0) -> None:
     """Open a notebook, accept the kernel JupyterLab proposes if it asks, and wait until the kernel
-    is idle (the status bar names it and says Idle)."""
-    page.goto(f"{lab.url}/lab/tree/{name}?token={lab.token}")
+    is idle (the status bar names it and says Idle).
+
+    Each page gets a workspace of its own: in the shared default one JupyterLab restores the tabs an
+    earlier page left open, so a page held several notebooks (their kernels, dialogs and widget panels
+    all in its DOM) and the checks could act on the wrong one."""
+    workspace = f"test-{uuid.uuid4().hex[:12]}"
+    page.goto(f"{lab.url}/lab/workspaces/{workspace}/tree/{name}?token={lab.token}")
     page.wait_for_selector(".jp-Notebook", timeout=timeout_s * 1000)
     t0 = time.time()
     while time.time() - t0 < timeout_s:
@@ -159,6 +165,12 @@ def run_all(page, timeout_s: float = 1500.0) -> None:
 
     JupyterLab marks a cell ``[*]`` as soon as it is queued; a menu click that did not register
     leaves every prompt blank, so the command is given again (at most three times in all)."""
+    dialog = page.locator(".jp-Dialog")
+    if dialog.count() and dialog.filter(has_text="Select Kernel").count():  # asked after the status said Idle
+        dialog.get_by_role("button", name="Select").click()
+        dialog.wait_for(state="detached", timeout=30_000)
+    if dialog.count():  # it would swallow the clicks below; say what it asks instead of timing out
+        raise AssertionError(f"a dialog is open over the notebook: {dialog.first.inner_text()[:500]!r}")
     for attempt in range(3):
         page.get_by_role("menuitem", name="Run", exact=True).click()
         page.get_by_text("Run All Cells", exact=True).click()
