@@ -10,14 +10,19 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
 
 
+def _make_notebook():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import make_notebook
+    finally:
+        sys.path.pop(0)
+    return make_notebook
+
+
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_cells_are_its_source(notebook):
     pytest.importorskip("nbformat")
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        from make_notebook import build
-    finally:
-        sys.path.pop(0)
+    build = _make_notebook().build
     src = ROOT / "notebooks" / "src" / f"{notebook.stem}.py"
     assert src.is_file(), f"{notebook.name} has no source {src.relative_to(ROOT)}; notebooks are authored there"
     cells = json.loads(notebook.read_text())["cells"]
@@ -31,14 +36,6 @@ def test_notebook_cells_are_its_source(notebook):
 def test_there_are_notebooks():
     assert len(NOTEBOOKS) >= 4
 
-
-def _make_notebook():
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import make_notebook
-    finally:
-        sys.path.pop(0)
-    return make_notebook
 
 
 def test_a_source_whose_bundle_is_missing_is_not_built(tmp_path):
