@@ -138,6 +138,15 @@ def start_lab(root: Path, notebooks, timeout: float = 120.0) -> Lab:
                        f"{log.read_text()[-3000:]}")
 
 
+def accept_kernel_dialog(page) -> bool:
+    """Accept JupyterLab's *Select Kernel* dialog if it is open; whether it was."""
+    dialog = page.locator(".jp-Dialog")
+    if dialog.count() and dialog.filter(has_text="Select Kernel").count():
+        dialog.get_by_role("button", name="Select").click()
+        return True
+    return False
+
+
 def open_notebook(page, lab: Lab, name: str, timeout_s: float = 180.0) -> None:
     """Open a notebook, accept the kernel JupyterLab proposes if it asks, and wait until the kernel
     is idle (the status bar names it and says Idle).
@@ -150,9 +159,7 @@ def open_notebook(page, lab: Lab, name: str, timeout_s: float = 180.0) -> None:
     page.wait_for_selector(".jp-Notebook", timeout=timeout_s * 1000)
     t0 = time.time()
     while time.time() - t0 < timeout_s:
-        dialog = page.locator(".jp-Dialog")
-        if dialog.count() and dialog.filter(has_text="Select Kernel").count():
-            dialog.get_by_role("button", name="Select").click()
+        accept_kernel_dialog(page)
         status = page.locator(".jp-StatusBar-Widget", has_text="Idle")
         if status.count() and "ipykernel" in " ".join(status.all_inner_texts()):
             return
@@ -166,8 +173,7 @@ def run_all(page, timeout_s: float = 1500.0) -> None:
     JupyterLab marks a cell ``[*]`` as soon as it is queued; a menu click that did not register
     leaves every prompt blank, so the command is given again (at most three times in all)."""
     dialog = page.locator(".jp-Dialog")
-    if dialog.count() and dialog.filter(has_text="Select Kernel").count():  # asked after the status said Idle
-        dialog.get_by_role("button", name="Select").click()
+    if accept_kernel_dialog(page):  # asked after the status said Idle
         dialog.wait_for(state="detached", timeout=30_000)
     if dialog.count():  # it would swallow the clicks below; say what it asks instead of timing out
         raise AssertionError(f"a dialog is open over the notebook: {dialog.first.inner_text()[:500]!r}")

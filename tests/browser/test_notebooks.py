@@ -32,8 +32,7 @@ def test_the_server_refuses_requests_without_the_token(lab):
     assert "localhost" in lab.url
 
 
-# First in the module: run after the seven notebook pages (their kernels still busy and holding
-# memory), this notebook's Run All once never started within five minutes.
+# First in the module, before the notebook pages whose kernels stay busy for the panel checks.
 def test_a_panel_whose_callback_raises_fails(chromium, lab):
     context = chromium.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
