@@ -25,8 +25,9 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: setup  ## open JupyterLab on notebooks/ (localhost, token authentication)
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --ServerApp.ip=localhost $(ROOT_FLAG)
 
-test: setup  ## unit tests + every notebook re-executed and compared (nbval); make test-browser: the browser suite
+test: setup  ## unit tests + every notebook re-executed and compared (nbval), then the notebooks in a real browser
 	OMP_NUM_THREADS=2 $(PY) -m pytest tests --ignore=tests/browser $(NOTEBOOKS) $(PYTEST_NBVAL) -p no:cacheprovider
+	OMP_NUM_THREADS=2 $(PY) -m pytest tests/browser -p no:cacheprovider -rs
 
 test-browser: setup  ## JupyterLab in Chromium: every notebook run, every widget panel turned (tests/browser)
 	OMP_NUM_THREADS=2 $(PY) -m pytest tests/browser -p no:cacheprovider -rs -s

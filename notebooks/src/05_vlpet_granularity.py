@@ -12,7 +12,8 @@
 # This notebook tests those claims on the embedded world with the **vlpet study**
 # (`workbench/studies/vlpet.py`, bundle `results/vlpet/`):
 #
-# 1. granularity against cost, with full fine-tuning, LoRA, Compacter and the VL-Adapter adapter;
+# 1. granularity against cost, with full fine-tuning, LoRA, Compacter and the VL-Adapter adapter,
+#    and against no gate at all;
 # 2. what the gates do after training;
 # 3. the lightweight designs;
 # 4. the "+G + LW" transfer;
@@ -74,6 +75,14 @@ plt.show()
 study.versus(store).round(3)
 
 # %% [markdown]
+# **Granularity control against no gate.** The same modification and lightweight decoder with
+# G = 1 (`granularity="none"`, row `vlpet-none` above): H_out = s · (H + Δ(H)). Each granularity
+# minus no gate, paired over seeds, per N — the paper's claim is that every granularity beats it.
+
+# %%
+study.no_gate(store).round(3)
+
+# %% [markdown]
 # ## 2 · What the gates do
 #
 # For the N = 64, seed-13 run of each granularity (and the two "+G + LW" methods), rebuilt from the
@@ -103,6 +112,13 @@ else:
 
 # %%
 study.designs(store).round(3)
+
+# %% [markdown]
+# The lightweight decoder minus the full decoder adapter, paired over seeds (the paper: the
+# lightweight design is enough, with fewer parameters).
+
+# %%
+study.decoder_versus(store).round(3)
 
 # %% [markdown]
 # ## 4 · Transfer: + G + LW (Table 9)

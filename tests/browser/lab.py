@@ -242,10 +242,35 @@ def widget_panel(page, cell_text: str):
     return cell.locator(".jp-OutputArea-output").first  # the widget's view (its own output area nests inside)
 
 
+def wait_kernel_idle(page, settle_s: float = 1.0, timeout_s: float = 60.0) -> None:
+    """Wait until the kernel has stayed idle for ``settle_s``: every widget update the page sent has
+    reached the kernel. (ipywidgets holds back a model's next update until the kernel has answered
+    its previous one, while a button click goes out at once, so a click right after a few dropdown
+    changes can overtake one of them and run with a stale value.)"""
+    indicator = page.locator(".jp-Notebook-ExecutionIndicator")
+    t0 = time.time()
+    idle_since = None
+    while time.time() - t0 < timeout_s:
+        if indicator.first.get_attribute("data-status") == "idle":
+            idle_since = idle_since or time.time()
+            if time.time() - idle_since >= settle_s:
+                return
+        else:
+            idle_since = None
+        time.sleep(0.1)
+    raise AssertionError(f"the kernel did not settle to idle within {timeout_s:.0f} s")
+
+
 def set_dropdown(panel, description: str, value) -> None:
-    """Choose ``value`` in the panel's dropdown whose label is ``description``."""
+    """Choose ``value`` in the panel's dropdown whose label is ``description``, and wait until the
+    kernel has received the change."""
     box = panel.locator(".widget-dropdown").filter(has=panel.page.locator(f"label:text-is('{description}')"))
-    box.locator("select").select_option(label=str(value))
+    select = box.locator("select")
+    select.select_option(label=str(value))
+    shown = select.evaluate("e => e.options[e.selectedIndex].text")
+    if shown != str(value):
+        raise AssertionError(f"the {description!r} dropdown shows {shown!r} after choosing {value!r}")
+    wait_kernel_idle(panel.page)
 
 
 def output_text(panel) -> str:

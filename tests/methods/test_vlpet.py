@@ -513,3 +513,40 @@ def test_lightweight_designs_place_the_official_modules(tiny_model, tiny_batch, 
         counts[(enc, dec)] = handle.method_parameter_count()
     assert counts[("decoder only", "value")] < counts[("both", "value")] < counts[("both", "full")]
     assert counts[("encoder only", "none")] < counts[("both", "value")]
+
+
+# ------------------------------------------------------------------------------ no gate (ablation)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_no_gate_is_middley_with_z_frozen_at_zero(tiny_model, tiny_batch, family):
+    """``granularity="none"`` computes s * H~: the same encoding as middleY whose z is 0, with the
+    same modules otherwise, and no gate parameters."""
+    encs, counts, handles = {}, {}, {}
+    for g in ("middleY", "none"):
+        torch.manual_seed(0)
+        model = tiny_model(family)
+        batch = tiny_batch(model)
+        handles[g] = handle = methods.apply(model, "vlpet", granularity=g)
+        if g == "middleY":
+            _randomise(handle, seed=1, std=0.05)
+            with torch.no_grad():
+                for mod in handle.gated_modules().values():
+                    mod.gate.z.zero_()
+        else:  # the same modification and decoder weights as the middleY model
+            ref = handles["middleY"]
+            for name, mod in handle.gated_modules().items():
+                mod.inner.load_state_dict(ref.gated_modules()[name].inner.state_dict())
+            for name, mod in handle.decoder_adapters().items():
+                mod.load_state_dict(ref.decoder_adapters()[name].state_dict())
+        counts[g] = handle.method_parameter_count()
+        with torch.no_grad():
+            encs[g] = _encode(model, batch).last_hidden_state
+    assert torch.allclose(encs["none"], encs["middleY"], atol=1e-6)
+    n_gates = 2 * tiny_model(family).config.n_enc_layers
+    assert counts["middleY"] - counts["none"] == n_gates * tiny_model(family).d_model
+
+
+def test_unknown_granularity_names_the_choices():
+    with pytest.raises(ValueError, match=r"granularity 'huge'.*'none'"):
+        VlpetConfig(granularity="huge").validate()

@@ -15,10 +15,13 @@ def test_grids():
     assert study.vlpet_config("large").hash == RunConfig(task="shapes-vqa", method="vlpet", quiet=True).hash
     assert study.vlpet_config("small").method_config == {"granularity": "small"}
     # transfer: 4 methods x 3 N x 3 seeds; compacter and houlsby at N = 16, 64, 1000 are also cost runs
-    assert len(s.configs()) == 96 + 9 + 36 - 2 * 3 * 3
+    # + no gate: 4 N x 3 seeds
+    assert len(s.configs()) == 96 + 9 + 36 - 2 * 3 * 3 + 4 * 3
+    assert len(study.no_gate_configs()) == 12
+    assert {c.method_config["granularity"] for c in study.no_gate_configs()} == {"none"}
     kept = [c for c in s.configs() if s.keep_weights(c)]
     assert sorted(study.label(c.method, c.method_config) for c in kept) == sorted(
-        ["vlpet-large", "vlpet-middleX", "vlpet-middleY", "vlpet-small", "houlsby+g+lw", "compacter+g+lw",
+        ["vlpet-large", "vlpet-middleX", "vlpet-middleY", "vlpet-small", "vlpet-none", "houlsby+g+lw", "compacter+g+lw",
          "vlpet-large (encoder only)", "vlpet-large (value adapter only)", "vlpet-large (encoder + full decoder)"])
     with pytest.raises(ValueError, match="granularity must be"):
         study.vlpet_config("medium")
@@ -35,25 +38,36 @@ def store(tiny_base, tmp_path_factory):
         for m in ("full", "houlsby", "houlsby+g+lw"):
             run(base.replace(method=m, seed=seed), store=root)
         run(base.replace(method="vlpet", seed=seed, method_config={"decoder_design": "none"}), store=root)
+        run(base.replace(method="vlpet", seed=seed, method_config={"decoder_design": "full"}), store=root)
+        run(base.replace(method="vlpet", seed=seed, method_config={"granularity": "none"}), store=root)
     return root
 
 
 def test_table_versus_transfer_and_verdicts(store):
     t = study.table(store)
-    assert list(t["method"]) == ["vlpet-large", "vlpet-middleX", "vlpet-middleY", "vlpet-small", "full", "houlsby"]
+    assert list(t["method"]) == ["vlpet-large", "vlpet-middleX", "vlpet-middleY", "vlpet-small", "vlpet-none",
+                                 "full", "houlsby"]
     assert (t["n"] == 2).all()
     v = study.versus(store)
     assert set(v["b"]) == {"vlpet-middleX", "vlpet-middleY", "vlpet-small", "full", "houlsby"}
     assert (v["a"] == "vlpet-large").all() and (v["n"] == 2).all()
     tr = study.transfer(store)
     assert list(zip(tr["a"], tr["b"])) == [("houlsby+g+lw", "houlsby")]
+    ng = study.no_gate(store)
+    assert list(ng["a"]) == [f"vlpet-{g}" for g in study.GRANULARITIES] and (ng["b"] == "vlpet-none").all()
+    dec = study.decoder_versus(store)
+    assert list(zip(dec["a"], dec["b"])) == [("vlpet-large", "vlpet-large (encoder + full decoder)")]
+    assert dec.loc[0, "n"] == 2
     verdicts = study.verdicts(store)
-    assert len(verdicts) == 4 and set(verdicts["verdict"]) <= {"reproduced", "not reproduced", "inconclusive"}
+    assert list(verdicts["claim"].str[:24]) == ["the large gate beats the", "every granularity beats ",
+                                                "the lightweight decoder ", "VL-PET (large) beats ful",
+                                                "VL-PET (large) beats the", "+G + LW improves Compact"]
+    assert "no runs yet" not in set(verdicts["workbench"]) and set(verdicts["verdict"]) <= {"reproduced", "not reproduced", "inconclusive"}
 
 
 def test_designs(store):
     d = study.designs(store)
-    assert list(d["design"]) == ["encoder + value adapter (default)", "encoder only"]
+    assert list(d["design"]) == ["encoder + value adapter (default)", "encoder only", "encoder + full decoder"]
     assert d.loc[0, "diff_vs_default"] == 0 and (d["n"] == 2).all()
     assert d.loc[1, "trainable_pct"] < d.loc[0, "trainable_pct"]
 

@@ -26,6 +26,8 @@ then the backbone's own dropout + residual (+ LayerNorm for BART). The granulari
 - ``middleX``: G = sigmoid((X + H~) w + b), N x 1 (one gate per token);
 - ``middleY``: G = 1 + z, z in R^d, 1 x d (one gate per channel; official ``H~ + H~ * z``);
   option ``middley_form="one_plus_sigmoid"``: G = 1 + sigmoid(z) (the paper's figure);
+- ``none``:    G = 1, no gate (the ablation "without granularity control": middleY with z frozen at
+  0, H_out = s * H~); not a VL-PET granularity, only the baseline the four are compared with;
 - ``small``:   g = mean over tokens of sigmoid([X ; H~] w + b), one scalar per sample. As the official
   code (``torch.mean(gate, dim=1)``), the mean runs over *every* position, padding included;
   ``small_mask_padding=True`` averages over the valid tokens only (the encoder's attention mask,
@@ -127,6 +129,9 @@ from torch import nn
 from .base import MethodConfig, MethodHandle, freeze_backbone, get_config, list_methods, method_spec, register_method
 
 GRANULARITIES = ("large", "middleX", "middleY", "small")
+# The ablation without granularity control (the paper's claim "every granularity beats no gate"):
+# G = 1, so H_out = s * H~ -- middleY with z frozen at zero. Not one of VL-PET's granularities.
+NO_GATE = "none"
 # The decoder of the lightweight-design ablation: the value adapter on the cross-attention (VL-PET's
 # lightweight decoder, the default), VL-Adapter's adapter on every decoder sub-layer ("full", the
 # official code without --no_decoder_adapter), or nothing.
@@ -174,7 +179,7 @@ class VlpetConfig(MethodConfig):
     """VL-PET options; ``None`` means "the official default for the backbone family".
 
     Attributes:
-        granularity: ``large | middleX | middleY | small``.
+        granularity: ``large | middleX | middleY | small``, or ``none`` (no gate: the ablation).
         r: bottleneck of the multi-head modification (BART 96, T5 192).
         n_heads: Nh, the number of down-projection heads (4); ``r`` must be divisible by it.
         r_gate: rank r_g of the large gate (BART 96, T5 192).
@@ -230,8 +235,9 @@ class VlpetConfig(MethodConfig):
         name = self.method_name
         if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"{name}: lr must be > 0 (or None for the family default), got {self.lr!r}")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"{name}: unknown granularity {self.granularity!r}; choose one of {list(GRANULARITIES)}")
+        if self.granularity not in GRANULARITIES + (NO_GATE,):
+            raise ValueError(f"{name}: unknown granularity {self.granularity!r}; choose one of "
+                             f"{list(GRANULARITIES)} or {NO_GATE!r} (no gate)")
         for key in ("r", "n_heads", "r_gate"):
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
@@ -388,6 +394,15 @@ class MiddleYGate(nn.Module):
         return f"form={self.form!r}"
 
 
+class NoGate(nn.Module):
+    """G = 1: no granularity control (the ablation); no parameters."""
+
+    granularity = NO_GATE
+
+    def forward(self, x, h_tilde):
+        return h_tilde.new_ones(())
+
+
 class SmallGate(nn.Module):
     """g = mean over tokens of sigmoid([X ; H~] w + b): shape [batch, 1, 1].
 
@@ -504,7 +519,9 @@ def make_gate(granularity: str, d_model: int, r_gate: int, middley_form: str = "
         return MiddleYGate(d_model, middley_form)
     if granularity == "small":
         return SmallGate(d_model, small_mask_padding)
-    raise ValueError(f"unknown granularity {granularity!r}; choose one of {list(GRANULARITIES)}")
+    if granularity == NO_GATE:
+        return NoGate()
+    raise ValueError(f"unknown granularity {granularity!r}; choose one of {list(GRANULARITIES)} or {NO_GATE!r}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,9 @@ family values: r 192, 4 heads, r_g 192, s 0.3, lr 3e-4):
   decoder's value adapter only, or a full decoder (VL-Adapter's adapter on every decoder
   sub-layer) instead of the value adapter, at N = 64 x 3 seeds (9 runs; the default design is the
   cost grid's run);
+- **no gate** (the claim "every granularity beats no gate"): VL-PET's modification and lightweight
+  decoder without granularity control (``granularity="none"``: G = 1) at N in {16, 64, 500, 1000}
+  x 3 seeds (12 runs);
 - **transfer** (the paper's Table 9): Compacter and the VL-Adapter adapter, plain and with the
   large gate and the lightweight decoder (``compacter+g+lw``, ``houlsby+g+lw``) at N in
   {16, 64, 1000} x 3 seeds (all the gallery's runs).
@@ -36,6 +39,7 @@ from .study import Study, register_study
 NAME = "vlpet"
 TASK = "shapes-vqa"
 GRANULARITIES = ("large", "middleX", "middleY", "small")
+NO_GATE = "none"  # the ablation without granularity control (G = 1)
 BASELINES = ("full", "lora", "compacter", "houlsby")
 COST_N = (16, 64, 500, 1000)
 TRANSFER = (("compacter", "compacter+g+lw"), ("houlsby", "houlsby+g+lw"))
@@ -51,8 +55,8 @@ def base_config() -> RunConfig:
 
 def vlpet_config(granularity: str = "large", n_shots: int = ANALYSIS_N, seed: int = 13, **options) -> RunConfig:
     """VL-PET at a granularity (``large`` is the default, so its config has no entry for it)."""
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if granularity not in GRANULARITIES + (NO_GATE,):
+        raise ValueError(f"granularity must be one of {GRANULARITIES} or {NO_GATE!r} (no gate), got {granularity!r}")
     mc = dict(options)
     if granularity != "large":
         mc["granularity"] = granularity
@@ -62,6 +66,11 @@ def vlpet_config(granularity: str = "large", n_shots: int = ANALYSIS_N, seed: in
 def cost_configs() -> list[RunConfig]:
     out = [vlpet_config(g, n, s) for g in GRANULARITIES for n in COST_N for s in STUDY_SEEDS]
     return out + grid(base_config(), method=list(BASELINES), n_shots=list(COST_N), seed=list(STUDY_SEEDS))
+
+
+def no_gate_configs() -> list[RunConfig]:
+    """VL-PET without granularity control, at every N of the cost grid."""
+    return [vlpet_config(NO_GATE, n, s) for n in COST_N for s in STUDY_SEEDS]
 
 
 def transfer_configs() -> list[RunConfig]:
@@ -83,7 +92,7 @@ def design_configs() -> list[RunConfig]:
 
 
 def vlpet_configs() -> list:
-    return [cost_configs(), design_configs(), transfer_configs()]
+    return [cost_configs(), design_configs(), transfer_configs(), no_gate_configs()]
 
 
 def label(method: str, method_config: dict | None) -> str:
@@ -100,7 +109,7 @@ def label(method: str, method_config: dict | None) -> str:
 
 
 def keep_weights(cfg: RunConfig) -> bool:
-    """N = 64, seed 13: every VL-PET granularity and both "+G + LW" methods."""
+    """N = 64, seed 13: every VL-PET granularity (and no gate) and both "+G + LW" methods."""
     return cfg.n_shots == ANALYSIS_N and cfg.seed == 13 and cfg.method in ("vlpet", "houlsby+g+lw", "compacter+g+lw")
 
 
@@ -153,7 +162,7 @@ def _plain(df):
     return df[ok]
 
 
-COST_LABELS = tuple(f"vlpet-{g}" for g in GRANULARITIES) + BASELINES
+COST_LABELS = tuple(f"vlpet-{g}" for g in GRANULARITIES + (NO_GATE,)) + BASELINES
 
 
 def table(store):
@@ -199,6 +208,31 @@ def versus(store):
     for other in [f"vlpet-{g}" for g in GRANULARITIES[1:]] + ["full", "houlsby", "lora", "compacter"]:
         rows += _paired(df, "vlpet-large", other, COST_N)
     return pd.DataFrame(rows, columns=["n_shots", "a", "b", "n", "mean_diff", "ci_low", "ci_high", "p"])
+
+
+def no_gate(store):
+    """Paired over seeds, per N: each granularity minus VL-PET without granularity control (G = 1)."""
+    import pandas as pd
+
+    df = _plain(_results(store))
+    rows = []
+    for g in GRANULARITIES:
+        rows += _paired(df, f"vlpet-{g}", f"vlpet-{NO_GATE}", COST_N)
+    return pd.DataFrame(rows, columns=["n_shots", "a", "b", "n", "mean_diff", "ci_low", "ci_high", "p"])
+
+
+def decoder_versus(store):
+    """The lightweight decoder (the value adapter, default) minus a full decoder adapter, paired
+    over seeds at N = 64, with both designs' trainable %."""
+    import pandas as pd
+
+    df = _results(store)
+    cols = ["n_shots", "a", "b", "n", "mean_diff", "ci_low", "ci_high", "p"]
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    df = df[(df["method"] == "vlpet") & (df["n_shots"] == ANALYSIS_N)]
+    light, heavy = "vlpet-large", "vlpet-large (encoder + full decoder)"
+    return pd.DataFrame(_paired(df, light, heavy, (ANALYSIS_N,)), columns=cols)
 
 
 def transfer(store):
@@ -327,7 +361,7 @@ def verdicts(store):
     """Each claim, what the paper reports, what the study measures (95 % interval) and the verdict."""
     import pandas as pd
 
-    vs, tr = versus(store), transfer(store)
+    vs, tr, ng, dec = versus(store), transfer(store), no_gate(store), decoder_versus(store)
     rows = []
 
     def claim(text, paper, part, positive=True):
@@ -342,6 +376,9 @@ def verdicts(store):
     claim("the large gate beats the other granularities",
           "large 79.18 vs middleX 78.37 / middleY 78.23 / small 78.14 (BART-base, 4-task average)",
           vs[vs["b"].str.startswith("vlpet-")] if len(vs) else vs)
+    claim("every granularity beats no gate", "ablation: each G beats the ungated modification", ng)
+    claim("the lightweight decoder (value adapter) does at least as well as a full decoder adapter",
+          "yes, with fewer parameters (lightweight-design ablation)", dec)
     claim("VL-PET (large) beats full fine-tuning", "79.18 vs 77.33 (BART-base)",
           vs[vs["b"] == "full"] if len(vs) else vs)
     claim("VL-PET (large) beats the VL-Adapter adapter", "79.18 vs 76.93 (BART-base)",
@@ -357,6 +394,7 @@ STUDY = register_study(Study(
     grids=vlpet_configs,
     keep_weights=keep_weights,
     keep_predictions=keep_predictions,
-    analyses={"table": table, "versus": versus, "designs": designs, "transfer": transfer, "gates": gates, "redundancy": redundancy,
+    analyses={"table": table, "versus": versus, "no_gate": no_gate, "designs": designs,
+              "decoder_versus": decoder_versus, "transfer": transfer, "gates": gates, "redundancy": redundancy,
               "verdicts": verdicts},
 ))
