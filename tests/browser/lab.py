@@ -267,8 +267,10 @@ def set_dropdown(panel, description: str, value) -> None:
     box = panel.locator(".widget-dropdown").filter(has=panel.page.locator(f"label:text-is('{description}')"))
     select = box.locator("select")
     select.select_option(label=str(value))
+    # ipywidgets renders an option's spaces as no-break spaces (in some Chromium builds), so compare
+    # the text with its whitespace normalised.
     shown = select.evaluate("e => e.options[e.selectedIndex].text")
-    if shown != str(value):
+    if " ".join(shown.split()) != " ".join(str(value).split()):
         raise AssertionError(f"the {description!r} dropdown shows {shown!r} after choosing {value!r}")
     wait_kernel_idle(panel.page)
 
