@@ -3,6 +3,7 @@ damaged bundles, provenance, the CLI."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -289,6 +290,7 @@ def test_cli_status_run_export_verify(env, capsys):
     assert main(["status", NAME, *args]) == 0
     out = capsys.readouterr().out
     assert "bundle: 1 of 2" in out and "to do:  1 runs" in out
+    assert re.search(r"compute: \d+\.\d hours of run time in the bundle", out)
 
     assert main(["run", NAME, "--filter", "seed=21", "--no-progress", *args]) == 0
     assert "1 trained, 0 reused" in capsys.readouterr().out

@@ -115,3 +115,27 @@ def test_experts_and_verdicts(store, monkeypatch):
     assert len(v) == 5 and set(v["verdict"]) <= {"reproduced", "not reproduced", "inconclusive"}
     assert v["claim"].iloc[0].startswith("MixPHM beats full") and "N=64" in v["workbench"].iloc[0]
     assert "over 2 seeds" in v["workbench"].iloc[3]
+
+
+def test_experts_verdict_row(monkeypatch):
+    """The "more experts help, up to a point" row: K = 4 against K = 1 and K = 8 against K = 4, paired
+    over the seeds; reproduced only when both go the claimed way."""
+    import pandas as pd
+
+    empty = pd.DataFrame(columns=["n_shots", "against", "n", "mean_diff", "ci_low", "ci_high", "p"])
+    monkeypatch.setattr(study, "versus", lambda store: empty)
+    seeds = [13, 21, 42]
+
+    def accs(k1, k4, k8):
+        return {1: pd.Series(k1, index=seeds), 4: pd.Series(k4, index=seeds), 8: pd.Series(k8, index=seeds)}
+
+    monkeypatch.setattr(study, "_experts_accuracy", lambda store: accs([.30, .31, .32], [.40, .42, .41],
+                                                                       [.35, .36, .36]))
+    row = study.verdicts(None).iloc[-1]
+    assert row["claim"].startswith("more experts help") and row["verdict"] == "reproduced"
+    assert "4 - 1 experts = +0.100" in row["workbench"] and "(n=3)" in row["workbench"]
+    monkeypatch.setattr(study, "_experts_accuracy", lambda store: accs([.50, .51, .52], [.40, .42, .41],
+                                                                       [.35, .36, .36]))
+    assert study.verdicts(None).iloc[-1]["verdict"] == "not reproduced"
+    monkeypatch.setattr(study, "_experts_accuracy", lambda store: {4: pd.Series([.4] * 3, index=seeds)})
+    assert not study.verdicts(None)["claim"].str.startswith("more experts").any()

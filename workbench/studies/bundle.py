@@ -668,6 +668,7 @@ class StudyStatus:
     in_either: int
     outdated: int = 0
     damaged: int = 0
+    bundle_wall_s: float | None = None  # the bundle's runs' summed wall time (provenance.json)
 
     def __str__(self) -> str:
         lines = [f"study {self.name}: {self.description}", f"  grid:   {self.grid} runs",
@@ -680,6 +681,9 @@ class StudyStatus:
                 extra.append(f"{self.damaged} damaged")
             lines.append(f"  bundle: {self.in_bundle} of {self.grid} in {self.bundle}"
                          + (f" ({'; '.join(extra)})" if extra else ""))
+            if self.bundle_wall_s:
+                lines.append(f"  compute: {self.bundle_wall_s / 3600:.1f} hours of run time in the bundle "
+                             "(the sum of its runs' wall times; divide by the workers that ran them)")
         else:
             lines.append(f"  bundle: none at {self.bundle}")
         todo = self.grid - self.in_either
@@ -707,9 +711,14 @@ def study_status(name: str | Study, store: RunStore | str | os.PathLike | None =
         outdated = len([h for h in layered._bundle_runs if h not in current])
         damaged = len(layered.damaged)
     in_store = sum(src.is_finished(h) for h in hashes)
+    wall = None
+    try:
+        wall = float(json.loads((path / "provenance.json").read_text())["wall_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no or an older provenance: the line is left out
     in_either = sum((layered is not None and layered._from_bundle(h)) or src.is_finished(h) for h in hashes)
     return StudyStatus(study.name, study.description, len(hashes), src.root, in_store, path, path.is_dir(),
-                       in_bundle, in_either, outdated, damaged)
+                       in_bundle, in_either, outdated, damaged, wall)
 
 
 # ------------------------------------------------------------------------------------------ verify

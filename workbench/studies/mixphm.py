@@ -193,6 +193,30 @@ def _ablation_label(cfg_mc: dict) -> tuple[str, object]:
     return ", ".join(cfg_mc), ", ".join(str(v) for v in cfg_mc.values())  # not one of the study's axes
 
 
+def _ablation_runs(store):
+    """MixPHM's runs at the ablation N and seeds (the official setting and every ablation)."""
+    df = _results(store)
+    if df.empty:
+        return df
+    return df[(df["method"] == "mixphm") & (df["n_shots"] == ABLATION_N) & df["seed"].isin(ABLATION_SEEDS)]
+
+
+def _experts_accuracy(store) -> dict:
+    """Test accuracy by seed (a Series) for each number of experts of the ablation (4 is official)."""
+    df = _ablation_runs(store)
+    if df.empty:
+        return {}
+    labels = df["method_config"].apply(lambda mc: _ablation_label(mc or {}))
+    official = ABLATIONS["num_experts"][0]
+    out = {}
+    for k in ABLATIONS["num_experts"]:
+        want = ("official", "official") if k == official else ("num_experts", k)
+        sel = labels.apply(lambda lv, w=want: lv == w)
+        if sel.any():
+            out[k] = df[sel].set_index("seed")["test_acc"]
+    return out
+
+
 def ablations(store):
     """Accuracy of each ablation setting (mean, std, n, 95 % interval over the ablation seeds) and its
     paired difference from the official setting. One row per (axis, value); the official setting
@@ -201,8 +225,7 @@ def ablations(store):
 
     from ..train import summarize
 
-    df = _results(store)
-    df = df[(df["method"] == "mixphm") & (df["n_shots"] == ABLATION_N) & df["seed"].isin(ABLATION_SEEDS)]
+    df = _ablation_runs(store)
     if df.empty:
         return pd.DataFrame()
     labels = df["method_config"].apply(lambda mc: _ablation_label(mc or {}))
@@ -396,6 +419,21 @@ def verdicts(store, redundancy_rows=None):
                          for r in part.itertuples())
         rows.append({"claim": claim, "paper": "yes, on VQA v2, GQA, OK-VQA (N = 16 ... 1000, 5 seeds)",
                      "workbench": text, "verdict": result})
+    by_k = _experts_accuracy(store)
+    official = ABLATIONS["num_experts"][0]
+    tests = []
+    for fewer, more, positive in ((1, official, True), (official, max(ABLATIONS["num_experts"]), False)):
+        if fewer in by_k and more in by_k:
+            common = by_k[fewer].index.intersection(by_k[more].index)
+            m, lo, hi, n = t_interval((by_k[more][common] - by_k[fewer][common]).to_numpy())
+            tests.append((f"{more} - {fewer} experts = {m:+.3f} [{lo:+.3f}, {hi:+.3f}] (n={n})",
+                          verdict(lo, hi, positive)))
+    if tests:
+        means = ", ".join(f"K={k}: {by_k[k].mean():.3f}" for k in sorted(by_k))
+        rows.append({"claim": "more experts help, up to a point (K = 4 beats K = 1; K = 8 does not beat K = 4)",
+                     "paper": "yes (ablation of the number of experts; K = 4 is the official choice)",
+                     "workbench": f"N={ABLATION_N}: " + "; ".join(t for t, _ in tests) + f" ({means})",
+                     "verdict": overall(v for _, v in tests)})
     if redundancy_rows is not None and len(redundancy_rows):
         d = redundancy_rows[(redundancy_rows["state"] == "trained") & (redundancy_rows["measure"] == "rsa")]
         ad = d[d["method"].isin(["houlsby", "pfeiffer"])]
