@@ -125,7 +125,7 @@ study.composition(store).round(3)
 # ## 4 · Why: how far each method moves the encoder
 #
 # Linear CKA between the frozen backbone's and the tuned model's encoder representation per layer,
-# for the seed-13 runs the bundle keeps weights of (N = 64 and 1000, the middle sizes).
+# for the seed-13 runs the bundle keeps weights of (N = 16, 64 and 1000, the middle sizes).
 
 # %%
 shift = study.representation_shift(store, max_samples=256)

@@ -15,7 +15,7 @@ def test_grid():
     assert len(cfgs) == 5 * 4 * 5 * 2 * 3
     assert {c.pool_size for c in cfgs} == {10_000} and {c.task for c in cfgs} == set(study.TASKS)
     assert study.config("shapes-vqa", "lora", 16, 64).method_config == {"r": 16}
-    assert sum(s.keep_weights(c) for c in cfgs) == 5 * 2 * 2 * 2
+    assert sum(s.keep_weights(c) for c in cfgs) == 5 * 2 * 2 * 3  # methods x tasks x middle sizes x N
     with pytest.raises(ValueError, match="r must be one of"):
         study.config("shapes-vqa", "lora", 3, 64)
     with pytest.raises(ValueError, match="task must be"):
@@ -135,3 +135,43 @@ def test_grid_table_reads_a_caption_metric(monkeypatch):
     assert study.metric_column("shapes-vqa", None) == "test_acc"
     with pytest.raises(ValueError, match="shapes-vqa is scored with"):
         study.metric_column("shapes-vqa", "BLEU-4")
+
+
+def test_tasks_are_read_by_kind():
+    """ShapesWorld's tasks and real ones (run with --task coco-caption / vqa-v2) alike: captions are
+    the consistent task, VQA the inconsistent one, each with its metrics."""
+    assert study.consistent("shapes-caption") and study.consistent("coco-caption")
+    assert not study.consistent("shapes-vqa") and not study.consistent("vqa-v2") and not study.consistent("gqa")
+    assert study.metrics_of("coco-caption") == ("CIDEr-D", "BLEU-4")
+    assert study.metric_column("coco-caption", "BLEU-4") == "test/BLEU-4"
+    assert study.metric_column("vqa-v2", None) == "test_acc"
+    with pytest.raises(ValueError, match="scored with"):
+        study.metric_column("vqa-v2", "BLEU-4")
+    with pytest.raises(ValueError, match="caption or VQA task"):
+        study.metrics_of("no-such-task")
+
+
+def test_results_keep_only_the_grid(monkeypatch):
+    """A shared run store holds other studies' runs: LoRA at its default rank or a method outside the
+    five is not a cell of this grid; a real caption task is."""
+    import workbench.train as train
+
+    rows = pd.DataFrame([
+        {"run": "a", "task": "shapes-vqa", "method": "lora", "method_config": {"r": 4}},
+        {"run": "b", "task": "shapes-vqa", "method": "lora", "method_config": {}},          # default rank 8
+        {"run": "c", "task": "shapes-vqa", "method": "full", "method_config": {}},
+        {"run": "d", "task": "coco-caption", "method": "prompt", "method_config": {"length": 8}},
+        {"run": "e", "task": "shapes-vqa", "method": "houlsby", "method_config": {"bottleneck": 16}},
+    ])
+    monkeypatch.setattr(train, "load_results", lambda store: rows)
+    df = study._results(train.RunStore.__new__(train.RunStore))
+    assert list(df["run"]) == ["a", "d"] and list(df["size"]) == [4, 8]
+    assert list(df["composition"]) == ["layer", "embedding"]
+
+
+def test_verdicts_at_one_n_say_a_slope_needs_two(monkeypatch):
+    one_n = _planted()
+    monkeypatch.setattr(study, "_results", lambda store: one_n[one_n["n_shots"] == 16])
+    row = study.verdicts(None).set_index("finding").loc["on the consistent task data size stops mattering"]
+    assert row["verdict"] == "inconclusive" and "needs runs at two N" in row["workbench"]
+    assert "nan" not in row["workbench"]
