@@ -125,7 +125,8 @@ study.composition(store).round(3)
 # ## 4 · Why: how far each method moves the encoder
 #
 # Linear CKA between the frozen backbone's and the tuned model's encoder representation per layer,
-# for the seed-13 runs the bundle keeps weights of (N = 16, 64 and 1000, the middle sizes).
+# for the seed-13 runs the bundle keeps weights of (N = 16, 64 and 1000, the middle sizes; prefix
+# tuning only at N = 64 and length 8, its checkpoints being large).
 
 # %%
 shift = study.representation_shift(store, max_samples=256)
@@ -148,7 +149,10 @@ panel.widget()
 # %% [markdown]
 # ## 6 · Verdict
 #
-# Finding by finding, the paper's wording beside what the embedded world shows. A finding tested in
+# Finding by finding, the paper's wording beside what the embedded world shows. **Every verdict is
+# over the runs the bundle holds** (the first cell says how many): while it is partial (so far N = 16
+# and part of N = 64), a finding about data size has one or two N to go on, and a verdict can change
+# as the larger N arrive; `python -m workbench.studies status empirical` says what is missing. A finding tested in
 # several places (methods, sizes, N) is reproduced only where every test reproduces it and not
 # reproduced as soon as one contradicts it. "Data stops mattering" is a claim of no effect: it counts
 # as reproduced where the slope per tenfold N lies within ± 5 % of the mean score.

@@ -15,7 +15,10 @@ def test_grid():
     assert len(cfgs) == 5 * 4 * 5 * 2 * 3
     assert {c.pool_size for c in cfgs} == {10_000} and {c.task for c in cfgs} == set(study.TASKS)
     assert study.config("shapes-vqa", "lora", 16, 64).method_config == {"r": 16}
-    assert sum(s.keep_weights(c) for c in cfgs) == 5 * 2 * 2 * 3  # methods x tasks x middle sizes x N
+    # methods x tasks x middle sizes x N, but prefix tuning at one size and N (its checkpoints are large)
+    assert sum(s.keep_weights(c) for c in cfgs) == 4 * 2 * 2 * 3 + 2
+    assert {(c.n_shots, c.method_config["length"]) for c in cfgs if c.method == "prefix" and s.keep_weights(c)} \
+        == {(64, 8)}
     with pytest.raises(ValueError, match="r must be one of"):
         study.config("shapes-vqa", "lora", 3, 64)
     with pytest.raises(ValueError, match="task must be"):

@@ -339,7 +339,7 @@ def plot_score_heatmaps(table, title: str = "mean score: N x parameter size", me
     axes[0][0].set_ylabel("N")
     if im is not None:
         fig.colorbar(im, ax=list(axes[0]), label="mean score", shrink=0.9)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, y=1.04)  # above the panels' own titles
     return fig
 
 
