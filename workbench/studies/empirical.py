@@ -25,11 +25,12 @@ from .study import Study, register_study
 
 NAME = "empirical"
 TASKS = ("shapes-caption", "shapes-vqa")
-CONSISTENT = {"shapes-caption": True, "shapes-vqa": False}
-# On other data (``--task coco-caption`` / ``vqa-v2`` ...) a task is read by its kind: captioning is
-# what vlt5-tiny (and VL-T5's captioning objective) was pre-trained on. A backbone pre-trained on
-# VQA as well would make both tasks consistent: then read the findings with that in mind.
-_KINDS = {"caption": True, "vqa": False}
+# Every task, ShapesWorld's or a real one (``--task coco-caption`` / ``vqa-v2`` ...), is read by its
+# kind: captioning is what vlt5-tiny (and VL-T5's captioning objective) was pre-trained on. A backbone
+# pre-trained on VQA as well would make both tasks consistent: then read the findings with that in mind.
+_KIND_CONSISTENT = {"caption": True, "vqa": False}
+_KIND_METRICS = {"caption": ("CIDEr-D", "BLEU-4"), "vqa": ("accuracy",)}  # the headline first
+CONSISTENT = {"shapes-caption": _KIND_CONSISTENT["caption"], "shapes-vqa": _KIND_CONSISTENT["vqa"]}
 N_SHOTS = (16, 64, 250, 1000, 4000)
 STUDY_SEEDS = tuple(SEEDS[:3])
 POOL_SIZE = 10_000
@@ -89,14 +90,16 @@ def task_kind(task: str) -> str:
     return get_task_spec(task).kind
 
 
+def _by_kind(task: str, table: dict):
+    kind = _kind_or_none(task)
+    if kind not in table:
+        raise ValueError(f"task must be one of {TASKS} or another caption or VQA task, got {task!r}")
+    return table[kind]
+
+
 def consistent(task: str) -> bool:
     """Whether ``task`` is consistent with the backbone's pre-training (captions: yes; VQA: no)."""
-    if task in CONSISTENT:
-        return CONSISTENT[task]
-    kind = task_kind(task)
-    if kind not in _KINDS:
-        raise ValueError(f"the empirical study reads caption and VQA tasks, got {task!r} (kind {kind!r})")
-    return _KINDS[kind]
+    return _by_kind(task, _KIND_CONSISTENT)
 
 
 def _results(store):
@@ -108,7 +111,7 @@ def _results(store):
     df = load_results(store if isinstance(store, RunStore) else RunStore(store))
     if df.empty:
         return df
-    df = df[df["method"].isin(list(SIZES)) & df["task"].apply(lambda t: _kind_or_none(t) in _KINDS)]
+    df = df[df["method"].isin(list(SIZES)) & df["task"].apply(lambda t: _kind_or_none(t) in _KIND_CONSISTENT)]
     df = df.assign(size=[size_of(m, mc or {}) for m, mc in zip(df["method"], df["method_config"])],
                    composition=df["method"].map(COMPOSITION))
     return df[[size in SIZES[m][1] for m, size in zip(df["method"], df["size"])]]
@@ -121,18 +124,12 @@ def _kind_or_none(task):
         return None
 
 
-METRICS = {"shapes-caption": ("CIDEr-D", "BLEU-4"), "shapes-vqa": ("accuracy",)}
-_KIND_METRICS = {"caption": METRICS["shapes-caption"], "vqa": METRICS["shapes-vqa"]}
+METRICS = {"shapes-caption": _KIND_METRICS["caption"], "shapes-vqa": _KIND_METRICS["vqa"]}
 
 
 def metrics_of(task: str) -> tuple:
     """A task's metrics, the headline first (ShapesWorld's tasks, or a real one by its kind)."""
-    if task in METRICS:
-        return METRICS[task]
-    kind = _kind_or_none(task)
-    if kind not in _KIND_METRICS:
-        raise ValueError(f"task must be one of {TASKS} or another caption or VQA task, got {task!r}")
-    return _KIND_METRICS[kind]
+    return _by_kind(task, _KIND_METRICS)
 
 
 def metric_column(task: str, metric: str | None) -> str:
