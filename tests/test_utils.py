@@ -22,11 +22,16 @@ def test_importing_workbench_pins_the_cpu_code_path():
     pinned = _fingerprint_in_child()
     assert pinned["cpu_capability"] == "AVX2"
     assert {k: pinned[k] for k in PINNED_CPU_ENV} == PINNED_CPU_ENV
+    if "mkl_branch" in pinned:  # torch built with MKL (x86): MKL itself says it took the pinned branch
+        assert pinned["mkl_branch"] == "AVX2,STRICT"
 
 
 def test_the_pinning_can_be_turned_off_and_never_overrides_the_user():
     native = _fingerprint_in_child(WORKBENCH_CPU_NUMERICS="native")
     assert all(native[k] is None for k in PINNED_CPU_ENV)
+    assert native.get("mkl_branch", "OFF") == "OFF"
+    compatible = _fingerprint_in_child(MKL_CBWR="COMPATIBLE")
+    assert compatible.get("mkl_branch", "COMPATIBLE") == "COMPATIBLE"
     assert native["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512", "ZVECTOR", "VSX")
     mine = _fingerprint_in_child(ATEN_CPU_CAPABILITY="default")
     assert mine["cpu_capability"] == "DEFAULT" and mine["MKL_CBWR"] == "AVX2,STRICT"
@@ -38,3 +43,24 @@ def test_same_numerics_ignores_the_cpu_model_only():
     assert not same_numerics(here, {**here, "threads": here["threads"] + 1})
     assert not same_numerics(here, {**here, "cpu_capability": "AVX512" if here["cpu_capability"] != "AVX512" else "AVX2"})
     assert not same_numerics(here, {**here, "MKL_CBWR": None})
+    if "mkl_branch" in here:
+        assert not same_numerics(here, {**here, "mkl_branch": "AUTO"})
+
+
+def test_same_numerics_reads_records_without_the_mkl_code_path():
+    here = numerics_fingerprint()
+    old = {k: v for k, v in here.items() if not k.startswith("mkl_")}  # written before it was recorded
+    assert same_numerics(here, old) and same_numerics(old, here)
+    assert same_numerics(here, {**here, "mkl_auto_branch": "AVX2"})  # describes the CPU, like its model
+
+
+def test_the_portable_mode_takes_mkl_vendor_neutral_branch_and_a_bad_mode_is_named():
+    portable = _fingerprint_in_child(WORKBENCH_CPU_NUMERICS="portable")
+    assert portable["MKL_CBWR"] == "COMPATIBLE" and portable["cpu_capability"] == "AVX2"
+    assert portable["onednn_convolutions"] is False and portable.get("mkl_branch", "COMPATIBLE") == "COMPATIBLE"
+    assert not same_numerics(portable, _fingerprint_in_child())
+    clean = {k: v for k, v in os.environ.items() if k not in PINNED_CPU_ENV}
+    bad = subprocess.run([sys.executable, "-c", "import workbench"], env={**clean, "WORKBENCH_CPU_NUMERICS": "fast"},
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "WORKBENCH_CPU_NUMERICS='fast' is not a numerics mode" in bad.stderr
+    assert "pinned, portable, native" in bad.stderr

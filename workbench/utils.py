@@ -43,23 +43,47 @@ def seed_everything(seed: int = 0, threads: int | None = None) -> None:
 # of the last decade has, gives one code path everywhere; the thread count must match too (torch's
 # parallel reductions split work by thread). docs/reproducibility.md has the measurements.
 PINNED_CPU_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+# Intel documents MKL_CBWR=AVX2 as reproducible across *Intel* CPUs only: on other vendors' CPUs MKL
+# may run its AUTO branch instead, and the pinned runs did differ between an AMD EPYC and a Xeon.
+# COMPATIBLE is the one branch documented to give the same results on Intel and compatible CPUs;
+# with oneDNN's convolutions replaced by im2col + MKL it is the opt-in "portable" mode (about 1.5x
+# the pinned step time; docs/reproducibility.md).
+PORTABLE_CPU_ENV = {**PINNED_CPU_ENV, "MKL_CBWR": "COMPATIBLE"}
+NUMERICS_MODES = ("pinned", "portable", "native")
+
+
+def numerics_mode() -> str:
+    """``WORKBENCH_CPU_NUMERICS``: ``pinned`` (default), ``portable`` or ``native``."""
+    mode = os.environ.get("WORKBENCH_CPU_NUMERICS", "pinned") or "pinned"
+    if mode not in NUMERICS_MODES:
+        raise ValueError(f"WORKBENCH_CPU_NUMERICS={mode!r} is not a numerics mode; expected one of "
+                         f"{', '.join(NUMERICS_MODES)} (docs/reproducibility.md)")
+    return mode
 
 
 def pin_cpu_numerics() -> bool:
     """Pin torch's, MKL's and oneDNN's CPU code paths to AVX2 (``PINNED_CPU_ENV``), unless told not to.
 
     Called when ``workbench`` is imported. Each variable is only set when the environment does not
-    set it already, and ``WORKBENCH_CPU_NUMERICS=native`` turns the pinning off (the machine's
-    fastest kernels, machine-dependent floats). It takes effect when it runs before torch's first
-    CPU operation (torch reads the capability lazily; MKL reads ``MKL_CBWR`` when it starts):
-    import ``workbench`` before running torch code. Returns whether the variables were set;
-    :func:`numerics_fingerprint` says what is in effect.
+    set it already. ``WORKBENCH_CPU_NUMERICS=native`` turns the pinning off (the machine's fastest
+    kernels, machine-dependent floats); ``=portable`` sets ``PORTABLE_CPU_ENV`` instead (MKL's
+    vendor-neutral branch; :func:`onednn_convolutions` then says no). It takes effect when it runs
+    before torch's first CPU operation (torch reads the capability lazily; MKL reads ``MKL_CBWR``
+    when it starts): import ``workbench`` before running torch code. Returns whether the variables
+    were set; :func:`numerics_fingerprint` says what is in effect.
     """
-    if os.environ.get("WORKBENCH_CPU_NUMERICS", "pinned") == "native":
+    mode = numerics_mode()
+    if mode == "native":
         return False
-    for key, value in PINNED_CPU_ENV.items():
+    for key, value in (PORTABLE_CPU_ENV if mode == "portable" else PINNED_CPU_ENV).items():
         os.environ.setdefault(key, value)
     return True
+
+
+def onednn_convolutions() -> bool:
+    """Whether CPU convolutions may run on oneDNN (its kernels are chosen per CPU): not in the
+    ``portable`` mode, where they run as im2col + an MKL product on MKL's vendor-neutral branch."""
+    return numerics_mode() != "portable"
 
 
 def numerics_fingerprint() -> dict:
@@ -76,8 +100,42 @@ def numerics_fingerprint() -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         **{key: os.environ.get(key) for key in PINNED_CPU_ENV},
+        **mkl_code_path(),
+        **({} if onednn_convolutions() else {"onednn_convolutions": False}),
         "cpu_model": cpu_model(),
     }
+
+
+# MKL's named constants for conditional numerical reproducibility (mkl_cbwr.h)
+_MKL_BRANCHES = {0: "OFF", 1: "OFF", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3", 7: "SSE4_1", 8: "SSE4_2",
+                 9: "AVX", 10: "AVX2", 11: "AVX512_MIC", 12: "AVX512", 13: "AVX512_MIC_E1", 14: "AVX512_E1"}
+_MKL_STRICT = 0x10000
+
+
+def mkl_code_path() -> dict:
+    """The MKL code path in effect, read from MKL itself rather than from ``MKL_CBWR``.
+
+    ``mkl_branch`` is the reproducibility branch MKL runs (``"AVX2,STRICT"`` when the pinning took
+    effect, ``"OFF"`` when MKL dispatches freely); ``mkl_auto_branch`` is the branch MKL would pick
+    on its own for this CPU (``"AVX512_E1"`` on an AVX-512 Xeon), which tells CPU classes apart
+    where Intel documents that a requested branch falls back to AUTO (non-Intel CPUs). Empty when
+    torch was built without MKL (ARM, macOS), whose floats MKL then does not touch.
+    """
+    import ctypes
+
+    import torch
+
+    if not torch.backends.mkl.is_available():
+        return {}
+    try:
+        lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        get, get_auto = lib.mkl_serv_cbwr_get, lib.mkl_serv_cbwr_get_auto_branch
+    except (OSError, AttributeError):  # MKL linked under other names: nothing to read
+        return {}
+    setting = get(-1)  # MKL_CBWR_ALL: the branch and the STRICT flag
+    branch = _MKL_BRANCHES.get(setting & 0xFFFF, str(setting & 0xFFFF))
+    return {"mkl_branch": branch + (",STRICT" if setting & _MKL_STRICT else ""),
+            "mkl_auto_branch": _MKL_BRANCHES.get(get_auto(), str(get_auto()))}
 
 
 @functools.lru_cache(maxsize=1)
@@ -95,7 +153,11 @@ def cpu_model() -> str:
 def same_numerics(a: dict, b: dict) -> bool:
     """Whether two :func:`numerics_fingerprint` records promise bit-identical runs (the CPU model aside)."""
     keys = ("torch", "cpu_capability", "threads", *PINNED_CPU_ENV)
-    return all(a.get(k) == b.get(k) for k in keys)
+    # records written before the MKL code path was read have no "mkl_branch": compare it when both
+    # do (mkl_auto_branch describes the CPU, like cpu_model, and is not compared)
+    later = [k for k in ("mkl_branch",) if k in a and k in b]
+    return (all(a.get(k) == b.get(k) for k in (*keys, *later))
+            and a.get("onednn_convolutions", True) == b.get("onednn_convolutions", True))
 
 
 def set_threads(threads: int) -> None:

@@ -9,9 +9,20 @@ Each configuration trains the same seeded run (LoRA and full fine-tuning, shapes
   ``ONEDNN_MAX_CPU_ISA=AVX2``) at 2 threads, twice: the digests must be equal (determinism);
 - pinned at 1 thread: shows whether the thread count changes the floats;
 - native (``WORKBENCH_CPU_NUMERICS=native``: the machine's widest kernels) at 2 threads: what the
-  pinning costs (the step-time ratio) and whether it changes the floats on this machine.
+  pinning costs (the step-time ratio) and whether it changes the floats on this machine;
+- portable (``WORKBENCH_CPU_NUMERICS=portable``, below) at 2 threads: what it costs over pinned.
 
 Two machines give bit-identical runs when the pinned digests printed here agree (run it on both).
+
+    python tests/bench/bench_numerics.py --components     # about 1 minute
+
+says where two machines part: a digest per stage of one training step (an MKL matrix product, the
+visual encoder's convolutions (oneDNN), the text model's forward pass and its gradients, each
+from fixed inputs so that a digest depends on its own stage alone), pinned
+and in the opt-in ``portable`` mode (``WORKBENCH_CPU_NUMERICS=portable``: ``MKL_CBWR=COMPATIBLE``,
+the one MKL branch Intel documents as giving the same results on Intel and non-Intel CPUs, with
+oneDNN's convolutions replaced by im2col + MKL), with the MKL code path MKL reports. Compare the printout with the table of
+digests in docs/reproducibility.md: the first stage whose digest differs is where the floats part.
 """
 
 import json
@@ -35,16 +46,68 @@ print(json.dumps({"digest": digest, "step_ms": 1000 * r.timings["train_s"] / r.m
                   "loss": r.history[-1]["loss"], "numerics": numerics_fingerprint()}))
 """
 
-MODES = (("pinned", 2), ("pinned", 2), ("pinned", 1), ("native", 2))
+COMPONENTS = r"""
+import hashlib, json, sys
+import workbench  # pins before torch runs anything
+import torch
+from workbench.data import load_images, load_task
+from workbench.models.factory import load_backbone
+from workbench.utils import mkl_code_path
+torch.set_num_threads(int(sys.argv[1]))
+def digest(*ts):
+    return hashlib.sha256(b"".join(t.detach().float().contiguous().numpy().tobytes() for t in ts)).hexdigest()[:12]
+out = {}
+g = torch.Generator().manual_seed(0)
+a, b = torch.randn(896, 128, generator=g), torch.randn(128, 512, generator=g)
+out["gemm (MKL)"] = digest(a @ b, a.T @ a[:, :64])
+model = load_backbone("vlt5-tiny")
+examples = load_task("shapes-vqa", "test")[:16]
+with torch.no_grad():
+    feats = model.encode_images(load_images(examples))
+out["visual encoder (convolutions)"] = digest(feats)
+# the text model gets seeded features, not the encoder's: each stage's digest depends on that stage alone
+ids, mask = model.encode_prompts([e.prompt for e in examples])
+labels = model.encode_targets([e.target for e in examples])
+result = model(torch.randn(feats.shape, generator=g), ids, mask, labels=labels)
+loss = result.loss
+out["text model forward (logits)"] = digest(result.logits)
+loss.backward()
+grads = [p.grad for _, p in sorted(model.named_parameters()) if p.grad is not None]
+out["text model backward (gradients)"] = digest(*grads)
+print(json.dumps({"digests": out, **mkl_code_path()}))
+"""
+
+MODES = (("pinned", 2), ("pinned", 2), ("pinned", 1), ("native", 2), ("portable", 2))
 
 
-def child(method: str, mode: str, threads: int) -> dict:
+def _env(mode: str, threads: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")}
     env["WORKBENCH_CPU_NUMERICS"] = mode
     env["OMP_NUM_THREADS"] = str(threads)
-    out = subprocess.run([sys.executable, "-c", CHILD, method, str(threads)], env=env, capture_output=True,
-                         text=True, check=True)
+    return env
+
+
+def child(method: str, mode: str, threads: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, method, str(threads)], env=_env(mode, threads),
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def components() -> None:
+    """One digest per stage of a training step, pinned and portable (see the module docstring)."""
+    rows = {}
+    for mode in ("pinned", "portable"):
+        out = subprocess.run([sys.executable, "-c", COMPONENTS, "1", mode], env=_env(mode, 1), capture_output=True,
+                             text=True, check=True)
+        rows[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"{'stage (1 thread)':<34} | {'pinned':<12} | {'portable':<12}")
+    for stage in rows["pinned"]["digests"]:
+        print(f"{stage:<34} | {rows['pinned']['digests'][stage]:<12} | {rows['portable']['digests'][stage]:<12}")
+    print(f"{'MKL branch in effect':<34} | {rows['pinned'].get('mkl_branch', '-'):<12} | "
+          f"{rows['portable'].get('mkl_branch', '-'):<12}")
+    from workbench.utils import cpu_model
+
+    print(f"CPU: {cpu_model()}; MKL's own choice for it: {rows['pinned'].get('mkl_auto_branch', '-')}")
 
 
 def main():
@@ -56,12 +119,13 @@ def main():
             rows.append((mode, threads, r))
             print(f"{method:>6} | {mode:>8} | {threads:>7} | {r['numerics']['cpu_capability']:>10} | "
                   f"{r['step_ms']:7.1f} | {r['digest']}")
-        (_, _, a), (_, _, b), (_, _, one), (_, _, native) = rows
+        (_, _, a), (_, _, b), (_, _, one), (_, _, native), (_, _, portable) = rows
         print(f"  {method}: pinned runs identical: {a['digest'] == b['digest']}; 1 thread = 2 threads: "
               f"{one['digest'] == a['digest']}; native = pinned: {native['digest'] == a['digest']}; "
-              f"pinned / native step time: {min(a['step_ms'], b['step_ms']) / native['step_ms']:.2f}")
+              f"pinned / native step time: {min(a['step_ms'], b['step_ms']) / native['step_ms']:.2f}; "
+              f"portable / pinned step time: {portable['step_ms'] / min(a['step_ms'], b['step_ms']):.2f}")
     print(f"CPU: {rows[0][2]['numerics']['cpu_model']}")
 
 
 if __name__ == "__main__":
-    main()
+    components() if "--components" in sys.argv[1:] else main()

@@ -154,3 +154,20 @@ def test_examples_are_encoded_once_per_image(encoder, tmp_path):
     for image_id, f in feats.items():
         assert f.shape == (16, 64)
         assert np.allclose(f, encoder(pixels[image_id])[0].detach().numpy(), atol=1e-6)
+
+
+def test_portable_numerics_keep_convolutions_off_onednn(encoder, tmp_path, monkeypatch):
+    imgs = images(6)
+    seen = []
+    encoder.convs[0].register_forward_pre_hook(lambda m, a: seen.append(torch.backends.mkldnn.enabled))
+    pinned = encoder(imgs).detach()
+    pinned_file = extract_features(encoder, imgs, cache_dir=tmp_path, key="toy", quiet=True)
+    monkeypatch.setenv("WORKBENCH_CPU_NUMERICS", "portable")
+    portable = encoder(imgs).detach()
+    assert seen == [True, True, False] and torch.backends.mkldnn.enabled  # off inside, restored after
+    # another code path, the same convolution up to rounding
+    torch.testing.assert_close(portable, pinned, atol=1e-5, rtol=0)
+    # features from another code path are other features: a new cache key, never the pinned file
+    again = extract_features(encoder, imgs, cache_dir=tmp_path, key="toy", quiet=True)
+    assert len(list(tmp_path.iterdir())) == 2 and seen[-1] is False
+    assert np.allclose(again, pinned_file, atol=1e-5)

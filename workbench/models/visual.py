@@ -16,6 +16,7 @@ which is what makes caching features per image sound.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from workbench.utils import atomic_path, repo_root
+from workbench.utils import atomic_path, onednn_convolutions, repo_root
 
 CACHE_FORMAT_VERSION = 1
 
@@ -126,10 +127,26 @@ class VisualEncoder(nn.Module):
     def forward(self, images) -> torch.Tensor:
         """Images -> ``[b, grid*grid, feat_dim]`` features (content first, position code last)."""
         x = self.prepare(images)
-        x = self.pool(self.proj(self.convs(x)))  # [b, C, grid, grid]
+        with _convolution_backend():
+            x = self.pool(self.proj(self.convs(x)))  # [b, C, grid, grid]
         x = x.flatten(2).transpose(1, 2)  # [b, grid*grid, C], row-major cells like pos_code
         pos = self.pos_code.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
         return torch.cat([x, pos], dim=-1)
+
+
+@contextlib.contextmanager
+def _convolution_backend():
+    """oneDNN off for the block in the portable numerics mode (utils.onednn_convolutions): the
+    convolutions then run as im2col + an MKL product on MKL's vendor-neutral branch."""
+    if onednn_convolutions():
+        yield
+        return
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +175,8 @@ def encoder_fingerprint(encoder: nn.Module) -> str:
 def _numerics_key() -> dict:
     from ..utils import PINNED_CPU_ENV
 
-    return {"capability": torch.backends.cpu.get_cpu_capability(), **{k: os.environ.get(k) for k in PINNED_CPU_ENV}}
+    key = {"capability": torch.backends.cpu.get_cpu_capability(), **{k: os.environ.get(k) for k in PINNED_CPU_ENV}}
+    return key if onednn_convolutions() else {**key, "onednn_convolutions": False}
 
 
 def _images_and_ids(items, image_loader):
