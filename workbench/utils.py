@@ -46,14 +46,20 @@ PINNED_CPU_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONE
 # Intel documents MKL_CBWR=AVX2 as reproducible across *Intel* CPUs only: on other vendors' CPUs MKL
 # may run its AUTO branch instead, and the pinned runs did differ between an AMD EPYC and a Xeon.
 # COMPATIBLE is the one branch documented to give the same results on Intel and compatible CPUs;
-# with oneDNN's convolutions replaced by im2col + MKL it is the opt-in "portable" mode (about 1.5x
-# the pinned step time; docs/reproducibility.md).
+# with the visual encoder's convolutions kept off oneDNN (and NNPACK), i.e. im2col + MKL, it is the
+# opt-in "portable" mode (about 1.5x the pinned step time; docs/reproducibility.md).
 PORTABLE_CPU_ENV = {**PINNED_CPU_ENV, "MKL_CBWR": "COMPATIBLE"}
 NUMERICS_MODES = ("pinned", "portable", "native")
 
 
+_mode_at_import: str | None = None  # what pin_cpu_numerics found: MKL, too, reads its variable once
+
+
 def numerics_mode() -> str:
-    """``WORKBENCH_CPU_NUMERICS``: ``pinned`` (default), ``portable`` or ``native``."""
+    """The numerics mode in effect: ``WORKBENCH_CPU_NUMERICS`` as :func:`pin_cpu_numerics` read it
+    when ``workbench`` was imported (``pinned`` by default, ``portable`` or ``native``)."""
+    if _mode_at_import is not None:
+        return _mode_at_import
     mode = os.environ.get("WORKBENCH_CPU_NUMERICS", "pinned") or "pinned"
     if mode not in NUMERICS_MODES:
         raise ValueError(f"WORKBENCH_CPU_NUMERICS={mode!r} is not a numerics mode; expected one of "
@@ -72,7 +78,9 @@ def pin_cpu_numerics() -> bool:
     when it starts): import ``workbench`` before running torch code. Returns whether the variables
     were set; :func:`numerics_fingerprint` says what is in effect.
     """
-    mode = numerics_mode()
+    global _mode_at_import
+    _mode_at_import = None
+    mode = _mode_at_import = numerics_mode()
     if mode == "native":
         return False
     for key, value in (PORTABLE_CPU_ENV if mode == "portable" else PINNED_CPU_ENV).items():
@@ -81,8 +89,9 @@ def pin_cpu_numerics() -> bool:
 
 
 def onednn_convolutions() -> bool:
-    """Whether CPU convolutions may run on oneDNN (its kernels are chosen per CPU): not in the
-    ``portable`` mode, where they run as im2col + an MKL product on MKL's vendor-neutral branch."""
+    """Whether the visual encoder's convolutions may run on oneDNN (its kernels are chosen per CPU):
+    not in the ``portable`` mode, where they run as im2col + an MKL product on MKL's vendor-neutral
+    branch (NNPACK kept off too; ``models.visual``)."""
     return numerics_mode() != "portable"
 
 
@@ -133,6 +142,8 @@ def mkl_code_path() -> dict:
     except (OSError, AttributeError):  # MKL linked under other names: nothing to read
         return {}
     setting = get(-1)  # MKL_CBWR_ALL: the branch and the STRICT flag
+    if setting < 0:  # MKL_CBWR_ERR_*: nothing trustworthy to record
+        return {}
     branch = _MKL_BRANCHES.get(setting & 0xFFFF, str(setting & 0xFFFF))
     return {"mkl_branch": branch + (",STRICT" if setting & _MKL_STRICT else ""),
             "mkl_auto_branch": _MKL_BRANCHES.get(get_auto(), str(get_auto()))}
@@ -151,11 +162,13 @@ def cpu_model() -> str:
 
 
 def same_numerics(a: dict, b: dict) -> bool:
-    """Whether two :func:`numerics_fingerprint` records promise bit-identical runs (the CPU model aside)."""
+    """Whether two :func:`numerics_fingerprint` records promise bit-identical runs (the CPU model
+    aside, not the CPU class MKL sees: ``mkl_auto_branch``)."""
     keys = ("torch", "cpu_capability", "threads", *PINNED_CPU_ENV)
     # records written before the MKL code path was read have no "mkl_branch": compare it when both
-    # do (mkl_auto_branch describes the CPU, like cpu_model, and is not compared)
-    later = [k for k in ("mkl_branch",) if k in a and k in b]
+    # do. mkl_auto_branch too: it tells CPU classes apart (an AVX-512 Xeon, another vendor's CPU)
+    # whose floats the AVX2 pinning has not made equal (docs/reproducibility.md)
+    later = [k for k in ("mkl_branch", "mkl_auto_branch") if k in a and k in b]
     return (all(a.get(k) == b.get(k) for k in (*keys, *later))
             and a.get("onednn_convolutions", True) == b.get("onednn_convolutions", True))
 

@@ -156,18 +156,35 @@ def test_examples_are_encoded_once_per_image(encoder, tmp_path):
         assert np.allclose(f, encoder(pixels[image_id])[0].detach().numpy(), atol=1e-6)
 
 
-def test_portable_numerics_keep_convolutions_off_onednn(encoder, tmp_path, monkeypatch):
-    imgs = images(6)
+def _conv_backends(module, seen):
+    """Record the backend torch picks for each convolution of ``module`` as it runs."""
+    def hook(conv, args):
+        x = args[0]
+        seen.append(str(torch._C._select_conv_backend(x, conv.weight, conv.bias, list(conv.stride), list(conv.padding),
+                                                      list(conv.dilation), False, [0, 0], conv.groups, None)))
+    for m in module.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_pre_hook(hook)
+
+
+def test_portable_numerics_keep_convolutions_off_onednn_and_nnpack(encoder, tmp_path, monkeypatch):
+    import workbench.utils
+
+    imgs = images(16)  # from 16 images on, torch picks NNPACK when oneDNN is off
+    monkeypatch.setattr(workbench.utils, "_mode_at_import", "pinned")
     seen = []
-    encoder.convs[0].register_forward_pre_hook(lambda m, a: seen.append(torch.backends.mkldnn.enabled))
+    _conv_backends(encoder, seen)
     pinned = encoder(imgs).detach()
+    assert seen and all(b.endswith("Mkldnn") for b in seen)
     pinned_file = extract_features(encoder, imgs, cache_dir=tmp_path, key="toy", quiet=True)
-    monkeypatch.setenv("WORKBENCH_CPU_NUMERICS", "portable")
+    monkeypatch.setattr(workbench.utils, "_mode_at_import", "portable")
+    seen.clear()
     portable = encoder(imgs).detach()
-    assert seen == [True, True, False] and torch.backends.mkldnn.enabled  # off inside, restored after
+    assert seen and all(b.endswith("Slow2d") for b in seen), seen  # im2col + an MKL product
+    assert torch.backends.mkldnn.enabled and torch._C._get_nnpack_enabled()  # restored after the pass
     # another code path, the same convolution up to rounding
     torch.testing.assert_close(portable, pinned, atol=1e-5, rtol=0)
     # features from another code path are other features: a new cache key, never the pinned file
     again = extract_features(encoder, imgs, cache_dir=tmp_path, key="toy", quiet=True)
-    assert len(list(tmp_path.iterdir())) == 2 and seen[-1] is False
+    assert len(list(tmp_path.iterdir())) == 2
     assert np.allclose(again, pinned_file, atol=1e-5)

@@ -136,17 +136,22 @@ class VisualEncoder(nn.Module):
 
 @contextlib.contextmanager
 def _convolution_backend():
-    """oneDNN off for the block in the portable numerics mode (utils.onednn_convolutions): the
-    convolutions then run as im2col + an MKL product on MKL's vendor-neutral branch."""
+    """oneDNN and NNPACK off for the block in the portable numerics mode (utils.onednn_convolutions):
+    the convolutions then run as im2col + an MKL product on MKL's vendor-neutral branch (without
+    oneDNN, torch would pick NNPACK for batches of 16 or more, whose kernels MKL_CBWR does not
+    govern). The backend is chosen again for a backward pass, outside this block: the choice covers
+    encoding images, not training the encoder (``make pretrain``)."""
     if onednn_convolutions():
         yield
         return
-    before = torch.backends.mkldnn.enabled
+    mkldnn, nnpack = torch.backends.mkldnn.enabled, torch._C._get_nnpack_enabled()
     torch.backends.mkldnn.enabled = False
+    torch.backends.nnpack.set_flags(False)
     try:
         yield
     finally:
-        torch.backends.mkldnn.enabled = before
+        torch.backends.mkldnn.enabled = mkldnn
+        torch.backends.nnpack.set_flags(nnpack)
 
 
 # ---------------------------------------------------------------------------------------------
