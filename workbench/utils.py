@@ -47,7 +47,7 @@ PINNED_CPU_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONE
 # may run its AUTO branch instead, and the pinned runs did differ between an AMD EPYC and a Xeon.
 # COMPATIBLE is the one branch documented to give the same results on Intel and compatible CPUs;
 # with the visual encoder's convolutions kept off oneDNN (and NNPACK), i.e. im2col + MKL, it is the
-# opt-in "portable" mode (about 1.5x the pinned step time; docs/reproducibility.md).
+# opt-in "portable" mode (about 1.6x the pinned step time; docs/reproducibility.md).
 PORTABLE_CPU_ENV = {**PINNED_CPU_ENV, "MKL_CBWR": "COMPATIBLE"}
 NUMERICS_MODES = ("pinned", "portable", "native")
 

@@ -151,8 +151,8 @@ panel.widget()
 #
 # Finding by finding, the paper's wording beside what the embedded world shows. **Every verdict is
 # over the runs the bundle holds** (the first cell says how many): while it is partial (so far N = 16,
-# 64, 250 and 1000 on captioning, N = 16, 64 and 250 on VQA, where only prompt tuning has N = 1000),
-# a finding about data size has four N on captioning and three on VQA to go on, and a verdict can change
+# 64, 250 and 1000 on both tasks, N = 4000 only for prompt tuning's two smallest sizes on captioning),
+# a finding about data size has four N on each task to go on, and a verdict can change
 # as the larger N arrive; `python -m workbench.studies status empirical` says what is missing. A finding tested in
 # several places (methods, sizes, N) is reproduced only where every test reproduces it and not
 # reproduced as soon as one contradicts it. "Data stops mattering" is a claim of no effect: it counts
