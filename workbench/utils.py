@@ -79,7 +79,7 @@ def pin_cpu_numerics() -> bool:
     were set; :func:`numerics_fingerprint` says what is in effect.
     """
     global _mode_at_import
-    _mode_at_import = None
+    _mode_at_import = None  # read the variable afresh
     mode = _mode_at_import = numerics_mode()
     if mode == "native":
         return False
@@ -119,6 +119,7 @@ def numerics_fingerprint() -> dict:
 _MKL_BRANCHES = {0: "OFF", 1: "OFF", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3", 7: "SSE4_1", 8: "SSE4_2",
                  9: "AVX", 10: "AVX2", 11: "AVX512_MIC", 12: "AVX512", 13: "AVX512_MIC_E1", 14: "AVX512_E1"}
 _MKL_STRICT = 0x10000
+MKL_PATH_KEYS = ("mkl_branch", "mkl_auto_branch")  # what mkl_code_path records
 
 
 def mkl_code_path() -> dict:
@@ -168,7 +169,7 @@ def same_numerics(a: dict, b: dict) -> bool:
     # records written before the MKL code path was read have no "mkl_branch": compare it when both
     # do. mkl_auto_branch too: it tells CPU classes apart (an AVX-512 Xeon, another vendor's CPU)
     # whose floats the AVX2 pinning has not made equal (docs/reproducibility.md)
-    later = [k for k in ("mkl_branch", "mkl_auto_branch") if k in a and k in b]
+    later = [k for k in MKL_PATH_KEYS if k in a and k in b]
     return (all(a.get(k) == b.get(k) for k in (*keys, *later))
             and a.get("onednn_convolutions", True) == b.get("onednn_convolutions", True))
 

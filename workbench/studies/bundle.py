@@ -55,7 +55,7 @@ from pathlib import Path
 
 from ..train import DamagedRunError, DamagedRunWarning, RunConfig, RunStore, load_run
 from ..train.store import DONE
-from ..utils import PINNED_CPU_ENV, atomic_write, cpu_model, mkl_code_path, pick_device, repo_root
+from ..utils import MKL_PATH_KEYS, PINNED_CPU_ENV, atomic_write, cpu_model, mkl_code_path, pick_device, repo_root
 from .study import PROVENANCE_DIR, Study, get_study
 
 BUNDLE_FORMAT = 1
@@ -66,7 +66,6 @@ PREDICTIONS = "predictions"
 # Environment variables that pin CPU kernels (oneMKL's conditional numerical reproducibility, the
 # ATen dispatch level, oneDNN's instruction set): recorded when set; part of the machine fingerprint.
 PINNING_ENV = tuple(PINNED_CPU_ENV)
-MKL_PATH = ("mkl_branch", "mkl_auto_branch")  # recorded for diagnosis; the CPU model already tells machines apart
 # What must match for a re-trained run to be expected bit-identical.
 # The CPU model is part of it: the AVX2 pinning (utils.pin_cpu_numerics) is meant to make x86 CPUs
 # agree bit for bit, but until that is checked on each pair of CPU models a re-run on another
@@ -186,8 +185,9 @@ def run_machine(timings: dict, record: dict | None = None) -> dict | None:
                "threads": numerics.get("threads"),
                "env": {k: numerics[k] for k in PINNING_ENV if numerics.get(k) is not None},
                "cpu_model": numerics.get("cpu_model") or from_record.get("cpu_model"),
-               # the MKL code path read from MKL (utils.mkl_code_path), where the trainer recorded it
-               **{k: numerics[k] for k in MKL_PATH if k in numerics}}
+               # the MKL code path read from MKL (utils.mkl_code_path; diagnosis only: the CPU model
+               # already tells machines apart), where the trainer recorded it
+               **{k: numerics[k] for k in MKL_PATH_KEYS if k in numerics}}
     device = timings.get("device")
     if _device_type(from_record.get("device")) != _device_type(device) or device is None:
         machine["device"] = device
