@@ -172,6 +172,22 @@ def test_results_keep_only_the_grid(monkeypatch):
     assert list(df["composition"]) == ["layer", "embedding"]
 
 
+def test_results_keep_the_default_learning_rate(monkeypatch):
+    """The lr check's runs (empirical_lr) share the store: only a method's default lr is a grid cell."""
+    import workbench.train as train
+
+    rows = pd.DataFrame([
+        {"run": "a", "task": "shapes-vqa", "method": "lora", "method_config": {"r": 4}, "lr": None},
+        {"run": "b", "task": "shapes-vqa", "method": "lora", "method_config": {"r": 4}, "lr": 0.001},
+        {"run": "c", "task": "shapes-vqa", "method": "lora", "method_config": {"r": 4}, "lr": 0.003},  # the default
+        {"run": "d", "task": "shapes-vqa", "method": "parallel", "method_config": {"bottleneck": 8}, "lr": np.nan},
+    ])
+    monkeypatch.setattr(train, "load_results", lambda store: rows)
+    store = train.RunStore.__new__(train.RunStore)
+    assert list(study._results(store)["run"]) == ["a", "c", "d"]
+    assert list(study._results(store, default_lr_only=False)["run"]) == ["a", "b", "c", "d"]
+
+
 def test_verdicts_at_one_n_say_a_slope_needs_two(monkeypatch):
     one_n = _planted()
     monkeypatch.setattr(study, "_results", lambda store: one_n[one_n["n_shots"] == 16])

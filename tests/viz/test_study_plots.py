@@ -163,3 +163,22 @@ def test_mode_usage_plot():
     assert img.shape == (2, 3) and img[0, 0] == pytest.approx(0.2)  # mode 1 (gate 0.9) first
     with pytest.raises(ValueError, match="lacks the columns"):
         plot_mode_usage(shares.drop(columns="gate"), summary)
+
+
+def test_lr_by_size():
+    from workbench.viz.study_plots import plot_lr_by_size
+
+    t = pd.DataFrame([{"method": m, "size": s, "lr_divisor": d, "test": 0.6 + 0.01 * d, "test_std": 0.01,
+                       "chosen": d == 10} for m in ("lora", "parallel") for s in (1, 4) for d in (1, 10)])
+    t = t[~((t["method"] == "parallel") & (t["lr_divisor"] == 1))]  # a method without the default's runs
+    fig = plot_lr_by_size(t)
+    assert [a.get_title() for a in fig.axes] == ["lora", "parallel"]
+    lora = {c.get_label(): c for c in fig.axes[0].containers}
+    par = {c.get_label(): c for c in fig.axes[1].containers}
+    assert set(lora) == {"default lr", "default / 10"} and set(par) == {"default / 10"}
+    # one colour per learning rate in every panel
+    assert lora["default / 10"].lines[0].get_color() == par["default / 10"].lines[0].get_color()
+    picked = [ln for ln in fig.axes[0].get_lines() if ln.get_label() == "picked by dev"][0]
+    assert list(picked.get_ydata()) == pytest.approx([0.7, 0.7])
+    with pytest.raises(ValueError, match="lacks the columns"):
+        plot_lr_by_size(t.drop(columns="chosen"))

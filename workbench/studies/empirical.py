@@ -102,19 +102,27 @@ def consistent(task: str) -> bool:
     return _by_kind(task, _KIND_CONSISTENT)
 
 
-def _results(store):
+def _results(store, default_lr_only: bool = True):
     """The store's runs of the study's grid: the five methods at one of their four sizes, on a caption
-    or a VQA task (other runs the store holds, e.g. other studies' LoRA at its default rank, are left
-    out)."""
+    or a VQA task, at the method's default learning rate (other runs the store holds, e.g. other
+    studies' LoRA at its default rank or the lr check's runs, :mod:`.empirical_lr`, are left out;
+    ``default_lr_only=False`` keeps every learning rate)."""
+    from ..methods import get_config
     from ..train import RunStore, load_results
 
     df = load_results(store if isinstance(store, RunStore) else RunStore(store))
     if df.empty:
         return df
     df = df[df["method"].isin(list(SIZES)) & df["task"].apply(lambda t: _kind_or_none(t) in _KIND_CONSISTENT)]
+    if default_lr_only and "lr" in df.columns and len(df):
+        # A run at an explicit lr equal to the default is the same run (the hash resolves lr).
+        default = [get_config(m, **(mc or {})).lr for m, mc in zip(df["method"], df["method_config"])]
+        df = df[np.array([lr is None or not np.isfinite(lr) or np.isclose(lr, d, rtol=1e-9, atol=0)
+                          for lr, d in zip(df["lr"], default)], dtype=bool)]
     df = df.assign(size=[size_of(m, mc or {}) for m, mc in zip(df["method"], df["method_config"])],
                    composition=df["method"].map(COMPOSITION))
-    return df[[size in SIZES[m][1] for m, size in zip(df["method"], df["size"])]]
+    # (a bool array: an empty list would select no columns instead of no rows)
+    return df[np.array([size in SIZES[m][1] for m, size in zip(df["method"], df["size"])], dtype=bool)]
 
 
 def _kind_or_none(task):
@@ -172,12 +180,27 @@ def grid_table(store, metric: str | None = None):
     return out
 
 
+def spearman_interval(x, y, rng, n_boot: int = 500) -> tuple[float, float, float]:
+    """Spearman's rank correlation of ``y`` with ``x`` and a bootstrap 95 % interval over the pairs
+    (``n_boot`` resamples drawn from ``rng``; resamples with one distinct ``x`` are skipped)."""
+    from scipy import stats
+
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    rho = stats.spearmanr(x, y).statistic
+    boot = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(x), len(x))
+        if len(np.unique(x[i])) > 1:
+            boot.append(stats.spearmanr(x[i], y[i]).statistic)
+    lo, hi = np.nanquantile(boot, [0.025, 0.975]) if boot else (np.nan, np.nan)
+    return float(rho), float(lo), float(hi)
+
+
 def monotonicity(store):
     """Per task and method: Spearman's rank correlation of the score with log N (over sizes and
     seeds) and with log size (over N and seeds), with a bootstrap 95 % interval over runs. The paper:
     on the inconsistent task, performance rises with both."""
     import pandas as pd
-    from scipy import stats
 
     df = _results(store)
     rows = []
@@ -187,15 +210,9 @@ def monotonicity(store):
             x, y = np.log(part[axis].to_numpy(float)), part["test_acc"].to_numpy(float)
             if len(np.unique(x)) < 2:
                 continue
-            rho = stats.spearmanr(x, y).statistic
-            boot = []
-            for _ in range(500):
-                i = rng.integers(0, len(x), len(x))
-                if len(np.unique(x[i])) > 1:
-                    boot.append(stats.spearmanr(x[i], y[i]).statistic)
-            lo, hi = np.nanquantile(boot, [0.025, 0.975]) if boot else (np.nan, np.nan)
+            rho, lo, hi = spearman_interval(x, y, rng)
             rows.append({"task": task, "consistent": consistent(task), "method": method, "axis": axis,
-                         "spearman": float(rho), "ci_low": float(lo), "ci_high": float(hi), "runs": len(x)})
+                         "spearman": rho, "ci_low": lo, "ci_high": hi, "runs": len(x)})
     return pd.DataFrame(rows, columns=["task", "consistent", "method", "axis", "spearman", "ci_low", "ci_high",
                                        "runs"])
 
@@ -296,7 +313,9 @@ def representation_shift(store, cells=None, max_samples: int = 256):
     from ..train import RunStore, load_run, restore_run
 
     store = store if isinstance(store, RunStore) else RunStore(store)
-    df = _results(store)
+    df = _results(store, default_lr_only=False)  # a tuned run at another lr is looked into as well
+    if df.empty:
+        return pd.DataFrame()
     df = df[df["seed"] == 13]
     rows = []
     for _, row in df.iterrows():

@@ -315,6 +315,32 @@ def plot_score_vs_size(table, title: str = "score against parameter size, one li
     return fig
 
 
+def plot_lr_by_size(table, title: str = "shapes-vqa, N = 1000: test accuracy against size, one line per lr"):
+    """Per method, mean test accuracy against size (log axis), one line per learning rate (the
+    default and default / d), +- one std over seeds as error bars; a ring marks the lr each size's dev
+    score picks. ``table``: :func:`workbench.studies.empirical_lr.lr_table`."""
+    _need(table, ["method", "size", "lr_divisor", "test", "test_std", "chosen"], "plot_lr_by_size")
+    methods = list(dict.fromkeys(table["method"]))
+    colors = {d: f"C{i}" for i, d in enumerate(sorted(table["lr_divisor"].unique()))}  # one colour per lr everywhere
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.6), sharey=True, squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        part = table[table["method"] == method]
+        for d, line in part.groupby("lr_divisor"):
+            line = line.sort_values("size")
+            ax.errorbar(line["size"], line["test"], yerr=np.nan_to_num(line["test_std"].to_numpy(float)),
+                        marker="o", ms=4, capsize=2, color=colors[d],
+                        label="default lr" if d == 1 else f"default / {d}")
+        picked = part[part["chosen"]].sort_values("size")
+        ax.plot(picked["size"], picked["test"], "o", ms=11, mfc="none", mec="black", label="picked by dev")
+        ax.set(xscale="log", xlabel="size (rank or bottleneck)", title=method)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def plot_score_heatmaps(table, title: str = "mean score: N x parameter size", methods=None):
     """One heat map per method (rows: N, columns: the method's sizes, smallest first) of the mean
     score over seeds, annotated, on a colour scale shared by the methods. ``table``: rows of one task

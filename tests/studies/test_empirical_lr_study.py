@@ -1,0 +1,73 @@
+"""The lr check of the empirical study: its grid and its analyses on planted runs."""
+
+import numpy as np
+import pandas as pd
+
+from workbench.studies import empirical, get_study
+from workbench.studies import empirical_lr as study
+
+
+def test_grid():
+    cfgs = get_study("empirical-lr").configs()
+    assert len(cfgs) == 3 * 4 * 2 * 3
+    assert {(c.task, c.n_shots, c.pool_size) for c in cfgs} == {("shapes-vqa", 1000, 10_000)}
+    assert {c.method for c in cfgs} == set(study.METHODS)
+    for c in cfgs:  # default / 3 and / 10, never the default itself (those runs are the empirical bundle's)
+        assert c.lr < c.default_lr()
+        assert min(abs(c.default_lr() / c.lr - d) for d in study.LR_DIVISORS) < 1e-9
+    assert not {c.hash for c in cfgs} & set(get_study("empirical").hashes())
+    assert [c.seed for c in cfgs[:24]] == [13] * 24  # whole seeds first
+
+
+def _planted():
+    """LoRA at N = 1000: at the default lr (0.003) the largest rank falls behind; at lr / 10 it is best."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for size in (1, 4, 16, 64):
+        for lr, score in ((0.003, 0.66 - (0.15 if size == 64 else 0)), (0.001, 0.64 + 0.02 * np.log2(size) / 3),
+                          (0.0003, 0.6)):
+            for seed in (13, 21, 42):
+                acc = score + rng.normal(0, 0.004)
+                rows.append({"run": f"{size}-{lr}-{seed}", "task": "shapes-vqa", "n_shots": 1000, "method": "lora",
+                             "method_config": {"r": size}, "size": size, "seed": seed,
+                             "lr": np.nan if lr == 0.003 else lr, "test_acc": acc, "dev_best": acc + 0.03})
+    df = pd.DataFrame(rows)
+    return df[df["lr"].isna()], df[df["lr"].notna()]
+
+
+def _patch(monkeypatch):
+    main, lr = _planted()
+    monkeypatch.setattr(study, "_results", lambda store, default_lr_only=True: main if store == "main" else lr)
+
+
+def test_lr_table_picks_each_size_by_dev(monkeypatch):
+    _patch(monkeypatch)
+    t = study.lr_table("lr", main="main")
+    assert len(t) == 12 and (t["seeds"] == 3).all()
+    assert set(t.loc[t["default_lr"], "lr"]) == {0.003}
+    chosen = t[t["chosen"]].set_index("size")["lr"]
+    assert chosen[64] == 0.001 and chosen[1] == 0.003
+
+
+def test_size_trend_and_verdict_with_a_learning_rate_per_size(monkeypatch):
+    _patch(monkeypatch)
+    trend = study.size_trend("lr", main="main").set_index("lr")
+    assert trend.loc["default", "spearman"] < 0 and trend.loc["default", "best_size"] != 64
+    assert trend.loc["per size", "ci_low"] > 0 and trend.loc["per size", "best_size"] == 64
+    row = study.verdicts("lr", main="main").iloc[0]
+    assert row["verdict"] == "reproduced" and "lora +" in row["workbench"] and "shared default lr" in row["workbench"]
+
+
+def test_without_runs(monkeypatch):
+    monkeypatch.setattr(study, "_results", lambda store, default_lr_only=True: pd.DataFrame())
+    assert study.lr_table("lr", main="main").empty and study.size_trend("lr", main="main").empty
+    row = study.verdicts("lr", main="main").iloc[0]
+    assert row["verdict"] == "inconclusive" and row["workbench"] == "no runs yet"
+
+
+def test_a_half_trained_learning_rate_is_not_picked(monkeypatch):
+    main, lr = _planted()
+    lr = lr[~((lr["lr"] == 0.001) & (lr["seed"] != 13))]  # lr / 3: one seed so far
+    monkeypatch.setattr(study, "_results", lambda store, default_lr_only=True: main if store == "main" else lr)
+    t = study.lr_table("lr", main="main")
+    assert not t[(t["lr"] == 0.001) & t["chosen"]].size

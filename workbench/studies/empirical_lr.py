@@ -1,0 +1,148 @@
+"""Is it parameter size or the learning rate? A check on one of the empirical study's findings.
+
+In the empirical study (:mod:`workbench.studies.empirical`) every size of a method trains at that
+method's one default learning rate. On shapes-vqa (not consistent with pre-training) at N = 1000 the
+largest sizes then fall behind the middle ones (LoRA r = 64, the parallel adapter with bottleneck
+128), with a training loss that stalls; so "performance rises with parameter size" comes out
+inconclusive there. A learning rate that suits a rank-1 LoRA need not suit a rank-64 one. This study
+trains the three layer-composition methods (LoRA, the serial and the parallel adapter) at their four
+sizes on shapes-vqa at N = 1000 with two lower learning rates, the default / 3 and / 10, over the
+study's three seeds (72 runs; the default-lr runs are the empirical bundle's), and picks each size's
+learning rate by its **dev** score (the mean over seeds of the best validation accuracy), as a
+researcher tuning each size would, never by the test score it reports.
+
+    python -m workbench.studies run empirical-lr --executor processes --workers 2 --threads 1
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from ..train import RunConfig
+from .empirical import SIZES, STUDY_SEEDS, _results, config, spearman_interval
+from .study import Study, register_study
+
+NAME = "empirical-lr"
+TASK = "shapes-vqa"
+N_SHOTS = 1000
+METHODS = ("lora", "houlsby", "parallel")
+# The learning rates tried besides the method's default: default / d. Only lower ones: the default
+# was tuned on the middle sizes, and the large sizes' stalled losses point down.
+LR_DIVISORS = (3, 10)
+
+
+def lr_configs() -> list[RunConfig]:
+    """The grid: seed, then method, size and learning rate (a partial bundle has whole seeds first)."""
+    out = []
+    for seed in STUDY_SEEDS:
+        for method in METHODS:
+            for size in SIZES[method][1]:
+                base = config(TASK, method, size, N_SHOTS, seed)
+                out += [replace(base, lr=base.default_lr() / d) for d in LR_DIVISORS]
+    return out
+
+
+def _runs(store, main=None):
+    """This study's runs and the empirical study's default-lr runs of the same cells, with the resolved
+    learning rate (``lr``) and whether it is the method's default (``default_lr``)."""
+    import pandas as pd
+
+    if main is None:
+        from .bundle import load_study
+
+        main = load_study("empirical")
+    parts = [_results(store, default_lr_only=False), _results(main)]
+    df = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else parts[0]
+    if df.empty:
+        return df
+    df = df[(df["task"] == TASK) & (df["n_shots"] == N_SHOTS) & df["method"].isin(METHODS)]
+    df = df.drop_duplicates(subset="run") if "run" in df.columns else df
+    default = [RunConfig(method=m, method_config=mc or {}).default_lr() for m, mc in
+               zip(df["method"], df["method_config"])]
+    lr = df["lr"].to_numpy(float) if "lr" in df.columns else np.full(len(df), np.nan)
+    lr = np.where(np.isfinite(lr), lr, default)
+    return df.assign(lr=lr, default_lr=np.isclose(lr, default, rtol=1e-9, atol=0))
+
+
+def lr_table(store, main=None):
+    """Per method, size and learning rate: mean dev and test accuracy over seeds (the test std and the
+    seeds), whether the lr is the method's default (``lr_divisor``: default / lr), and ``chosen``: the lr the dev score picks for that
+    size (among the lrs with the most seeds of the size, so a half-trained lr is not picked by luck)."""
+    import pandas as pd
+
+    df = _runs(store, main)
+    cols = ["method", "size", "lr", "lr_divisor", "default_lr", "dev", "test", "test_std", "seeds", "chosen"]
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    t = (df.groupby(["method", "size", "lr", "default_lr"])
+         .agg(dev=("dev_best", "mean"), test=("test_acc", "mean"), test_std=("test_acc", "std"),
+              seeds=("seed", "nunique")).reset_index())
+    default = {m: RunConfig(method=m).default_lr() for m in t["method"].unique()}
+    t["lr_divisor"] = [int(round(default[m] / lr)) for m, lr in zip(t["method"], t["lr"])]  # 1: the default
+    t["chosen"] = False
+    for _, part in t.groupby(["method", "size"]):
+        full = part[part["seeds"] == part["seeds"].max()]
+        t.loc[full["dev"].idxmax(), "chosen"] = True
+    return t[cols].sort_values(["method", "size", "lr"]).reset_index(drop=True)
+
+
+def size_trend(store, main=None):
+    """Per method: Spearman's rank correlation of test accuracy with log size over sizes and seeds,
+    with the shared default learning rate (``lr="default"``: the empirical study's setting) and with
+    each size at its dev-picked learning rate (``lr="per size"``), a bootstrap 95 % interval, the best
+    size by mean test accuracy and that mean."""
+    import pandas as pd
+
+    df = _runs(store, main)
+    cols = ["method", "lr", "spearman", "ci_low", "ci_high", "best_size", "best_test", "runs"]
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    chosen = lr_table(store, main)
+    chosen = {(r.method, r.size): r.lr for r in chosen.itertuples() if r.chosen}
+    rows, rng = [], np.random.default_rng(0)
+    for method in [m for m in METHODS if m in set(df["method"])]:
+        part = df[df["method"] == method]
+        for name, keep in (("default", part["default_lr"].to_numpy()),
+                           ("per size", np.array([np.isclose(lr, chosen.get((method, s), np.nan))
+                                                  for s, lr in zip(part["size"], part["lr"])]))):
+            sel = part[keep]
+            if sel["size"].nunique() < 2:
+                continue
+            rho, lo, hi = spearman_interval(np.log(sel["size"].to_numpy(float)), sel["test_acc"].to_numpy(float), rng)
+            means = sel.groupby("size")["test_acc"].mean()
+            rows.append({"method": method, "lr": name, "spearman": rho, "ci_low": lo, "ci_high": hi,
+                         "best_size": int(means.idxmax()), "best_test": float(means.max()), "runs": len(sel)})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def verdicts(store, main=None):
+    """The empirical study's size finding on the inconsistent task, re-tested at N = 1000 with a
+    learning rate per size (one row: finding, paper, workbench, verdict)."""
+    import pandas as pd
+
+    from ._common import overall, verdict
+
+    trend = size_trend(store, main)
+    per = trend[trend["lr"] == "per size"] if len(trend) else trend
+    shared = trend[trend["lr"] == "default"] if len(trend) else trend
+    text = "; ".join(f"{r.method} {r.spearman:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]" for r in per.itertuples())
+    before = "; ".join(f"{r.method} {r.spearman:+.2f}" for r in shared.itertuples())
+    return pd.DataFrame([{
+        "finding": "on the inconsistent task performance rises with parameter size (N = 1000, a learning "
+                   "rate per size)",
+        "paper": "yes (finding 1: on a task not consistent with pre-training, more parameters help)",
+        "workbench": (f"Spearman with log size, each size at its dev-picked lr of default, /3, /10: {text}"
+                      + (f" (at the shared default lr: {before})" if before else "")) if text else "no runs yet",
+        "verdict": overall(verdict(r.ci_low, r.ci_high) for r in per.itertuples()) if len(per) else "inconclusive",
+    }], columns=["finding", "paper", "workbench", "verdict"])
+
+
+STUDY = register_study(Study(
+    NAME,
+    "Size or learning rate? LoRA, the serial and the parallel adapter at their four sizes on shapes-vqa at "
+    "N = 1000 with the default learning rate / 3 and / 10, 3 seeds (the default-lr runs are the empirical "
+    "study's); each size's lr picked by its dev score.",
+    grids=lr_configs,
+    analyses={"lr_table": lr_table, "size_trend": size_trend, "verdicts": verdicts},
+))
