@@ -65,9 +65,15 @@ def test_without_runs(monkeypatch):
     assert row["verdict"] == "inconclusive" and row["workbench"] == "no runs yet"
 
 
-def test_a_half_trained_learning_rate_is_not_picked(monkeypatch):
-    main, lr = _planted()
-    lr = lr[~((lr["lr"] == 0.001) & (lr["seed"] != 13))]  # lr / 3: one seed so far
+def test_learning_rates_are_compared_over_the_seeds_they_share(monkeypatch):
+    """A partial bundle: lr / 3 has seed 13 only. Over all seeds the default's mean dev (0.633) is below
+    lr / 3's seed 13 (0.68), but on seed 13 the default is better (0.70): the default is picked."""
+    rows = [{"run": f"d{seed}", "seed": seed, "lr": np.nan, "dev_best": dev} for seed, dev in
+            ((13, 0.70), (21, 0.60), (42, 0.60))] + [{"run": "t13", "seed": 13, "lr": 0.001, "dev_best": 0.68}]
+    df = pd.DataFrame(rows).assign(task="shapes-vqa", n_shots=1000, method="lora", method_config=[{"r": 4}] * 4,
+                                   size=4, test_acc=0.6)
+    main, lr = df[df["lr"].isna()], df[df["lr"].notna()]
     monkeypatch.setattr(study, "_results", lambda store, default_lr_only=True: main if store == "main" else lr)
-    t = study.lr_table("lr", main="main")
-    assert not t[(t["lr"] == 0.001) & t["chosen"]].size
+    t = study.lr_table("lr", main="main").set_index("lr_divisor")
+    assert t.loc[1, "chosen"] and not t.loc[3, "chosen"]
+    assert t.loc[1, "seeds"] == 3 and t.loc[3, "seeds"] == 1

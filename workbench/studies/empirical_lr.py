@@ -68,7 +68,8 @@ def _runs(store, main=None):
 def lr_table(store, main=None):
     """Per method, size and learning rate: mean dev and test accuracy over seeds (the test std and the
     seeds), whether the lr is the method's default (``lr_divisor``: default / lr), and ``chosen``: the lr the dev score picks for that
-    size (among the lrs with the most seeds of the size, so a half-trained lr is not picked by luck)."""
+    size, the lrs compared over the seeds they all have (a partial bundle's lr with one seed so far is
+    judged against the others on that seed, not on their other seeds))."""
     import pandas as pd
 
     df = _runs(store, main)
@@ -81,9 +82,16 @@ def lr_table(store, main=None):
     default = {m: RunConfig(method=m).default_lr() for m in t["method"].unique()}
     t["lr_divisor"] = [int(round(default[m] / lr)) for m, lr in zip(t["method"], t["lr"])]  # 1: the default
     t["chosen"] = False
-    for _, part in t.groupby(["method", "size"]):
-        full = part[part["seeds"] == part["seeds"].max()]
-        t.loc[full["dev"].idxmax(), "chosen"] = True
+    for (method, size), part in t.groupby(["method", "size"]):
+        runs = df[(df["method"] == method) & (df["size"] == size)]
+        by_lr = runs.groupby("lr")
+        shared = set.intersection(*(set(g["seed"]) for _, g in by_lr))
+        if shared:  # compare the lrs over the seeds they all have: a partial lr is not judged on other seeds
+            dev = runs[runs["seed"].isin(shared)].groupby("lr")["dev_best"].mean()
+            t.loc[part.index[part["lr"].to_numpy() == dev.idxmax()], "chosen"] = True
+        else:
+            full = part[part["seeds"] == part["seeds"].max()]
+            t.loc[full["dev"].idxmax(), "chosen"] = True
     return t[cols].sort_values(["method", "size", "lr"]).reset_index(drop=True)
 
 
