@@ -30,9 +30,9 @@ def _planted():
                 acc = score + rng.normal(0, 0.004)
                 rows.append({"run": f"{size}-{lr}-{seed}", "task": "shapes-vqa", "n_shots": 1000, "method": "lora",
                              "method_config": {"r": size}, "size": size, "seed": seed,
-                             "lr": np.nan if lr == 0.003 else lr, "test_acc": acc, "dev_best": acc + 0.03})
-    df = pd.DataFrame(rows)
-    return df[df["lr"].isna()], df[df["lr"].notna()]
+                             "lr": lr, "default_lr": lr == 0.003, "test_acc": acc, "dev_best": acc + 0.03})
+    df = pd.DataFrame(rows)  # as empirical._results gives them: the lr resolved, the default flagged
+    return df[df["default_lr"]], df[~df["default_lr"]]
 
 
 def _patch(monkeypatch):
@@ -68,11 +68,12 @@ def test_without_runs(monkeypatch):
 def test_learning_rates_are_compared_over_the_seeds_they_share(monkeypatch):
     """A partial bundle: lr / 3 has seed 13 only. Over all seeds the default's mean dev (0.633) is below
     lr / 3's seed 13 (0.68), but on seed 13 the default is better (0.70): the default is picked."""
-    rows = [{"run": f"d{seed}", "seed": seed, "lr": np.nan, "dev_best": dev} for seed, dev in
+    rows = [{"run": f"d{seed}", "seed": seed, "lr": 0.003, "dev_best": dev} for seed, dev in
             ((13, 0.70), (21, 0.60), (42, 0.60))] + [{"run": "t13", "seed": 13, "lr": 0.001, "dev_best": 0.68}]
     df = pd.DataFrame(rows).assign(task="shapes-vqa", n_shots=1000, method="lora", method_config=[{"r": 4}] * 4,
                                    size=4, test_acc=0.6)
-    main, lr = df[df["lr"].isna()], df[df["lr"].notna()]
+    df["default_lr"] = df["lr"] == 0.003
+    main, lr = df[df["default_lr"]], df[~df["default_lr"]]
     monkeypatch.setattr(study, "_results", lambda store, default_lr_only=True: main if store == "main" else lr)
     t = study.lr_table("lr", main="main").set_index("lr_divisor")
     assert t.loc[1, "chosen"] and not t.loc[3, "chosen"]

@@ -106,23 +106,34 @@ def _results(store, default_lr_only: bool = True):
     """The store's runs of the study's grid: the five methods at one of their four sizes, on a caption
     or a VQA task, at the method's default learning rate (other runs the store holds, e.g. other
     studies' LoRA at its default rank or the lr check's runs, :mod:`.empirical_lr`, are left out;
-    ``default_lr_only=False`` keeps every learning rate)."""
-    from ..methods import get_config
+    ``default_lr_only=False`` keeps every learning rate). Adds ``size``, ``composition``, the
+    resolved ``lr`` and ``default_lr`` (whether it is the method's default)."""
     from ..train import RunStore, load_results
 
     df = load_results(store if isinstance(store, RunStore) else RunStore(store))
     if df.empty:
         return df
     df = df[df["method"].isin(list(SIZES)) & df["task"].apply(lambda t: _kind_or_none(t) in _KIND_CONSISTENT)]
-    if default_lr_only and "lr" in df.columns and len(df):
-        # A run at an explicit lr equal to the default is the same run (the hash resolves lr).
-        default = [get_config(m, **(mc or {})).lr for m, mc in zip(df["method"], df["method_config"])]
-        df = df[np.array([lr is None or not np.isfinite(lr) or np.isclose(lr, d, rtol=1e-9, atol=0)
-                          for lr, d in zip(df["lr"], default)], dtype=bool)]
+    # The resolved lr, and whether it is the method's default (an explicit lr equal to the default is
+    # the same run: the hash resolves lr).
+    raw = (np.array([np.nan if v is None else v for v in df["lr"]], dtype=float) if "lr" in df.columns
+           else np.full(len(df), np.nan))
+    default = np.array([default_lr(m, mc) for m, mc in zip(df["method"], df["method_config"])], dtype=float)
+    df = df.assign(lr=np.where(np.isfinite(raw), raw, default),
+                   default_lr=~np.isfinite(raw) | np.isclose(raw, default, rtol=1e-9, atol=0))
+    if default_lr_only:
+        df = df[df["default_lr"].to_numpy(bool)]
     df = df.assign(size=[size_of(m, mc or {}) for m, mc in zip(df["method"], df["method_config"])],
                    composition=df["method"].map(COMPOSITION))
     # (a bool array: an empty list would select no columns instead of no rows)
     return df[np.array([size in SIZES[m][1] for m, size in zip(df["method"], df["size"])], dtype=bool)]
+
+
+def default_lr(method: str, method_config: dict | None = None) -> float:
+    """The learning rate a run of ``method`` uses when its config leaves ``lr`` unset."""
+    from ..methods import get_config
+
+    return get_config(method, **(method_config or {})).lr
 
 
 def _kind_or_none(task):

@@ -20,7 +20,7 @@ from dataclasses import replace
 import numpy as np
 
 from ..train import RunConfig
-from .empirical import SIZES, STUDY_SEEDS, _results, config, spearman_interval
+from .empirical import SIZES, STUDY_SEEDS, _results, config, default_lr, spearman_interval
 from .study import Study, register_study
 
 NAME = "empirical-lr"
@@ -44,25 +44,20 @@ def lr_configs() -> list[RunConfig]:
 
 
 def _runs(store, main=None):
-    """This study's runs and the empirical study's default-lr runs of the same cells, with the resolved
-    learning rate (``lr``) and whether it is the method's default (``default_lr``)."""
+    """This study's runs and the empirical study's default-lr runs of the same cells, each with its
+    resolved learning rate (``lr``) and whether it is the method's default (``default_lr``)."""
     import pandas as pd
 
     if main is None:
         from .bundle import load_study
 
         main = load_study("empirical")
-    parts = [_results(store, default_lr_only=False), _results(main)]
-    df = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else parts[0]
-    if df.empty:
-        return df
+    parts = [p for p in (_results(store, default_lr_only=False), _results(main)) if len(p)]
+    if not parts:
+        return pd.DataFrame()
+    df = pd.concat(parts, ignore_index=True)
     df = df[(df["task"] == TASK) & (df["n_shots"] == N_SHOTS) & df["method"].isin(METHODS)]
-    df = df.drop_duplicates(subset="run") if "run" in df.columns else df
-    default = [RunConfig(method=m, method_config=mc or {}).default_lr() for m, mc in
-               zip(df["method"], df["method_config"])]
-    lr = df["lr"].to_numpy(float) if "lr" in df.columns else np.full(len(df), np.nan)
-    lr = np.where(np.isfinite(lr), lr, default)
-    return df.assign(lr=lr, default_lr=np.isclose(lr, default, rtol=1e-9, atol=0))
+    return df.drop_duplicates(subset="run")
 
 
 def lr_table(store, main=None):
@@ -79,8 +74,7 @@ def lr_table(store, main=None):
     t = (df.groupby(["method", "size", "lr", "default_lr"])
          .agg(dev=("dev_best", "mean"), test=("test_acc", "mean"), test_std=("test_acc", "std"),
               seeds=("seed", "nunique")).reset_index())
-    default = {m: RunConfig(method=m).default_lr() for m in t["method"].unique()}
-    t["lr_divisor"] = [int(round(default[m] / lr)) for m, lr in zip(t["method"], t["lr"])]  # 1: the default
+    t["lr_divisor"] = [int(round(default_lr(m) / lr)) for m, lr in zip(t["method"], t["lr"])]  # 1: the default
     t["chosen"] = False
     for (method, size), part in t.groupby(["method", "size"]):
         runs = df[(df["method"] == method) & (df["size"] == size)]
