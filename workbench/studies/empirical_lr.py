@@ -62,12 +62,16 @@ def _runs(store, main=None):
 
 def lr_table(store, main=None):
     """Per method, size and learning rate: mean dev and test accuracy over seeds (the test std and the
-    seeds), whether the lr is the method's default (``lr_divisor``: default / lr), and ``chosen``: the lr the dev score picks for that
-    size, the lrs compared over the seeds they all have (a partial bundle's lr with one seed so far is
-    judged against the others on that seed, not on their other seeds))."""
+    seeds), whether the lr is the method's default (``lr_divisor``: default / lr), and ``chosen``: the
+    lr the dev score picks for that size, the lrs compared over the seeds they all have (a partial
+    bundle's lr with one seed so far is judged against the others on that seed only)."""
+    return _lr_table(_runs(store, main))
+
+
+def _lr_table(df):
+    """:func:`lr_table` of the frame :func:`_runs` gives (read once by the analyses that need both)."""
     import pandas as pd
 
-    df = _runs(store, main)
     cols = ["method", "size", "lr", "lr_divisor", "default_lr", "dev", "test", "test_std", "seeds", "chosen"]
     if df.empty:
         return pd.DataFrame(columns=cols)
@@ -100,7 +104,7 @@ def size_trend(store, main=None):
     cols = ["method", "lr", "spearman", "ci_low", "ci_high", "best_size", "best_test", "runs"]
     if df.empty:
         return pd.DataFrame(columns=cols)
-    chosen = lr_table(store, main)
+    chosen = _lr_table(df)
     chosen = {(r.method, r.size): r.lr for r in chosen.itertuples() if r.chosen}
     rows, rng = [], np.random.default_rng(0)
     for method in [m for m in METHODS if m in set(df["method"])]:
