@@ -277,6 +277,34 @@ def test_provenance_records_commit_machine_threads_and_wall_time(env, monkeypatc
             assert entry["machine"] is None
 
 
+def test_a_study_stopped_midway_keeps_the_provenance_of_the_runs_it_finished(env, monkeypatch):
+    # A session that ends kills the sweep: the run that finished before keeps its commit and machine.
+    import workbench.train.loop as loop
+
+    real_run, calls = loop.run, []
+
+    def run_then_stop(cfg, *args, **kwargs):
+        calls.append(cfg.seed)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_run(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "run", run_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(NAME, progress=False)
+    first = env.base.replace(seed=calls[0]).hash
+    assert RunStore(env.store).finished() == [first]
+    record = json.loads((env.store / ".provenance" / f"{first}.json").read_text())
+    assert "commit" in record and "dirty" in record and record["executor"] == "local" and record["trained"]
+    assert record["machine"]["threads"] == 1 and record["machine"]["torch"] == torch.__version__
+
+    monkeypatch.setattr(loop, "run", real_run)
+    run_study(NAME, progress=False)  # the next session resumes
+    export_study(NAME)
+    prov = json.loads((env.bundle / "provenance.json").read_text())
+    assert all(e["executor"] == "local" and e["trained"] for e in prov["runs"].values())
+
+
 def test_cli_status_run_export_verify(env, capsys):
     args = ["--store", str(env.store), "--results", str(env.results)]
     assert main(["status", NAME, *args]) == 0

@@ -69,8 +69,11 @@ def test_sweep_records_failures_goes_on_and_resumes(tiny, tmp_path):
     store = RunStore(tmp_path / "store")
     bad = tiny.replace(seed=21, task_options={**tiny.task_options, "target": "bogus"})
     configs = grid(tiny, seed=[13, 21], method_config__r=4) + [bad, tiny.replace(method_config={"r": 4})]
-    df = sweep(configs, store=store, progress=False)
+    landed = []
+    df = sweep(configs, store=store, progress=False, on_run=lambda c, h, r: landed.append((c, h, store.is_finished(h))))
     assert df["status"].tolist() == ["done", "done", "failed", "reused"]  # the last repeats the first
+    # on_run: once per run trained now, after it is in the store; not for the failure or the repeat
+    assert landed == [(configs[0], configs[0].hash, True), (configs[1], configs[1].hash, True)]
     assert "task_options['target']" in df["error"][2] and df["error"][2].startswith("ValueError")
     assert df["error"][[0, 1, 3]].isna().all() and math.isnan(df["test_acc"][2])
     assert df["run"].tolist() == [c.hash for c in configs]
@@ -80,8 +83,9 @@ def test_sweep_records_failures_goes_on_and_resumes(tiny, tmp_path):
     assert df["test_acc"][1] == load_run(df["run"][1], store).metrics["test"]["overall"]
     assert (df["trainable_pct"][[0, 1]] > 0).all()
 
-    again = sweep(configs, store=store, progress=True)  # with the bar
+    again = sweep(configs, store=store, progress=True, on_run=lambda *a: landed.append(a))  # with the bar
     assert again["status"].tolist() == ["reused", "reused", "failed", "reused"]
+    assert len(landed) == 2  # nothing trained, nothing reported
     pd.testing.assert_series_equal(again["test_acc"], df["test_acc"])
     pd.testing.assert_series_equal(again["wall_s"], df["wall_s"])  # the stored run's own time
 
@@ -96,6 +100,8 @@ def test_sweep_checks_the_store_and_executor_first(tiny, tmp_path):
         sweep([tiny], store=blocker / "runs", progress=False)
     with pytest.raises(ValueError, match="executor must be one of"):
         sweep([tiny], executor="threads", store=tmp_path / "s", progress=False)
+    with pytest.raises(TypeError, match="on_run must be a callable"):
+        sweep([tiny], store=tmp_path / "s", progress=False, on_run="log")
     assert not (tmp_path / "s").exists()
 
 
@@ -118,8 +124,11 @@ def _same_runs(df_a, store_a, df_b, store_b):
 def test_processes_executor_gives_the_local_metrics(tiny, tmp_path):
     configs = grid(tiny, seed=[13, 21])
     local = sweep(configs, store=tmp_path / "local", progress=False)
-    procs = sweep(configs, executor="processes", workers=2, store=tmp_path / "procs", progress=False)
+    landed = []
+    procs = sweep(configs, executor="processes", workers=2, store=tmp_path / "procs", progress=False,
+                  on_run=lambda c, h, r: landed.append(h))
     assert procs["status"].tolist() == ["done", "done"]
+    assert sorted(landed) == sorted(c.hash for c in configs)  # in the driver, in the order they finish
     assert procs["quiet"].tolist() == [True, True]
     _same_runs(local, RunStore(tmp_path / "local"), procs, RunStore(tmp_path / "procs"))
 

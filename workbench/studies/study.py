@@ -23,7 +23,8 @@ reads the bundle as a run store (:mod:`workbench.studies.bundle`).
 
 :func:`run_study` is the Python side of ``run``: it filters the grid, skips what the store or the
 study's bundle already holds, sweeps the rest (local, processes or Ray) and records, for each run
-it trained, the machine it was trained on (``<store>/.provenance/<hash>.json``), which the bundle's
+it trained, as soon as the run lands, the machine it was trained on and the commit
+(``<store>/.provenance/<hash>.json``), which the bundle's
 ``provenance.json`` carries and :func:`~workbench.studies.verify_study` reads to decide between an
 exact and a tolerant comparison.
 """
@@ -379,13 +380,6 @@ def run_study(name: str | Study, executor: str = "local", store: RunStore | str 
         n = len([c for c in chosen if not layered.is_finished(hash_of[id(c)])])
         workers = workers or max(1, min(n, os.cpu_count() or 1))
         threads = threads or max(1, (os.cpu_count() or 1) // workers)
-    with _torch_threads(threads if executor == "local" else None):
-        df = sweep(chosen, executor=executor, store=layered, workers=workers, progress=progress,
-                   threads=threads if executor != "local" else None, **ray_args)
-
-    # Record the machine of every run trained now (the bundle's provenance and verify_study read it).
-    # A Ray task on another node ran on a machine this process does not know: its machine is not recorded.
-    remote = executor == "ray" and not _ray_is_this_machine()
     if executor == "local":
         used_threads = threads or torch.get_num_threads()
     elif executor == "processes":
@@ -394,12 +388,24 @@ def run_study(name: str | Study, executor: str = "local", store: RunStore | str 
         cpus = num_cpus if num_cpus is not None else (ray_options or {}).get("num_cpus", 1) \
             if isinstance(ray_options, dict) else 1
         used_threads = threads or max(1, int(cpus))
-    for cfg, status, h in zip(chosen, df.get("status", []), df.get("run", [])):
-        if status != "done" or not isinstance(h, str):
-            continue
+
+    where = {}
+
+    def record(cfg, h, _result):
+        # The machine, commit and time of each run trained now (the bundle's provenance and
+        # verify_study read it), written as the run lands so that a sweep stopped later (a session
+        # that ends, a kill) keeps it. A Ray task on another node ran on a machine this process
+        # does not know: its machine is not recorded. Ray is connected only once the sweep runs.
+        if "remote" not in where:
+            where["remote"] = executor == "ray" and not _ray_is_this_machine()
+        remote = where["remote"]
         device = cfg.device if executor != "ray" or num_gpus else "cpu"
-        record = training_record(None if remote else current_machine(used_threads, device), executor)
-        atomic_write(overlay.root / PROVENANCE_DIR / f"{h}.json", json.dumps(record, indent=2, sort_keys=True))
+        rec = training_record(None if remote else current_machine(used_threads, device), executor)
+        atomic_write(overlay.root / PROVENANCE_DIR / f"{h}.json", json.dumps(rec, indent=2, sort_keys=True))
+
+    with _torch_threads(threads if executor == "local" else None):
+        df = sweep(chosen, executor=executor, store=layered, workers=workers, progress=progress,
+                   threads=threads if executor != "local" else None, on_run=record, **ray_args)
     df.attrs["grid"] = len(grid_hashes)
     df.attrs["finished"] = sum(layered.is_finished(h) for h in grid_hashes)
     return df

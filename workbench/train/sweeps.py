@@ -265,7 +265,7 @@ def _row(cfg: RunConfig, run_hash, result, status: str, error: str | None, mc_ke
 def sweep(configs, executor: str = "local", store: RunStore | str | os.PathLike | None = None,
           workers: int | None = None, progress: bool = True, raise_on_error: bool = False,
           threads: int | None = None, ray_options=None, num_cpus: float | None = None,
-          num_gpus: float | None = None, ray_address: str | None = None):
+          num_gpus: float | None = None, ray_address: str | None = None, on_run=None):
     """Run every config (reusing finished runs) and return one row per config as a DataFrame.
 
     Args:
@@ -305,6 +305,9 @@ def sweep(configs, executor: str = "local", store: RunStore | str | os.PathLike 
             ``max_retries``, ``resources``, ...); ``num_cpus`` / ``num_gpus`` given to ``sweep``
             override its entries. ``num_cpus``, ``num_gpus``, ``ray_address`` and ``ray_options``
             are for ``executor="ray"`` only (a ``ValueError`` otherwise).
+        on_run: called in this process as ``on_run(config, run_hash, result)`` for each run trained
+            now, as soon as it is in the store (not for reused or failed runs), so that what the
+            caller records about a run survives a sweep that is interrupted later.
 
     Returns:
         A pandas DataFrame, one row per config in the order given: every RunConfig field, a
@@ -327,6 +330,8 @@ def sweep(configs, executor: str = "local", store: RunStore | str | os.PathLike 
 
     if executor not in EXECUTORS:
         raise ValueError(f"sweep: executor must be one of {list(EXECUTORS)}, got {executor!r}")
+    if on_run is not None and not callable(on_run):
+        raise TypeError(f"sweep: on_run must be a callable (config, run_hash, result), got {type(on_run).__name__}")
     configs = list(configs)
     bad = [type(c).__name__ for c in configs if not isinstance(c, RunConfig)]
     if bad:
@@ -374,6 +379,8 @@ def sweep(configs, executor: str = "local", store: RunStore | str | os.PathLike 
     def settle(h: str, status: str, result, error: str | None):
         first, *dups = todo[h]
         finish(first, status, result, error)
+        if status == "done" and on_run is not None:
+            on_run(configs[first], h, result)
         for j in dups:  # the same config again: the run just made (or the same failure)
             finish(j, "reused" if status != "failed" else "failed", result, error)
 
