@@ -352,6 +352,7 @@ def run_study(name: str | Study, executor: str = "local", store: RunStore | str 
         _torch_threads,
         bundle_dir,
         current_machine,
+        git_commit,
         training_record,
     )
 
@@ -389,7 +390,7 @@ def run_study(name: str | Study, executor: str = "local", store: RunStore | str 
             if isinstance(ray_options, dict) else 1
         used_threads = threads or max(1, int(cpus))
 
-    where = {}
+    where, code = {}, git_commit()  # the code the sweep's workers import now
 
     def record(cfg, h, _result):
         # The machine, commit and time of each run trained now (the bundle's provenance and
@@ -400,7 +401,7 @@ def run_study(name: str | Study, executor: str = "local", store: RunStore | str 
             where["remote"] = executor == "ray" and not _ray_is_this_machine()
         remote = where["remote"]
         device = cfg.device if executor != "ray" or num_gpus else "cpu"
-        rec = training_record(None if remote else current_machine(used_threads, device), executor)
+        rec = training_record(None if remote else current_machine(used_threads, device), executor, code)
         atomic_write(overlay.root / PROVENANCE_DIR / f"{h}.json", json.dumps(rec, indent=2, sort_keys=True))
 
     with _torch_threads(threads if executor == "local" else None):
