@@ -289,16 +289,23 @@ def test_a_study_stopped_midway_keeps_the_provenance_of_the_runs_it_finished(env
             raise KeyboardInterrupt
         return real_run(cfg, *args, **kwargs)
 
+    import workbench.studies.bundle as bundle_module
+
+    # the checkout moves on while the sweep runs: the record keeps the commit the sweep started from
+    checkouts = iter([("c0ffee", False), ("beef", True)])
+    monkeypatch.setattr(bundle_module, "git_commit", lambda: next(checkouts))
     monkeypatch.setattr(loop, "run", run_then_stop)
     with pytest.raises(KeyboardInterrupt):
         run_study(NAME, progress=False)
     first = env.base.replace(seed=calls[0]).hash
     assert RunStore(env.store).finished() == [first]
     record = json.loads((env.store / ".provenance" / f"{first}.json").read_text())
-    assert "commit" in record and "dirty" in record and record["executor"] == "local" and record["trained"]
+    assert record["commit"] == "c0ffee" and record["dirty"] is False
+    assert record["executor"] == "local" and record["trained"]
     assert record["machine"]["threads"] == 1 and record["machine"]["torch"] == torch.__version__
 
     monkeypatch.setattr(loop, "run", real_run)
+    monkeypatch.setattr(bundle_module, "git_commit", lambda: ("f00d", False))
     run_study(NAME, progress=False)  # the next session resumes
     export_study(NAME)
     prov = json.loads((env.bundle / "provenance.json").read_text())
