@@ -202,13 +202,13 @@ def machine_differences(recorded: dict | None, here: dict) -> list[str]:
     return [f"{k}: {a[k]!r} (bundle) vs {b[k]!r} (here)" for k in FINGERPRINT if a[k] != b[k]]
 
 
-def training_record(machine: dict | None, executor: str, code: tuple | None = None) -> dict:
+def training_record(machine: dict | None, executor: str, code: tuple) -> dict:
     """What :func:`~workbench.studies.run_study` records beside a run it trained.
 
-    ``code``: ``(commit, dirty)`` of the code that trained it, taken when the sweep started (the
-    workers import it then; a later commit does not change what they run); default: now.
+    ``code``: ``(commit, dirty)`` (:func:`git_commit`) of the code that trained it, taken when the
+    sweep started (the workers import it then; a later commit does not change what they run).
     """
-    commit, dirty = code if code is not None else git_commit()
+    commit, dirty = code
     return {"machine": machine, "executor": executor, "trained": _now(), "commit": commit, "dirty": dirty}
 
 
