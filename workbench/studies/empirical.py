@@ -108,7 +108,7 @@ def _results(store, default_lr_only: bool = True):
     studies' LoRA at its default rank or the lr check's runs, :mod:`.empirical_lr`, are left out;
     ``default_lr_only=False`` keeps every learning rate). Adds ``size``, ``composition``, the
     resolved ``lr`` and ``default_lr`` (whether it is the method's default)."""
-    from ..train import RunStore, load_results
+    from ..train import RunConfig, RunStore, load_results
 
     df = load_results(store if isinstance(store, RunStore) else RunStore(store))
     if df.empty:
@@ -118,7 +118,8 @@ def _results(store, default_lr_only: bool = True):
     # the same run: the hash resolves lr).
     raw = (np.array([np.nan if v is None else v for v in df["lr"]], dtype=float) if "lr" in df.columns
            else np.full(len(df), np.nan))
-    default = np.array([default_lr(m, mc) for m, mc in zip(df["method"], df["method_config"])], dtype=float)
+    default = np.array([RunConfig(method=m, method_config=mc or {}).default_lr()
+                        for m, mc in zip(df["method"], df["method_config"])], dtype=float)
     df = df.assign(lr=np.where(np.isfinite(raw), raw, default),
                    default_lr=~np.isfinite(raw) | np.isclose(raw, default, rtol=1e-9, atol=0))
     if default_lr_only:
@@ -127,13 +128,6 @@ def _results(store, default_lr_only: bool = True):
                    composition=df["method"].map(COMPOSITION))
     # (a bool array: an empty list would select no columns instead of no rows)
     return df[np.array([size in SIZES[m][1] for m, size in zip(df["method"], df["size"])], dtype=bool)]
-
-
-def default_lr(method: str, method_config: dict | None = None) -> float:
-    """The learning rate a run of ``method`` uses when its config leaves ``lr`` unset."""
-    from ..methods import get_config
-
-    return get_config(method, **(method_config or {})).lr
 
 
 def _kind_or_none(task):

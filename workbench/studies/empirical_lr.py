@@ -20,7 +20,7 @@ from dataclasses import replace
 import numpy as np
 
 from ..train import RunConfig
-from .empirical import SIZES, STUDY_SEEDS, _results, config, default_lr, spearman_interval
+from .empirical import SIZES, STUDY_SEEDS, _results, config, spearman_interval
 from .study import Study, register_study
 
 NAME = "empirical-lr"
@@ -78,7 +78,8 @@ def _lr_table(df):
     t = (df.groupby(["method", "size", "lr", "default_lr"])
          .agg(dev=("dev_best", "mean"), test=("test_acc", "mean"), test_std=("test_acc", "std"),
               seeds=("seed", "nunique")).reset_index())
-    t["lr_divisor"] = [int(round(default_lr(m) / lr)) for m, lr in zip(t["method"], t["lr"])]  # 1: the default
+    default = {m: RunConfig(method=m).default_lr() for m in t["method"].unique()}
+    t["lr_divisor"] = [int(round(default[m] / lr)) for m, lr in zip(t["method"], t["lr"])]  # 1: the default
     t["chosen"] = False
     for (method, size), part in t.groupby(["method", "size"]):
         runs = df[(df["method"] == method) & (df["size"] == size)]
