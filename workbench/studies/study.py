@@ -390,16 +390,14 @@ def run_study(name: str | Study, executor: str = "local", store: RunStore | str 
             if isinstance(ray_options, dict) else 1
         used_threads = threads or max(1, int(cpus))
 
-    where, code = {}, git_commit()  # the code the sweep's workers import now
+    code = git_commit()  # the code the sweep's workers import now
 
     def record(cfg, h, _result):
         # The machine, commit and time of each run trained now (the bundle's provenance and
         # verify_study read it), written as the run lands so that a sweep stopped later (a session
         # that ends, a kill) keeps it. A Ray task on another node ran on a machine this process
         # does not know: its machine is not recorded. Ray is connected only once the sweep runs.
-        if "remote" not in where:
-            where["remote"] = executor == "ray" and not _ray_is_this_machine()
-        remote = where["remote"]
+        remote = executor == "ray" and not _ray_is_this_machine()
         device = cfg.device if executor != "ray" or num_gpus else "cpu"
         rec = training_record(None if remote else current_machine(used_threads, device), executor, code)
         atomic_write(overlay.root / PROVENANCE_DIR / f"{h}.json", json.dumps(rec, indent=2, sort_keys=True))
