@@ -78,3 +78,15 @@ def test_learning_rates_are_compared_over_the_seeds_they_share(monkeypatch):
     t = study.lr_table("lr", main="main").set_index("lr_divisor")
     assert t.loc[1, "chosen"] and not t.loc[3, "chosen"]
     assert t.loc[1, "seeds"] == 3 and t.loc[3, "seeds"] == 1
+
+
+def test_size_trend_does_not_depend_on_where_the_runs_are_read_from(monkeypatch):
+    """The same runs read from one run store (every lr together, in hash order) or from the two
+    bundles (the lr check's runs, then the main study's) give the same correlations and intervals."""
+    main, lr = _planted()
+    both = pd.concat([main, lr]).sample(frac=1, random_state=1)  # another order of the same rows
+    monkeypatch.setattr(study, "_results", lambda store, default_lr_only=True:
+                        {"main": main, "lr": lr}.get(store, both if default_lr_only is False else main))
+    split = study.size_trend("lr", main="main")
+    together = study.size_trend("store", main="store")
+    pd.testing.assert_frame_equal(split, together)

@@ -57,7 +57,9 @@ def _runs(store, main=None):
         return pd.DataFrame()
     df = pd.concat(parts, ignore_index=True)
     df = df[(df["task"] == TASK) & (df["n_shots"] == N_SHOTS) & df["method"].isin(METHODS)]
-    return df.drop_duplicates(subset="run")
+    # In hash order: the bootstrap of size_trend resamples rows by position, so the same runs read
+    # from one store or from two bundles must come in the same order to give the same interval.
+    return df.drop_duplicates(subset="run").sort_values("run", kind="stable").reset_index(drop=True)
 
 
 def lr_table(store, main=None):
