@@ -90,3 +90,17 @@ def test_size_trend_does_not_depend_on_where_the_runs_are_read_from(monkeypatch)
     split = study.size_trend("lr", main="main")
     together = study.size_trend("store", main="store")
     pd.testing.assert_frame_equal(split, together)
+
+
+def test_size_trend_of_a_method_depends_on_its_runs_alone(monkeypatch):
+    """Adding LoRA's runs leaves the Houlsby adapter's interval as it was (a generator per row;
+    LoRA's rows come first)."""
+    main, lr = _planted()
+    houlsby = main.assign(method="houlsby", run=main["run"] + "-h")
+    monkeypatch.setattr(study, "_results", lambda store, default_lr_only=True: {
+        "houlsby": houlsby, "both": pd.concat([houlsby, main]), "lr": lr}[store])
+    alone = study.size_trend("lr", main="houlsby")
+    beside = study.size_trend("lr", main="both")
+    assert list(beside["method"].unique()) == ["lora", "houlsby"]
+    pd.testing.assert_frame_equal(alone[alone["method"] == "houlsby"].reset_index(drop=True),
+                                  beside[beside["method"] == "houlsby"].reset_index(drop=True))

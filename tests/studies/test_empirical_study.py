@@ -60,6 +60,23 @@ def test_monotonicity_finds_a_planted_trend(monkeypatch):
     assert not m.loc["n_shots", "consistent"] and m.loc["n_shots", "runs"] == 48
 
 
+def test_monotonicity_of_a_group_depends_on_its_runs_alone(monkeypatch):
+    """One group's interval is the same whether or not another group has runs, and whatever order
+    the store lists the runs in (each interval has its own generator and reads runs by hash)."""
+    rng = np.random.default_rng(0)
+    rows = [{"run": f"{m}-{n}-{s}-{seed}", "task": "shapes-vqa", "method": m, "n_shots": n, "size": s, "seed": seed,
+             "test_acc": 0.05 * np.log(n) + rng.normal(0, 0.05)}
+            for m in ("lora", "prompt") for n in (16, 64, 250) for s in (1, 4, 16) for seed in (13, 21, 42)]
+    df = pd.DataFrame(rows)
+    more = pd.DataFrame([{**r, "run": r["run"] + "-more", "seed": 87} for r in rows if r["method"] == "prompt"])
+    frames = {"one": df, "more": pd.concat([df, more]), "shuffled": df.sample(frac=1, random_state=3)}
+    monkeypatch.setattr(study, "_results", lambda store: frames[store])
+    lora = {k: study.monotonicity(k).query("method == 'lora'").reset_index(drop=True) for k in frames}
+    pd.testing.assert_frame_equal(lora["one"], lora["more"])
+    pd.testing.assert_frame_equal(lora["one"], lora["shuffled"])
+    assert study.monotonicity("more").query("method == 'prompt'")["runs"].tolist() == [54, 54]
+
+
 def _planted(task="shapes-caption"):
     rng = np.random.default_rng(1)
     rows = []

@@ -204,14 +204,21 @@ def spearman_interval(x, y, rng, n_boot: int = 500) -> tuple[float, float, float
 def monotonicity(store):
     """Per task and method: Spearman's rank correlation of the score with log N (over sizes and
     seeds) and with log size (over N and seeds), with a bootstrap 95 % interval over runs. The paper:
-    on the inconsistent task, performance rises with both."""
+    on the inconsistent task, performance rises with both. Each interval has its own generator and
+    takes the runs in hash order, so it depends on its group's runs alone (not on other groups, nor
+    on the order a store or a bundle lists them)."""
     import pandas as pd
 
     df = _results(store)
     rows = []
-    rng = np.random.default_rng(0)
+    if df.empty:
+        return pd.DataFrame(rows, columns=["task", "consistent", "method", "axis", "spearman", "ci_low", "ci_high",
+                                           "runs"])
+    if "run" in df.columns:
+        df = df.sort_values("run", kind="stable")
     for (task, method), part in df.groupby(["task", "method"]):
         for axis in ("n_shots", "size"):
+            rng = np.random.default_rng(0)
             x, y = np.log(part[axis].to_numpy(float)), part["test_acc"].to_numpy(float)
             if len(np.unique(x)) < 2:
                 continue

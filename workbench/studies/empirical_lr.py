@@ -109,7 +109,7 @@ def size_trend(store, main=None):
         return pd.DataFrame(columns=cols)
     chosen = _lr_table(df)
     chosen = {(r.method, r.size): r.lr for r in chosen.itertuples() if r.chosen}
-    rows, rng = [], np.random.default_rng(0)
+    rows = []
     for method in [m for m in METHODS if m in set(df["method"])]:
         part = df[df["method"] == method]
         for name, keep in (("default", part["default_lr"].to_numpy()),
@@ -118,7 +118,9 @@ def size_trend(store, main=None):
             sel = part[keep]
             if sel["size"].nunique() < 2:
                 continue
-            rho, lo, hi = spearman_interval(np.log(sel["size"].to_numpy(float)), sel["test_acc"].to_numpy(float), rng)
+            # a generator per row: one method's runs never move another's interval
+            rho, lo, hi = spearman_interval(np.log(sel["size"].to_numpy(float)), sel["test_acc"].to_numpy(float),
+                                            np.random.default_rng(0))
             means = sel.groupby("size")["test_acc"].mean()
             rows.append({"method": method, "lr": name, "spearman": rho, "ci_low": lo, "ci_high": hi,
                          "best_size": int(means.idxmax()), "best_test": float(means.max()), "runs": len(sel)})
