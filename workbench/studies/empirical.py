@@ -209,11 +209,11 @@ def monotonicity(store):
     on the order a store or a bundle lists them)."""
     import pandas as pd
 
+    cols = ["task", "consistent", "method", "axis", "spearman", "ci_low", "ci_high", "runs"]
     df = _results(store)
     rows = []
     if df.empty:
-        return pd.DataFrame(rows, columns=["task", "consistent", "method", "axis", "spearman", "ci_low", "ci_high",
-                                           "runs"])
+        return pd.DataFrame(rows, columns=cols)
     if "run" in df.columns:
         df = df.sort_values("run", kind="stable")
     for (task, method), part in df.groupby(["task", "method"]):
@@ -225,8 +225,7 @@ def monotonicity(store):
             rho, lo, hi = spearman_interval(x, y, rng)
             rows.append({"task": task, "consistent": consistent(task), "method": method, "axis": axis,
                          "spearman": rho, "ci_low": lo, "ci_high": hi, "runs": len(x)})
-    return pd.DataFrame(rows, columns=["task", "consistent", "method", "axis", "spearman", "ci_low", "ci_high",
-                                       "runs"])
+    return pd.DataFrame(rows, columns=cols)
 
 
 def _slope(x, y):
