@@ -185,11 +185,13 @@ def grid_table(store, metric: str | None = None):
     return out
 
 
-def spearman_interval(x, y, rng, n_boot: int = 500) -> tuple[float, float, float]:
+def spearman_interval(x, y, rng=None, n_boot: int = 500) -> tuple[float, float, float]:
     """Spearman's rank correlation of ``y`` with ``x`` and a bootstrap 95 % interval over the pairs
-    (``n_boot`` resamples drawn from ``rng``; resamples with one distinct ``x`` are skipped)."""
+    (``n_boot`` resamples drawn from ``rng``; resamples with one distinct ``x`` are skipped). Without
+    ``rng`` a fresh generator seeded 0 is used, so an interval depends on its own pairs alone."""
     from scipy import stats
 
+    rng = np.random.default_rng(0) if rng is None else rng
     x, y = np.asarray(x, float), np.asarray(y, float)
     rho = stats.spearmanr(x, y).statistic
     boot = []
@@ -218,11 +220,10 @@ def monotonicity(store):
         df = df.sort_values("run", kind="stable")
     for (task, method), part in df.groupby(["task", "method"]):
         for axis in ("n_shots", "size"):
-            rng = np.random.default_rng(0)
             x, y = np.log(part[axis].to_numpy(float)), part["test_acc"].to_numpy(float)
             if len(np.unique(x)) < 2:
                 continue
-            rho, lo, hi = spearman_interval(x, y, rng)
+            rho, lo, hi = spearman_interval(x, y)
             rows.append({"task": task, "consistent": consistent(task), "method": method, "axis": axis,
                          "spearman": rho, "ci_low": lo, "ci_high": hi, "runs": len(x)})
     return pd.DataFrame(rows, columns=cols)

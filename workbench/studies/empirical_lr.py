@@ -118,9 +118,8 @@ def size_trend(store, main=None):
             sel = part[keep]
             if sel["size"].nunique() < 2:
                 continue
-            # a generator per row: one method's runs never move another's interval
-            rho, lo, hi = spearman_interval(np.log(sel["size"].to_numpy(float)), sel["test_acc"].to_numpy(float),
-                                            np.random.default_rng(0))
+            # spearman_interval seeds its own generator: one method's runs never move another's interval
+            rho, lo, hi = spearman_interval(np.log(sel["size"].to_numpy(float)), sel["test_acc"].to_numpy(float))
             means = sel.groupby("size")["test_acc"].mean()
             rows.append({"method": method, "lr": name, "spearman": rho, "ci_low": lo, "ci_high": hi,
                          "best_size": int(means.idxmax()), "best_test": float(means.max()), "runs": len(sel)})
