@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from workbench.studies import (
     verify_study,
 )
 from workbench.studies.__main__ import main
+from workbench.studies.bundle import estimate_left
 from workbench.studies.study import parse_filters, select
 from workbench.train import (
     DamagedRunWarning,
@@ -326,6 +328,7 @@ def test_cli_status_run_export_verify(env, capsys):
     out = capsys.readouterr().out
     assert "bundle: 1 of 2" in out and "to do:  1 runs" in out
     assert re.search(r"compute: \d+\.\d hours of run time in the bundle", out)
+    assert re.search(r"left:   about \d+ min of run time", out)  # the other seed, timed from the first
 
     assert main(["run", NAME, "--filter", "seed=21", "--no-progress", *args]) == 0
     assert "1 trained, 0 reused" in capsys.readouterr().out
@@ -340,6 +343,25 @@ def test_cli_status_run_export_verify(env, capsys):
     assert "unknown study 'nope'" in capsys.readouterr().err
     assert main(["run", NAME, "--filter", "shots=3", *args]) == 2
     assert "unknown filter key" in capsys.readouterr().err
+
+
+def test_estimate_left_times_each_run_from_its_cell_then_per_step():
+    base = RunConfig(task="shapes-vqa", method="lora", n_shots=64, seed=13)
+    steps64, steps1000 = base.budget()[0], replace(base, n_shots=1000).budget()[0]
+    here, there = {"cpu_model": "A"}, {"cpu_model": "B"}
+    finished = [(base, {"wall_s": 100.0, "numerics": here}),
+                (replace(base, seed=21), {"wall_s": 200.0, "numerics": here}),
+                (replace(base, seed=87), {"wall_s": 5000.0, "numerics": there}),  # another CPU: not counted
+                (replace(base, seed=100), {"numerics": here}), (replace(base, seed=99), ["damaged"])]  # no wall time
+    assert estimate_left([replace(base, seed=42)], finished, cpu="A") == pytest.approx(150.0)
+    # only the other CPU ran the cell: its time counts
+    assert estimate_left([replace(base, seed=42)], finished, cpu="C") == pytest.approx((100 + 200 + 5000) / 3)
+    # no run of the cell at this N: the same method and size at another N, per step, times this budget
+    assert estimate_left([replace(base, n_shots=1000)], finished, cpu="A") == pytest.approx(150.0 / steps64 * steps1000)
+    # another size: no run of it at any N, so the mean per step over every finished run
+    other = replace(base, method_config={"r": 64})
+    assert estimate_left([other, replace(base, seed=42)], finished, cpu="A") == pytest.approx(150.0 / steps64 * other.budget()[0] + 150.0)
+    assert estimate_left([base], [], cpu="A") is None
 
 
 def test_python_m_workbench_studies_status_gallery(tmp_path):

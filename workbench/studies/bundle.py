@@ -677,6 +677,7 @@ class StudyStatus:
     outdated: int = 0
     damaged: int = 0
     bundle_wall_s: float | None = None  # the bundle's runs' summed wall time (provenance.json)
+    left_s: float | None = None  # estimated run time of the runs still to do (estimate_left)
 
     def __str__(self) -> str:
         lines = [f"study {self.name}: {self.description}", f"  grid:   {self.grid} runs",
@@ -698,7 +699,59 @@ class StudyStatus:
         lines.append(f"  to do:  {todo} runs" + (f" (python -m workbench.studies run {self.name})" if todo else
                                                    "" if self.in_bundle == self.grid else
                                                    f" (export: python -m workbench.studies export {self.name})"))
+        if todo and self.left_s:
+            left = f"{self.left_s / 3600:.1f} hours" if self.left_s >= 3600 else f"{self.left_s / 60:.0f} min"
+            lines.append(f"  left:   about {left} of run time (estimated from the finished runs' wall times, "
+                         "this CPU's where it ran any; divide by the workers)")
         return "\n".join(lines)
+
+
+def estimate_left(todo, finished, cpu: str | None = None) -> float | None:
+    """Estimated summed wall time (s) of the RunConfigs ``todo``, from finished runs' ``timings.json``.
+
+    ``finished`` holds ``(RunConfig, timings)`` pairs of finished runs (``timings``: the run's
+    ``timings.json``, its ``wall_s`` and ``numerics.cpu_model``). Each run to do is estimated from the finished runs of its cell (the
+    same config but the seed): their mean wall time; failing that, the mean wall time per step of
+    its cell at other N (same config but seed and N) times its step budget; failing that, the mean
+    per step over all finished runs. Where runs on ``cpu`` (default: this machine's) exist at a
+    level, only they count, since another CPU (or another thread count) runs at another speed.
+    None when no finished run has a wall time.
+    """
+    cpu = cpu_model() if cpu is None else cpu
+
+    def keys(cfg):
+        d = {k: v for k, v in cfg.hash_fields().items() if k not in ("seed", "max_steps", "eval_every")}
+        cell = json.dumps(d, sort_keys=True, default=str)
+        d.pop("n_shots", None)
+        return cell, json.dumps(d, sort_keys=True, default=str)
+
+    by_cell, by_size, every = {}, {}, []
+    for cfg, timing in finished:
+        wall = timing.get("wall_s") if isinstance(timing, dict) else None
+        if not isinstance(wall, (int, float)) or wall <= 0:
+            continue
+        here = (timing.get("numerics") or {}).get("cpu_model") == cpu
+        cell, size = keys(cfg)
+        per_step = wall / cfg.budget()[0]
+        by_cell.setdefault(cell, []).append((here, wall))
+        by_size.setdefault(size, []).append((here, per_step))
+        every.append((here, per_step))
+
+    def mean(pairs):
+        mine = [v for here, v in pairs if here]
+        use = mine or [v for _, v in pairs]
+        return sum(use) / len(use)
+
+    if not every:
+        return None
+    total = 0.0
+    for cfg in todo:
+        cell, size = keys(cfg)
+        if cell in by_cell:
+            total += mean(by_cell[cell])
+        else:
+            total += mean(by_size.get(size) or every) * cfg.budget()[0]
+    return total
 
 
 def study_status(name: str | Study, store: RunStore | str | os.PathLike | None = None,
@@ -724,9 +777,18 @@ def study_status(name: str | Study, store: RunStore | str | os.PathLike | None =
         wall = float(json.loads((path / "provenance.json").read_text())["wall_s"])
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no or an older provenance: the line is left out
-    in_either = sum((layered is not None and layered._from_bundle(h)) or src.is_finished(h) for h in hashes)
+    todo, finished = [], []
+    for cfg in study.configs():
+        h = cfg.hash
+        where = layered.bundle.locate(h) if layered is not None and layered._from_bundle(h) else src.locate(h)
+        if where is None:
+            todo.append(cfg)
+            continue
+        with contextlib.suppress(OSError, ValueError):  # a run without timings only leaves the estimate
+            finished.append((cfg, json.loads((where / "timings.json").read_text())))
+    left = estimate_left(todo, finished) if todo else None
     return StudyStatus(study.name, study.description, len(hashes), src.root, in_store, path, path.is_dir(),
-                       in_bundle, in_either, outdated, damaged, wall)
+                       in_bundle, len(hashes) - len(todo), outdated, damaged, wall, left)
 
 
 # ------------------------------------------------------------------------------------------ verify
