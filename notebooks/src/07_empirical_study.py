@@ -28,7 +28,7 @@ from workbench.studies import empirical_lr as lr_check
 from workbench.train import run
 from workbench.utils import seed_everything
 from workbench.viz.panels import EmpiricalPanel
-from workbench.viz.study_plots import (plot_accuracy_vs_n, plot_lr_by_size, plot_score_heatmaps,
+from workbench.viz.study_plots import (lr_label, plot_accuracy_vs_n, plot_lr_by_size, plot_score_heatmaps,
                                        plot_score_vs_size)
 
 seed_everything(0, threads=2)
@@ -166,7 +166,7 @@ lr_store = load_study("empirical-lr")
 print(f"the lr-check bundle: {lr_store.completeness}")
 lrs = lr_check.lr_table(lr_store, main=store)
 display(lrs.pivot_table(index=["method", "size"], columns="lr_divisor", values="test").round(3)
-        .rename(columns=lambda d: "default lr" if d == 1 else f"default / {d}"))
+        .rename(columns=lr_label))
 fig = plot_lr_by_size(lrs)
 fig.savefig(f"{FIGURES}/07_lr_by_size.png", dpi=110, bbox_inches="tight")
 plt.show()

@@ -9,23 +9,26 @@ from workbench.studies import empirical_lr as study
 
 def test_grid():
     cfgs = get_study("empirical-lr").configs()
-    assert len(cfgs) == 3 * 4 * 2 * 3
+    assert len(cfgs) == (3 * 4 * 2 + 4) * 3  # LoRA's four ranks also at default x 3
     assert {(c.task, c.n_shots, c.pool_size) for c in cfgs} == {("shapes-vqa", 1000, 10_000)}
     assert {c.method for c in cfgs} == set(study.METHODS)
-    for c in cfgs:  # default / 3 and / 10, never the default itself (those runs are the empirical bundle's)
-        assert c.lr < c.default_lr()
-        assert min(abs(c.default_lr() / c.lr - d) for d in study.LR_DIVISORS) < 1e-9
+    for c in cfgs:  # default / 3 and / 10 (LoRA: x 3 too), never the default (those runs are the empirical bundle's)
+        ratios = [1 / d for d in study.LR_DIVISORS] + list(study.LR_MULTIPLIERS.get(c.method, ()))
+        assert min(abs(c.lr / c.default_lr() - f) for f in ratios) < 1e-9
+    assert sum(c.lr > c.default_lr() for c in cfgs) == 4 * 3 and {c.method for c in cfgs if c.lr > c.default_lr()} \
+        == {"lora"}
     assert not {c.hash for c in cfgs} & set(get_study("empirical").hashes())
-    assert [c.seed for c in cfgs[:24]] == [13] * 24  # whole seeds first
+    assert [c.seed for c in cfgs[:28]] == [13] * 28  # whole seeds first
 
 
 def _planted():
-    """LoRA at N = 1000: at the default lr (0.003) the largest rank falls behind; at lr / 10 it is best."""
+    """LoRA at N = 1000: at the default lr (0.003) the largest rank falls behind; at lr / 3 it is best;
+    x 3 (0.009) is too high for every rank."""
     rng = np.random.default_rng(0)
     rows = []
     for size in (1, 4, 16, 64):
         for lr, score in ((0.003, 0.66 - (0.15 if size == 64 else 0)), (0.001, 0.64 + 0.02 * np.log2(size) / 3),
-                          (0.0003, 0.6)):
+                          (0.0003, 0.6), (0.009, 0.55)):
             for seed in (13, 21, 42):
                 acc = score + rng.normal(0, 0.004)
                 rows.append({"run": f"{size}-{lr}-{seed}", "task": "shapes-vqa", "n_shots": 1000, "method": "lora",
@@ -43,7 +46,8 @@ def _patch(monkeypatch):
 def test_lr_table_picks_each_size_by_dev(monkeypatch):
     _patch(monkeypatch)
     t = study.lr_table("lr", main="main")
-    assert len(t) == 12 and (t["seeds"] == 3).all()
+    assert len(t) == 16 and (t["seeds"] == 3).all()
+    assert sorted(set(t["lr_divisor"])) == [0.3333, 1, 3, 10]
     assert set(t.loc[t["default_lr"], "lr"]) == {0.003}
     chosen = t[t["chosen"]].set_index("size")["lr"]
     assert chosen[64] == 0.001 and chosen[1] == 0.003
@@ -56,6 +60,21 @@ def test_size_trend_and_verdict_with_a_learning_rate_per_size(monkeypatch):
     assert trend.loc["per size", "ci_low"] > 0 and trend.loc["per size", "best_size"] == 64
     row = study.verdicts("lr", main="main").iloc[0]
     assert row["verdict"] == "reproduced" and "lora +" in row["workbench"] and "shared default lr" in row["workbench"]
+
+
+def test_a_size_picked_at_the_top_lr_leaves_the_trend_inconclusive(monkeypatch):
+    """Without the x 3 arm, ranks 1 and 4 pick the highest lr tried (the default): a higher one might
+    lift them, so the rising trend is not called reproduced; with the x 3 arm, which they do not
+    pick, it is."""
+    main, lr = _planted()
+    below = lr[lr["lr"] < 0.003]
+    monkeypatch.setattr(study, "_results", lambda store, default_lr_only=True: main if store == "main" else below)
+    assert study.size_trend("lr", main="main").set_index("lr").loc["per size", "ci_low"] > 0  # still rising
+    row = study.verdicts("lr", main="main").iloc[0]
+    assert row["verdict"] == "inconclusive" and "highest lr tried, so maybe under-tuned: lora 1, 4" in row["workbench"]
+    monkeypatch.setattr(study, "_results", lambda store, default_lr_only=True: main if store == "main" else lr)
+    row = study.verdicts("lr", main="main").iloc[0]
+    assert row["verdict"] == "reproduced" and "under-tuned" not in row["workbench"]
 
 
 def test_without_runs(monkeypatch):

@@ -315,9 +315,16 @@ def plot_score_vs_size(table, title: str = "score against parameter size, one li
     return fig
 
 
+def lr_label(divisor: float) -> str:
+    """How a learning rate reads beside the method's default (``divisor``: default / lr)."""
+    if np.isclose(divisor, 1):
+        return "default lr"
+    return f"default / {divisor:g}" if divisor > 1 else f"default x {round(1 / divisor, 2):g}"
+
+
 def plot_lr_by_size(table, title: str = "shapes-vqa, N = 1000: test accuracy against size, one line per lr"):
     """Per method, mean test accuracy against size (log axis), one line per learning rate (the
-    default and default / d), +- one std over seeds as error bars; a ring marks the lr each size's dev
+    default, default / d and default x f), +- one std over seeds as error bars; a ring marks the lr each size's dev
     score picks. ``table``: :func:`workbench.studies.empirical_lr.lr_table`."""
     _need(table, ["method", "size", "lr_divisor", "test", "test_std", "chosen"], "plot_lr_by_size")
     methods = list(dict.fromkeys(table["method"]))
@@ -329,7 +336,7 @@ def plot_lr_by_size(table, title: str = "shapes-vqa, N = 1000: test accuracy aga
             line = line.sort_values("size")
             ax.errorbar(line["size"], line["test"], yerr=np.nan_to_num(line["test_std"].to_numpy(float)),
                         marker="o", ms=4, capsize=2, color=colors[d],
-                        label="default lr" if d == 1 else f"default / {d}")
+                        label=lr_label(d))
         picked = part[part["chosen"]].sort_values("size")
         ax.plot(picked["size"], picked["test"], "o", ms=11, mfc="none", mec="black", label="picked by dev")
         ax.set(xscale="log", xlabel="size (rank or bottleneck)", title=method)
