@@ -87,7 +87,8 @@ def _planted(task="shapes-caption"):
                     # an interior optimum in size (k = 1 or 2 best), no effect of N, layer > embedding by 0.1
                     score = 0.5 - 0.05 * (k - 1.5) ** 2 + (0.1 if study.COMPOSITION[method] == "layer" else 0)
                     rows.append({"task": task, "method": method, "size": size, "n_shots": n, "seed": seed,
-                                 "test_acc": score + rng.normal(0, 0.005), "trainable": 100 * (k + 1) * (
+                                 "test_acc": score + rng.normal(0, 0.005), "dev_best": score + rng.normal(0, 0.005),
+                                 "trainable": 100 * (k + 1) * (
                                      1 if study.COMPOSITION[method] == "layer" else 1.1),
                                  "composition": study.COMPOSITION[method]})
     return pd.DataFrame(rows)
@@ -104,6 +105,68 @@ def test_slope_optimum_and_composition_on_a_planted_grid(monkeypatch):
     comp = study.composition(None)
     assert (comp["layer_minus_embedding"] > 0.08).all() and (comp["ci_low"] > 0).all()
     assert (comp["layer_params"] / comp["embedding_params"]).between(0.8, 1.2).all()
+    effect = study.composition_effect(None).set_index("embedding_method")
+    assert list(effect.index) == ["prefix", "prompt"] and (effect["ci_low"] > 0.08).all()
+    assert (effect["pairs"] == 4 * 4).all() and (effect["seeds"] == 3).all()
+
+
+def test_size_trend_is_read_within_each_n(monkeypatch):
+    """Larger sizes trained only at larger N, where scores are lower: pooled over N, size would look
+    harmful; within each N it helps, and that is what monotonicity reports."""
+    rng = np.random.default_rng(0)
+    rows = [{"run": f"{n}-{s}-{seed}", "task": "shapes-vqa", "method": "lora", "n_shots": n, "size": s, "seed": seed,
+             "test_acc": -0.3 * np.log(n) + 0.01 * np.log(s) + rng.normal(0, 0.001)}
+            for n, sizes in ((16, (1, 4)), (64, (4, 16)), (250, (16, 64))) for s in sizes for seed in (13, 21, 42)]
+    df = pd.DataFrame(rows)
+    monkeypatch.setattr(study, "_results", lambda store: df)
+    m = study.monotonicity(None).set_index("axis")
+    from scipy import stats
+    assert stats.spearmanr(np.log(df["size"]), df["test_acc"]).statistic < -0.5  # pooled: misleading
+    assert m.loc["size", "spearman"] > 0.8 and m.loc["size", "ci_low"] > 0.5
+    assert m.loc["n_shots", "spearman"] < -0.8  # within each size, N lowers the planted score
+
+
+def test_size_optimum_picks_by_dev_and_an_end_can_beat_every_interior_size(monkeypatch):
+    rows = []
+    for seed, noise in ((13, 0.0), (21, 0.004), (42, -0.003)):
+        for k, size in enumerate((1, 4, 16, 64)):
+            # test: size 4 best; dev: size 16 best (the pick follows dev)
+            rows.append({"task": "shapes-caption", "method": "lora", "n_shots": 64, "size": size, "seed": seed,
+                         "test_acc": (0.9 if size == 4 else 0.5) + noise, "dev_best": (0.9 if size == 16 else 0.5),
+                         "trainable": size, "composition": "layer"})
+            # the largest size best on both, by far: an end beats every interior size
+            rows.append({"task": "shapes-caption", "method": "lora", "n_shots": 250, "size": size, "seed": seed,
+                         "test_acc": 0.5 + 0.1 * (size == 64) + noise * k, "dev_best": 0.5 + 0.1 * (size == 64),
+                         "trainable": size, "composition": "layer"})
+    monkeypatch.setattr(study, "_results", lambda store: pd.DataFrame(rows))
+    opt = study.size_optimum(None).set_index("n_shots")
+    assert opt.loc[64, "best_size"] == 16 and opt.loc[64, "interior"] and not opt.loc[64, "significant_interior"]
+    assert opt.loc[250, "best_size"] == 64 and opt.loc[250, "end_beats_interior"]
+    v = study.verdicts(None).set_index("finding").loc["on the consistent task an interior parameter size is best"]
+    assert v["verdict"] == "not reproduced" and "1 an end significantly better" in v["workbench"]
+
+
+def test_composition_matches_within_a_ratio_and_falls_back_to_the_next_nearest(monkeypatch):
+    """prompt 2 (100 parameters): its nearest layer configuration (lora 1, 110) has no runs at N = 64,
+    so the next nearest within 2x (houlsby 2, 150) pairs with it there; prefix 2 (10,000) has no layer
+    configuration within 2x and is not compared."""
+    rows = []
+    for n in (16, 64):
+        for (method, size, params, score) in (("prompt", 2, 100, 0.3), ("prefix", 2, 10_000, 0.9),
+                                              ("lora", 1, 110, 0.5), ("houlsby", 2, 150, 0.6)):
+            if method == "lora" and n == 64:
+                continue
+            for seed, e in ((13, 0.0), (21, 0.01), (42, -0.01)):
+                rows.append({"task": "shapes-vqa", "method": method, "size": size, "n_shots": n, "seed": seed,
+                             "test_acc": score + e, "dev_best": score, "trainable": params,
+                             "composition": study.COMPOSITION[method]})
+    monkeypatch.setattr(study, "_results", lambda store: pd.DataFrame(rows))
+    comp = study.composition(None).set_index("n_shots")
+    assert list(comp["embedding"]) == ["prompt 2", "prompt 2"]
+    assert comp.loc[16, "layer"] == "lora 1" and comp.loc[64, "layer"] == "houlsby 2"
+    assert study.unmatched(None) == {"prefix 2": 10_000}
+    v = study.verdicts(None).set_index("finding").iloc[-1]
+    assert "prefix 2 (0.01M): not compared" in v["workbench"] and v["verdict"] == "reproduced"
 
 
 def test_representation_shift_reads_frozen_and_tuned_encoders(tiny_backbone, tmp_path):
@@ -134,6 +197,12 @@ def test_verdicts_on_planted_grids(monkeypatch):
     monkeypatch.setattr(study, "_results", lambda store: pd.concat([caption, vqa], ignore_index=True))
     v = study.verdicts(None).set_index("finding")
     assert v.loc["on the consistent task data size stops mattering", "verdict"] == "not reproduced"
+    # falling with N contradicts "data stops mattering" as much as rising does
+    caption["test_acc"] = caption["test_acc"] - 0.2 * np.log10(caption["n_shots"])
+    monkeypatch.setattr(study, "_results", lambda store: pd.concat([caption, vqa], ignore_index=True))
+    v = study.verdicts(None).set_index("finding")
+    assert v.loc["on the consistent task data size stops mattering", "verdict"] == "not reproduced"
+    assert "0 of 20 flat (20 not reproduced)" in v.loc["on the consistent task data size stops mattering", "workbench"]
 
 
 def test_verdicts_without_runs(monkeypatch):
