@@ -46,6 +46,8 @@ def test_table_and_monotonicity(tiny_backbone, tmp_path):
                           quiet=True, task_options={"n_scenes": 40}), store=tmp_path)
     t = study.grid_table(tmp_path)
     assert len(t) == 4 and set(t["size"]) == {1, 16} and (t["trainable"] > 0).all()
+    m = study.monotonicity(tmp_path)  # from real stored runs: both axes, each over the 4 runs
+    assert list(m["axis"]) == ["n_shots", "size"] and (m["runs"] == 4).all()
 
 
 def test_monotonicity_finds_a_planted_trend(monkeypatch):
