@@ -169,8 +169,9 @@ panel.widget()
 # training loss that stalls, which could be the size or that learning rate. The **lr check**
 # (`workbench/studies/empirical_lr.py`, bundle `results/empirical-lr/`) trains LoRA and the two
 # adapters at their four sizes there with the default / 3 and / 10 as well (LoRA also with the
-# default × 3: its default, the highest lr tried at first, was the pick at ranks 1 and 4, and a pick at
-# the edge of the grid is not an optimum), over the same seeds, and gives each size the learning
+# default × 3, and the parallel adapter with the default / 30: LoRA's ranks 1 and 4 picked the highest
+# lr of the first grid, the parallel adapter's bottleneck 32 its lowest, and a pick at the edge of a
+# grid is not an optimum), over the same seeds, and gives each size the learning
 # rate its **dev** score picks (the mean over seeds of the best validation accuracy; the test score
 # is never used to choose). The default-lr runs are the empirical bundle's. Does performance then
 # rise with size?
@@ -201,8 +202,8 @@ lr_check.size_trend(lr_store, main=store).round(3)
 # as reproduced where the 95 % interval of the slope per tenfold N lies within ± 5 % of the mean
 # score, and as not reproduced where it lies wholly above or below that band. The last row re-tests
 # the size finding on VQA at N = 1000 with a learning rate per size (§ 6), over the runs the
-# lr-check bundle holds; a method with a size below its largest picked at the highest lr tried is
-# inconclusive there (a higher lr might lift that size).
+# lr-check bundle holds; a method with a size below its largest picked at the highest or the lowest
+# lr tried is inconclusive there (an lr beyond it might lift that size).
 
 # %%
 with pd.option_context("display.max_colwidth", 260):

@@ -9,16 +9,17 @@ from workbench.studies import empirical_lr as study
 
 def test_grid():
     cfgs = get_study("empirical-lr").configs()
-    assert len(cfgs) == (3 * 4 * 2 + 4) * 3  # LoRA's four ranks also at default x 3
+    assert len(cfgs) == (3 * 4 * 2 + 4 + 4) * 3  # LoRA also at default x 3, the parallel adapter / 30
     assert {(c.task, c.n_shots, c.pool_size) for c in cfgs} == {("shapes-vqa", 1000, 10_000)}
     assert {c.method for c in cfgs} == set(study.METHODS)
-    for c in cfgs:  # default / 3 and / 10 (LoRA: x 3 too), never the default (those runs are the empirical bundle's)
-        ratios = [1 / d for d in study.LR_DIVISORS] + list(study.LR_MULTIPLIERS.get(c.method, ()))
+    for c in cfgs:  # default / 3 and / 10 and the extensions, never the default (the empirical bundle's runs)
+        ratios = [1 / d for d in study.LR_DIVISORS] + list(study.LR_EXTENSIONS.get(c.method, ()))
         assert min(abs(c.lr / c.default_lr() - f) for f in ratios) < 1e-9
     assert sum(c.lr > c.default_lr() for c in cfgs) == 4 * 3 and {c.method for c in cfgs if c.lr > c.default_lr()} \
         == {"lora"}
+    assert {c.method for c in cfgs if c.lr < c.default_lr() / 10 * 0.99} == {"parallel"}
     assert not {c.hash for c in cfgs} & set(get_study("empirical").hashes())
-    assert [c.seed for c in cfgs[:28]] == [13] * 28  # whole seeds first
+    assert [c.seed for c in cfgs[:32]] == [13] * 32  # whole seeds first
 
 
 def _planted():
@@ -71,10 +72,15 @@ def test_a_size_picked_at_the_top_lr_leaves_the_trend_inconclusive(monkeypatch):
     monkeypatch.setattr(study, "_results", lambda store, default_lr_only=True: main if store == "main" else below)
     assert study.size_trend("lr", main="main").set_index("lr").loc["per size", "ci_low"] > 0  # still rising
     row = study.verdicts("lr", main="main").iloc[0]
-    assert row["verdict"] == "inconclusive" and "highest lr tried, so maybe under-tuned: lora 1, 4" in row["workbench"]
+    assert row["verdict"] == "inconclusive" and "lowest lr tried, so maybe under-tuned: lora 1, 4" in row["workbench"]
     monkeypatch.setattr(study, "_results", lambda store, default_lr_only=True: main if store == "main" else lr)
     row = study.verdicts("lr", main="main").iloc[0]
     assert row["verdict"] == "reproduced" and "under-tuned" not in row["workbench"]
+    # rank 4 picking the lowest lr tried is an edge too
+    low = lr.assign(dev_best=np.where((lr["size"] == 4) & (lr["lr"] == 0.0003), 0.9, lr["dev_best"]))
+    monkeypatch.setattr(study, "_results", lambda store, default_lr_only=True: main if store == "main" else low)
+    row = study.verdicts("lr", main="main").iloc[0]
+    assert row["verdict"] == "inconclusive" and "under-tuned: lora 4" in row["workbench"]
 
 
 def test_without_runs(monkeypatch):
