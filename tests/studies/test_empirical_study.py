@@ -207,6 +207,31 @@ def test_verdicts_on_planted_grids(monkeypatch):
     assert "0 of 20 flat (20 not reproduced)" in v.loc["on the consistent task data size stops mattering", "workbench"]
 
 
+def test_analyses_of_an_empty_store(monkeypatch):
+    monkeypatch.setattr(study, "_results", lambda store: pd.DataFrame())
+    for f in (study.monotonicity, study.data_slope, study.size_optimum, study.composition,
+              study.composition_effect):
+        assert f(None).empty, f.__name__
+    assert study.unmatched(None) == {}
+    assert (study.verdicts(None)["verdict"] == "inconclusive").all()
+
+
+def test_partial_cells_and_stray_seeds(monkeypatch):
+    """A cell still missing its largest size has no optimum row (its best of three would look
+    interior); a pair with an extra seed does not shrink the seeds the composition effect averages."""
+    df = _planted()
+    part = df[~((df["n_shots"] == 16) & (df["method"] == "lora") & (df["size"] == 64))]
+    stray = df[(df["method"].isin(["prompt", "houlsby"])) & (df["size"] == 2) & (df["n_shots"] == 64)
+               & (df["seed"] == 13)].assign(seed=7)
+    monkeypatch.setattr(study, "_results", lambda store: pd.concat([part, stray], ignore_index=True))
+    opt = study.size_optimum(None)
+    assert not ((opt["method"] == "lora") & (opt["n_shots"] == 16)).any() and len(opt) == 5 * 4 - 1
+    comp = study.composition(None)
+    assert (comp["seeds"] == 4).sum() == 1  # prompt 2 and houlsby 2 at N = 64 share the stray seed
+    effect = study.composition_effect(None)
+    assert (effect["seeds"] == 3).all() and (effect["pairs"] == 16).all()
+
+
 def test_verdicts_without_runs(monkeypatch):
     monkeypatch.setattr(study, "_results", lambda store: pd.DataFrame(
         columns=["task", "method", "size", "n_shots", "seed", "test_acc", "trainable", "composition"]))

@@ -191,7 +191,8 @@ def spearman_interval(x, y, rng=None, n_boot: int = 500, strata=None) -> tuple[f
     ``rng`` a fresh generator seeded 0 is used, so an interval depends on its own pairs alone.
 
     With ``strata`` (one label per pair), the statistic is the mean of the correlations within each
-    stratum (those with two distinct ``x`` or more), and the bootstrap resamples within each stratum:
+    stratum (those with two distinct ``x`` or more and a ``y`` that varies), and the bootstrap
+    resamples within each stratum (a resample in which a stratum loses its correlation is skipped):
     a trend in ``x`` is then read holding the stratum fixed, so another factor that varies across
     strata (N, when the trend is in size) neither adds to it nor hides it."""
     from scipy import stats
@@ -205,13 +206,13 @@ def spearman_interval(x, y, rng=None, n_boot: int = 500, strata=None) -> tuple[f
         # (a stratum, or a resample of one, with a single x or a constant y has no correlation)
         rhos = [stats.spearmanr(x[i], y[i]).statistic for i in parts
                 if len(np.unique(x[i])) > 1 and len(np.unique(y[i])) > 1]
-        return float(np.mean(rhos)) if rhos else np.nan
+        return (float(np.mean(rhos)) if rhos else np.nan), len(rhos)
 
-    rho = statistic(groups)
+    rho, counted = statistic(groups)
     boot = []
     for _ in range(n_boot):
-        b = statistic([g[rng.integers(0, len(g), len(g))] for g in groups])
-        if np.isfinite(b):
+        b, k = statistic([g[rng.integers(0, len(g), len(g))] for g in groups])
+        if k == counted and np.isfinite(b):  # a resample that lost a stratum would average others
             boot.append(b)
     lo, hi = np.quantile(boot, [0.025, 0.975]) if boot else (np.nan, np.nan)
     return float(rho), float(lo), float(hi)
@@ -221,8 +222,10 @@ def monotonicity(store):
     """Per task and method: Spearman's rank correlation of the score with log N holding the size
     fixed, and with log size holding N fixed (the mean of the correlations within each size, or
     each N), with a bootstrap 95 % interval that resamples runs within each of them. The paper: on
-    the inconsistent task, performance rises with both. Each interval has its own generator and
-    takes the runs in hash order, so it depends on its group's runs alone (not on other groups, nor
+    the inconsistent task, performance rises with both. The bootstrap treats runs as independent,
+    though a seed's runs at different N share training examples (:func:`data_slope` fits per seed
+    for that reason); with 3 seeds per cell a seed-level resample would have too few distinct draws.
+    Each interval has its own generator and takes the runs in hash order, so it depends on its group's runs alone (not on other groups, nor
     on the order a store or a bundle lists them)."""
     import pandas as pd
 
@@ -252,45 +255,48 @@ def data_slope(store):
     (a slope near 0), on the inconsistent one it keeps paying."""
     import pandas as pd
 
+    cols = ["task", "consistent", "method", "size", "slope_per_decade", "ci_low", "ci_high", "seeds", "runs"]
     df = _results(store)
     rows = []
+    if df.empty:
+        return pd.DataFrame(rows, columns=cols)
     for (task, method, size), part in df.groupby(["task", "method", "size"]):
         slopes = [np.polyfit(np.log10(g["n_shots"].to_numpy(float)), g["test_acc"].to_numpy(float), 1)[0]
                   for _, g in part.groupby("seed") if g["n_shots"].nunique() > 1]
         b, lo, hi, k = t_interval(slopes)
         rows.append({"task": task, "consistent": consistent(task), "method": method, "size": size,
                      "slope_per_decade": b, "ci_low": lo, "ci_high": hi, "seeds": k, "runs": len(part)})
-    return pd.DataFrame(rows, columns=["task", "consistent", "method", "size", "slope_per_decade", "ci_low",
-                                       "ci_high", "seeds", "runs"])
+    return pd.DataFrame(rows, columns=cols)
 
 
 def size_optimum(store):
     """Per task, method and N: the best size, picked by the mean **dev** score (so that picking it
     and testing it are not done on the same numbers), and its test score paired over seeds against
-    each other size (the difference and its 95 % t-interval), over the seeds every size has.
+    both ends of the method's sizes (the difference and its 95 % t-interval), over the seeds every
+    size has. A cell needs every one of the method's sizes (an end still missing would make a pick
+    look interior) on two common seeds or more; a cell without them has no row yet.
 
     ``significant_interior``: the pick is interior and beats both ends; ``end_beats_interior``: the
-    pick is an end and beats every interior size. The paper: on the consistent task an interior
-    size is best."""
+    pick is an end and beats every interior size (each paired over seeds). The paper: on the
+    consistent task an interior size is best."""
     import pandas as pd
 
     df = _results(store)
     rows = []
+    if df.empty:
+        return pd.DataFrame(rows)
     for (task, method, n), part in df.groupby(["task", "method", "n_shots"]):
-        test = part.pivot_table(index="seed", columns="size", values="test_acc")
+        sizes = list(SIZES[method][1])
+        test = part.pivot_table(index="seed", columns="size", values="test_acc").reindex(columns=sizes)
         dev = part.pivot_table(index="seed", columns="size", values="dev_best").reindex_like(test)
         seeds = test.index[test.notna().all(axis=1) & dev.notna().all(axis=1)]
-        if test.shape[1] < 3 or len(seeds) < 2:
+        if len(seeds) < 2:
             continue
         test, dev = test.loc[seeds], dev.loc[seeds]
-        sizes = sorted(test.columns)
         best = dev.mean().idxmax()
         row = {"task": task, "consistent": consistent(task), "method": method, "n_shots": n, "best_size": best,
                "interior": sizes[0] < best < sizes[-1], "seeds": len(seeds)}
-        low = {}
-        for size in sizes:
-            if size != best:
-                low[size] = t_interval((test[best] - test[size]).to_numpy())[1]
+        low = {size: t_interval((test[best] - test[size]).to_numpy())[1] for size in sizes if size != best}
         for end, name in ((sizes[0], "smallest"), (sizes[-1], "largest")):
             m, lo, hi, _ = t_interval((test[best] - test[end]).to_numpy()) if best != end else (0.0, np.nan, np.nan, 0)
             row.update({f"vs_{name}": m, f"vs_{name}_ci_low": lo, f"vs_{name}_ci_high": hi})
@@ -316,6 +322,8 @@ def composition(store, max_ratio: float = MATCH_RATIO):
 
     df = _results(store)
     rows = []
+    if df.empty:
+        return pd.DataFrame(rows)
     params = df.groupby(["method", "size"])["trainable"].first()
     layer_cfgs = [k for k in params.index if COMPOSITION[k[0]] == "layer"]
     for (task, n), part in df.groupby(["task", "n_shots"]):
@@ -357,7 +365,10 @@ def composition_effect(store, max_ratio: float = MATCH_RATIO):
     """The layer-composition finding tested once per task and embedding method, not once per pair
     (69 pairs with 3 seeds each would call some difference significant by chance): per seed, the mean
     of the matched pairs' differences (layer - embedding) over every N and size, and the 95 %
-    t-interval over seeds. Only pairs that every seed has enter, so each seed averages the same pairs."""
+    t-interval over seeds. The seeds are those most pairs have, and only pairs with all of them
+    enter, so each seed averages the same pairs."""
+    from collections import Counter
+
     import pandas as pd
 
     comp = composition(store, max_ratio)
@@ -368,9 +379,10 @@ def composition_effect(store, max_ratio: float = MATCH_RATIO):
         return pd.DataFrame(rows, columns=cols)
     comp = comp.assign(embedding_method=comp["embedding"].str.split().str[0])
     for (task, method), part in comp.groupby(["task", "embedding_method"], sort=False):
-        seeds = sorted(set().union(*part["by_seed"]))
-        full = [d for d in part["by_seed"] if set(d) == set(seeds)]
-        m, lo, hi, k = t_interval([np.mean([d[s] for d in full]) for s in seeds] if full else [])
+        # the seed set most pairs have (a partial bundle's or a stray seed's pairs do not shrink it)
+        seeds = sorted(Counter(frozenset(d) for d in part["by_seed"]).most_common(1)[0][0])
+        full = [d for d in part["by_seed"] if set(seeds) <= set(d)]
+        m, lo, hi, k = t_interval([np.mean([d[s] for d in full]) for s in seeds])
         rows.append({"task": task, "consistent": consistent(task), "embedding_method": method,
                      "layer_minus_embedding": m, "ci_low": lo, "ci_high": hi, "pairs": len(full), "seeds": k})
     return pd.DataFrame(rows, columns=cols)
