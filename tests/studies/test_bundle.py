@@ -360,7 +360,8 @@ def test_estimate_left_times_each_run_from_its_cell_then_per_step():
     assert estimate_left([replace(base, n_shots=1000)], finished, cpu="A") == pytest.approx(150.0 / steps64 * steps1000)
     # another size: no run of it at any N, so the mean per step over every finished run
     other = replace(base, method_config={"r": 64})
-    assert estimate_left([other, replace(base, seed=42)], finished, cpu="A") == pytest.approx(150.0 / steps64 * other.budget()[0] + 150.0)
+    assert estimate_left([other, replace(base, seed=42)], finished, cpu="A") \
+        == pytest.approx(150.0 / steps64 * other.budget()[0] + 150.0)
     assert estimate_left([base], [], cpu="A") is None
 
 

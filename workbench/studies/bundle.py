@@ -710,11 +710,12 @@ def estimate_left(todo, finished, cpu: str | None = None) -> float | None:
     """Estimated summed wall time (s) of the RunConfigs ``todo``, from finished runs' ``timings.json``.
 
     ``finished`` holds ``(RunConfig, timings)`` pairs of finished runs (``timings``: the run's
-    ``timings.json``, its ``wall_s`` and ``numerics.cpu_model``). Each run to do is estimated from the finished runs of its cell (the
-    same config but the seed): their mean wall time; failing that, the mean wall time per step of
-    its cell at other N (same config but seed and N) times its step budget; failing that, the mean
-    per step over all finished runs. Where runs on ``cpu`` (default: this machine's) exist at a
-    level, only they count, since another CPU (or another thread count) runs at another speed.
+    ``timings.json``, its ``wall_s`` and ``numerics.cpu_model``). Each run to do is estimated from
+    the finished runs of its cell (the same config but the seed): their mean wall time; failing
+    that, the mean wall time per step of its cell at other N (same config but seed and N) times its
+    step budget; failing that, the mean per step over all finished runs. Where runs on ``cpu``
+    (default: this machine's) exist at a level, only they count, since another CPU (or another
+    thread count) runs at another speed.
     None when no finished run has a wall time.
     """
     cpu = cpu_model() if cpu is None else cpu

@@ -225,8 +225,8 @@ def monotonicity(store):
     the inconsistent task, performance rises with both. The bootstrap treats runs as independent,
     though a seed's runs at different N share training examples (:func:`data_slope` fits per seed
     for that reason); with 3 seeds per cell a seed-level resample would have too few distinct draws.
-    Each interval has its own generator and takes the runs in hash order, so it depends on its group's runs alone (not on other groups, nor
-    on the order a store or a bundle lists them)."""
+    Each interval has its own generator and takes the runs in hash order, so it depends on its
+    group's runs alone (not on other groups, nor on the order a store or a bundle lists them)."""
     import pandas as pd
 
     cols = ["task", "consistent", "method", "axis", "spearman", "ci_low", "ci_high", "runs"]
@@ -296,12 +296,13 @@ def size_optimum(store):
         best = dev.mean().idxmax()
         row = {"task": task, "consistent": consistent(task), "method": method, "n_shots": n, "best_size": best,
                "interior": sizes[0] < best < sizes[-1], "seeds": len(seeds)}
-        low = {size: t_interval((test[best] - test[size]).to_numpy())[1] for size in sizes if size != best}
+        # the pick against every size, paired over seeds: (mean, low, high, n); against itself 0, no interval
+        vs = {size: t_interval((test[best] - test[size]).to_numpy()) if size != best else (0.0, np.nan, np.nan, 0)
+              for size in sizes}
         for end, name in ((sizes[0], "smallest"), (sizes[-1], "largest")):
-            m, lo, hi, _ = t_interval((test[best] - test[end]).to_numpy()) if best != end else (0.0, np.nan, np.nan, 0)
-            row.update({f"vs_{name}": m, f"vs_{name}_ci_low": lo, f"vs_{name}_ci_high": hi})
-        row["significant_interior"] = bool(row["interior"] and low[sizes[0]] > 0 and low[sizes[-1]] > 0)
-        row["end_beats_interior"] = bool(not row["interior"] and all(low[s] > 0 for s in sizes[1:-1]))
+            row.update({f"vs_{name}": vs[end][0], f"vs_{name}_ci_low": vs[end][1], f"vs_{name}_ci_high": vs[end][2]})
+        row["significant_interior"] = bool(row["interior"] and vs[sizes[0]][1] > 0 and vs[sizes[-1]][1] > 0)
+        row["end_beats_interior"] = bool(not row["interior"] and all(vs[s][1] > 0 for s in sizes[1:-1]))
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -168,7 +168,8 @@ def verdicts(store, main=None):
         "paper": "yes (finding 1: on a task not consistent with pre-training, more parameters help)",
         "workbench": (f"Spearman with log size, each size at its dev-picked lr: {text}"
                       + (f" (at the shared default lr: {before})" if before else "")
-                      + (f"; picked at the highest or lowest lr tried, so maybe under-tuned: {at_edge}" if at_edge else ""))
+                      + (f"; picked at the highest or lowest lr tried, so maybe under-tuned: {at_edge}"
+                         if at_edge else ""))
         if text else "no runs yet",
         "verdict": overall(vs) if vs else "inconclusive",
     }], columns=["finding", "paper", "workbench", "verdict"])
@@ -177,8 +178,8 @@ def verdicts(store, main=None):
 STUDY = register_study(Study(
     NAME,
     "Size or learning rate? LoRA, the serial and the parallel adapter at their four sizes on shapes-vqa at "
-    "N = 1000 with the default learning rate / 3 and / 10 (LoRA also x 3, the parallel adapter / 30), 3 seeds (the default-lr runs are the empirical "
-    "study's); each size's lr picked by its dev score.",
+    "N = 1000 with the default learning rate / 3 and / 10 (LoRA also x 3, the parallel adapter / 30), 3 seeds "
+    "(the default-lr runs are the empirical study's); each size's lr picked by its dev score.",
     grids=lr_configs,
     analyses={"lr_table": lr_table, "size_trend": size_trend, "verdicts": verdicts},
 ))
