@@ -760,7 +760,10 @@ def study_status(name: str | Study, store: RunStore | str | os.PathLike | None =
     """How many of the study's grid runs are finished in ``store`` and present in its bundle."""
     study = get_study(name)
     src = store.overlay if isinstance(store, StudyStore) else (store if isinstance(store, RunStore) else RunStore(store))
-    hashes = study.hashes()
+    configs = {}  # hash -> config, in grid order, each run once (as Study.hashes), each hashed once
+    for cfg in study.configs():
+        configs.setdefault(cfg.hash, cfg)
+    hashes = list(configs)
     path = bundle_dir(study.name, root)
     in_bundle = outdated = damaged = 0
     layered = None
@@ -779,8 +782,7 @@ def study_status(name: str | Study, store: RunStore | str | os.PathLike | None =
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no or an older provenance: the line is left out
     todo, finished = [], []
-    for cfg in study.configs():
-        h = cfg.hash
+    for h, cfg in configs.items():
         where = layered.bundle.locate(h) if layered is not None and layered._from_bundle(h) else src.locate(h)
         if where is None:
             todo.append(cfg)

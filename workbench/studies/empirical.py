@@ -312,6 +312,17 @@ def size_optimum(store):
 MATCH_RATIO = 2.0
 
 
+def _matches(df, max_ratio: float):
+    """The trainable count per (method, size) and, per embedding configuration, the layer
+    configurations within ``max_ratio`` of it, nearest (on a log scale) first."""
+    params = df.groupby(["method", "size"])["trainable"].first()
+    layer = [k for k in params.index if COMPOSITION[k[0]] == "layer"]
+    near = {emb: sorted((k for k in layer if abs(np.log(params[k] / params[emb])) <= np.log(max_ratio)),
+                        key=lambda k: abs(np.log(params[k] / params[emb])))
+            for emb in params.index if COMPOSITION[emb[0]] == "embedding"}
+    return params, near
+
+
 def composition(store, max_ratio: float = MATCH_RATIO):
     """Layer against embedding composition at about equal parameters: for each task, N and embedding
     configuration (prompt or prefix at a size), the layer configuration (LoRA or an adapter at a size)
@@ -325,13 +336,10 @@ def composition(store, max_ratio: float = MATCH_RATIO):
     rows = []
     if df.empty:
         return pd.DataFrame(rows)
-    params = df.groupby(["method", "size"])["trainable"].first()
-    layer_cfgs = [k for k in params.index if COMPOSITION[k[0]] == "layer"]
+    params, matches = _matches(df, max_ratio)
     for (task, n), part in df.groupby(["task", "n_shots"]):
-        for emb in [k for k in params.index if COMPOSITION[k[0]] == "embedding"]:
+        for emb, near in matches.items():
             b = part[(part["method"] == emb[0]) & (part["size"] == emb[1])].set_index("seed")["test_acc"]
-            near = sorted((k for k in layer_cfgs if abs(np.log(params[k] / params[emb])) <= np.log(max_ratio)),
-                          key=lambda k: abs(np.log(params[k]) - np.log(params[emb])))
             for layer in near:  # the nearest that has runs on common seeds here
                 a = part[(part["method"] == layer[0]) & (part["size"] == layer[1])].set_index("seed")["test_acc"]
                 common = a.index.intersection(b.index)
@@ -356,10 +364,8 @@ def unmatched(store, max_ratio: float = MATCH_RATIO) -> dict:
     df = _results(store)
     if df.empty:
         return {}
-    params = df.groupby(["method", "size"])["trainable"].first()
-    layer = [v for k, v in params.items() if COMPOSITION[k[0]] == "layer"]
-    return {f"{m} {s}": int(v) for (m, s), v in params.items() if COMPOSITION[m] == "embedding"
-            and not any(abs(np.log(w / v)) <= np.log(max_ratio) for w in layer)}
+    params, matches = _matches(df, max_ratio)
+    return {f"{m} {s}": int(params[(m, s)]) for (m, s), near in matches.items() if not near}
 
 
 def composition_effect(store, max_ratio: float = MATCH_RATIO):

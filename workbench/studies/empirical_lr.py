@@ -109,14 +109,18 @@ def size_trend(store, main=None):
     with the shared default learning rate (``lr="default"``: the empirical study's setting) and with
     each size at its dev-picked learning rate (``lr="per size"``), a bootstrap 95 % interval, the best
     size by mean test accuracy and that mean."""
+    return _size_trend(_runs(store, main))
+
+
+def _size_trend(df, table=None):
+    """:func:`size_trend` of the frame :func:`_runs` gives (``table``: its :func:`_lr_table`, if read)."""
     import pandas as pd
 
-    df = _runs(store, main)
     cols = ["method", "lr", "spearman", "ci_low", "ci_high", "best_size", "best_test", "runs"]
     if df.empty:
         return pd.DataFrame(columns=cols)
-    chosen = _lr_table(df)
-    chosen = {(r.method, r.size): r.lr for r in chosen.itertuples() if r.chosen}
+    table = _lr_table(df) if table is None else table
+    chosen = {(r.method, r.size): r.lr for r in table.itertuples() if r.chosen}
     rows = []
     for method in [m for m in METHODS if m in set(df["method"])]:
         part = df[df["method"] == method]
@@ -145,10 +149,10 @@ def verdicts(store, main=None):
     from ._common import overall, verdict
 
     df = _runs(store, main)
-    trend = size_trend(store, main)
+    table = _lr_table(df)
+    trend = _size_trend(df, table)
     per = trend[trend["lr"] == "per size"] if len(trend) else trend
     shared = trend[trend["lr"] == "default"] if len(trend) else trend
-    table = _lr_table(df)
     edge = {}
     for (method, size), part in table.groupby(["method", "size"]):
         picked = part.loc[part["chosen"], "lr"]
