@@ -195,10 +195,9 @@ lr_check.size_trend(lr_store, main=store).round(3)
 # ## 7 · Verdict
 #
 # Finding by finding, the paper's wording beside what the embedded world shows. **Every verdict is
-# over the runs the bundle holds** (the first cell says how many): while it is partial (so far N = 16,
-# 64, 250 and 1000 on both tasks, N = 4000 on captioning, and N = 4000 on VQA for prompt tuning, prefix tuning,
-# LoRA and the Houlsby adapter), a finding about data size on VQA has four N to go on for the parallel adapter, and a verdict can change
-# as their N = 4000 runs arrive; `python -m workbench.studies status empirical` says what is missing. A finding tested in
+# over the runs the bundle holds** (the first cell says how many; a partial bundle gives verdicts
+# that can change as its runs arrive, and `python -m workbench.studies status empirical` says what is
+# missing). A finding tested in
 # several places (methods, sizes, N) is reproduced only where every test reproduces it and not
 # reproduced as soon as one contradicts it. "Data stops mattering" is a claim of no effect: it counts
 # as reproduced where the 95 % interval of the slope per tenfold N lies within ± 5 % of the mean
