@@ -279,6 +279,38 @@ def bench_full(batches: list, warmup: int, peak32: float, peak16: float) -> None
         print(f"    {label:<{w}} | {1e3 * med[label]:8.1f} | {rate:8.2f} | {100 * rate / peak32:11.1f}% | {of16} "
               f"| {med[label] / med[FP32]:6.2f}")
     print("    target: the trainer's fp32 step at >= 40 % of the fp32 matmul rate")
+    split = time_split(steppers[FP32], batches[:warmup + 8], warmup)
+    mm_rate = flops / split["matmul"] / 1e9
+    print(f"    where the fp32 step's time goes (torch.profiler, self CPU time, {split['steps']} steps): matrix "
+          f"products ({', '.join(MATMUL_OPS)}) {1e3 * split['matmul']:.1f} ms a step, everything else "
+          f"{1e3 * split['other']:.1f} ms ({split['ops']:.0f} aten operator calls, nested ones included)")
+    print(f"    the matrix products alone run at {mm_rate:.1f} GFLOP/s, {100 * mm_rate / peak32:.1f}% of the fp32 rate: "
+          f"the ceiling of this step's FLOP/s on these shapes; {1e3 * flops / (0.4 * peak32 * 1e9):.1f} ms "
+          f"a step would be 40 %, i.e. at most {1e3 * (flops / (0.4 * peak32 * 1e9) - split['matmul']):.1f} ms "
+          "for everything else")
+
+
+MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
+
+
+def time_split(stepper: Stepper, batches: list, warmup: int) -> dict:
+    """Per training step: self CPU seconds of the matrix products (``MATMUL_OPS``) and of every
+    other operator, and the operator calls, over ``batches[warmup:]`` under ``torch.profiler``
+    (which slows the small operators a little, so ``other`` is an upper bound)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for b in batches[:warmup]:
+        stepper.step(b)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for b in batches[warmup:]:
+            stepper.step(b)
+    n = len(batches) - warmup
+    events = prof.key_averages()
+    # Self times of aten operators only, so that nested profiler ranges are not counted twice.
+    aten = [e for e in events if e.key.startswith("aten::")]
+    mm = sum(e.self_cpu_time_total for e in aten if e.key in MATMUL_OPS) / 1e6
+    other = sum(e.self_cpu_time_total for e in events if e.key not in MATMUL_OPS) / 1e6
+    return {"matmul": mm / n, "other": other / n, "ops": sum(e.count for e in aten) / n, "steps": n}
 
 
 # ------------------------------------------------------------------------------------ (c)
