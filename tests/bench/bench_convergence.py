@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from workbench.studies import list_studies, load_study
-from workbench.studies.bundle import results_root
+from workbench.studies.bundle import PROVENANCE_FILE, results_root
 from workbench.train import RunConfig, RunStore, compare, sweep
 from workbench.train.config import protocol_budget
 
@@ -65,7 +65,7 @@ def from_bundles(cfgs) -> tuple[list[pd.DataFrame], list]:
     for name in list_studies():
         # The provenance lists a bundle's runs: open (and check) only the bundles that hold some.
         try:
-            listed = json.loads((results_root() / name / "provenance.json").read_text()).get("runs", {})
+            listed = json.loads((results_root() / name / PROVENANCE_FILE).read_text()).get("runs", {})
         except (OSError, ValueError):
             listed = None  # no bundle, or a damaged one: load_study says which
         if listed is not None and not any(c.hash in listed for c in left):
