@@ -1,22 +1,40 @@
-"""The trainer on a GPU: throughput and peak memory with bf16 autocast (skips without CUDA).
+"""The training step on a GPU: throughput, peak memory and model FLOP utilisation (skips without CUDA).
 
-    python tests/bench/bench_gpu.py      # (make bench; prints a note and exits on a CPU machine)
+    python tests/bench/bench_gpu.py                          # (make bench; a note and exit on a CPU machine)
+    python tests/bench/bench_gpu.py --batch 64,256 --compile --cuda-graphs
+    python tests/bench/bench_gpu.py --device cpu --shape tiny --steps 2 --compile   # smoke-run the code path
 
 1. ``workbench.train.run`` on vlt5-tiny (shapes-vqa, N = 1000, batch 16, 3 epochs), full and
-   LoRA: samples/s and peak memory as the run records them.
+   LoRA: samples/s and peak memory as the run records them (CUDA only).
 2. A T5-base-shaped VL-T5 (random weights; 12 + 12 layers, d_model 768; 36 region features of
-   2048-d as in VL-T5; prompt 20 tokens, answer 4; batch 64): training steps/s, samples/s and
-   peak memory for full fine-tuning and several PEFT methods, bf16 autocast against fp32.
+   2048-d as in VL-T5; prompt 20 tokens, answer 4): for each method, batch size and setup, the
+   training step's steps/s, samples/s, peak memory and **model FLOP utilisation** -- the
+   forward + backward FLOPs of a step (``FlopCounterMode``) times steps/s, as a fraction of the
+   device's dense matmul rate in the step's compute dtype, measured in the same run (both printed).
+
+Setups, each adding to the one before: ``fp32``; ``bf16`` (autocast); ``+ fused AdamW``;
+``+ compile`` (``torch.compile`` of the model, ``--compile``); ``+ CUDA graphs`` (``torch.compile``
+mode ``reduce-overhead``, ``--cuda-graphs``). The backbone traces as one graph; AdaMix and MixPHM
+draw an expert per forward as a Python int (the official routing), so they compile in pieces.
 """
 
 import argparse
+import contextlib
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from workbench import methods
 from workbench.models.testing import tiny_vlmodel
 from workbench.train import RunConfig, run
+
+# Model and input sizes: "base" is VL-T5 on T5-base; "tiny" only smoke-tests the code path on a CPU.
+SHAPES = {
+    "base": dict(d_model=768, layers=12, heads=12, d_ff=3072, feat_dim=2048, regions=36, prompt=20, answer=4),
+    "tiny": dict(d_model=32, layers=2, heads=4, d_ff=64, feat_dim=16, regions=4, prompt=6, answer=3),
+}
+SETUPS = ("fp32", "bf16", "+ fused AdamW", "+ compile", "+ CUDA graphs")
 
 
 def tiny_trainer(epochs: int = 3) -> None:
@@ -29,61 +47,132 @@ def tiny_trainer(epochs: int = 3) -> None:
               f"peak memory {t['peak_memory_mb']:7.1f} MiB")
 
 
-def base_sized(method: str, bf16: bool, batch: int, steps: int, warmup: int = 5) -> tuple[float, float]:
-    """(steps/s, peak MiB) of forward + backward + AdamW on a T5-base-shaped VLModel."""
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_rate(device: str, dtype: torch.dtype, n: int, reps: int = 10) -> float:
+    """The device's dense matmul rate in FLOP/s: the best of ``reps`` n x n products (after a warm-up)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for i in range(reps + 2):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        if i >= 2:
+            best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def base_sized(method: str, setup: str, batch: int, steps: int, device: str, shape: dict,
+               warmup: int = 5) -> dict:
+    """steps/s, peak MiB and FLOPs per step of forward + backward + clip + AdamW on a VLModel of ``shape``."""
+    level = SETUPS.index(setup)
+    bf16, fused, compiled, graphs = level >= 1, level >= 2, level >= 3, level >= 4
     torch.manual_seed(0)
-    model = tiny_vlmodel("t5", feat_dim=2048, d_model=768, layers=12, heads=12, d_ff=3072, dropout=0.1).cuda()
+    model = tiny_vlmodel("t5", feat_dim=shape["feat_dim"], d_model=shape["d_model"], layers=shape["layers"],
+                         heads=shape["heads"], d_ff=shape["d_ff"], dropout=0.1).to(device)
     handle = methods.apply(model, method)
     params = [p for _, p in handle.trainable_parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True if fused else None)
     model.train()
-    feats = torch.randn(batch, 36, 2048, device="cuda")
-    ids = torch.randint(3, model.tokenizer.vocab_size, (batch, 20), device="cuda")
+    vocab = model.tokenizer.vocab_size
+    feats = torch.randn(batch, shape["regions"], shape["feat_dim"], device=device)
+    ids = torch.randint(3, vocab, (batch, shape["prompt"]), device=device)
     mask = torch.ones_like(ids)
-    labels = torch.randint(3, model.tokenizer.vocab_size, (batch, 4), device="cuda")
-    torch.cuda.reset_peak_memory_stats()
+    labels = torch.randint(3, vocab, (batch, shape["answer"]), device=device)
+    forward = model
+    if compiled:
+        forward = torch.compile(model, mode="reduce-overhead" if graphs else None)
+    autocast = torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    def loss():
+        with autocast:
+            def fwd():
+                return forward(feats, ids, mask, labels=labels)
+
+            out = fwd()
+            extra = handle.training_losses(out, fwd)  # AdaMix's consistency loss runs a second forward
+            return out.loss + sum(extra.values(), torch.zeros((), device=device))
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(feats, ids, mask, labels=labels).loss + sum(handle.extra_losses().values(), 0.0)
-        loss.backward()
+        loss().backward()
         torch.nn.utils.clip_grad_norm_(params, 5.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    with FlopCounterMode(display=False) as counter:  # eager, so the count is the model's, not the compiler's
+        with autocast:
+            out = model(feats, ids, mask, labels=labels)
+        out.loss.backward()
+    opt.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    torch.cuda.synchronize()
+    sync(device)
     rate = steps / (time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**20
-    del model, opt
-    torch.cuda.empty_cache()
-    return rate, peak
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
+    del model, forward, opt
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    return {"steps_s": rate, "peak_mib": peak, "flops": counter.get_total_flops()}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per setup (after 5 warm-up steps)")
+    parser.add_argument("--batch", default="64", help="batch sizes, comma-separated (e.g. 64,256)")
     parser.add_argument("--methods", default="full,lora,pfeiffer,compacter,mixphm,vlpet")
+    parser.add_argument("--compile", action="store_true", help="add the torch.compile setup")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="add torch.compile mode='reduce-overhead' (CUDA graphs; implies --compile)")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--shape", default="base", choices=tuple(SHAPES))
+    parser.add_argument("--matmul-n", type=int, default=None, help="size of the square matmuls of the rate "
+                        "(default: 8192 on CUDA, 512 on a CPU)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_gpu: no CUDA device here; nothing to measure (the CPU figures are in the other benches)")
         return
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    tiny_trainer()
-    print(f"\nT5-base-shaped VL-T5, batch {args.batch}, 36 regions x 2048-d, prompt 20, answer 4:")
-    print(f"  {'method':<10} {'fp32 steps/s':>12} {'bf16 steps/s':>12} {'bf16 speed-up':>13} "
-          f"{'bf16 samples/s':>14} {'fp32 peak MiB':>13} {'bf16 peak MiB':>13}")
+    batches = [int(b) for b in args.batch.split(",")]
+    setups = list(SETUPS[:3])
+    if args.compile or args.cuda_graphs:
+        setups.append(SETUPS[3])
+    if args.cuda_graphs:
+        if args.device != "cuda":
+            parser.error("--cuda-graphs needs --device cuda")
+        setups.append(SETUPS[4])
+    device, shape = args.device, SHAPES[args.shape]
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    print(f"device: {name}  torch {torch.__version__}")
+    if device == "cuda":
+        tiny_trainer()
+    n = args.matmul_n or (8192 if device == "cuda" else 512)
+    rate = {"fp32": matmul_rate(device, torch.float32, n), "bf16": matmul_rate(device, torch.bfloat16, n)}
+    print(f"\ndense matmul rate (n = {n}): fp32 {rate['fp32'] / 1e12:.1f} TFLOP/s, bf16 {rate['bf16'] / 1e12:.1f} "
+          "TFLOP/s (model FLOP utilisation is measured against the setup's compute dtype)")
+    print(f"\n{args.shape} shape: {shape['layers']} + {shape['layers']} layers, d_model {shape['d_model']}, "
+          f"{shape['regions']} regions x {shape['feat_dim']}-d, prompt {shape['prompt']}, answer {shape['answer']}")
+    print(f"  {'method':<10} {'batch':>5} {'setup':<14} {'steps/s':>8} {'samples/s':>9} {'TFLOP/s':>8} "
+          f"{'MFU':>6} {'peak MiB':>9}")
     for method in args.methods.split(","):
-        r32, m32 = base_sized(method, False, args.batch, args.steps)
-        r16, m16 = base_sized(method, True, args.batch, args.steps)
-        print(f"  {method:<10} {r32:12.2f} {r16:12.2f} {r16 / r32:12.2f}x {r16 * args.batch:14.0f} "
-              f"{m32:13.0f} {m16:13.0f}")
+        for batch in batches:
+            for setup in setups:
+                r = base_sized(method, setup, batch, args.steps, device, shape)
+                achieved = r["flops"] * r["steps_s"]
+                mfu = achieved / rate["fp32" if setup == "fp32" else "bf16"]
+                print(f"  {method:<10} {batch:>5} {setup:<14} {r['steps_s']:8.2f} {r['steps_s'] * batch:9.0f} "
+                      f"{achieved / 1e12:8.3f} {mfu:6.1%} {r['peak_mib']:9.0f}", flush=True)
+    print("  target: model FLOP utilisation >= 30 % in bf16 (against the measured bf16 matmul rate)")
 
 
 if __name__ == "__main__":

@@ -288,9 +288,13 @@ def bench_full(batches: list, warmup: int, peak32: float, peak16: float) -> None
           f"the ceiling of this step's FLOP/s on these shapes; {1e3 * flops / (0.4 * peak32 * 1e9):.1f} ms "
           f"a step would be 40 %, i.e. at most {1e3 * (flops / (0.4 * peak32 * 1e9) - split['matmul']):.1f} ms "
           "for everything else")
+    print(f"    the largest other costs (self ms a step, share of the step, calls): " + "; ".join(
+        f"{key} {1e3 * sec:.1f} ms {sec / (split['matmul'] + split['other']):.0%} ({calls:.0f})"
+        for key, sec, calls in split["top"]))
 
 
 MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
+TOP_OPS = 5
 
 
 def time_split(stepper: Stepper, batches: list, warmup: int) -> dict:
@@ -310,7 +314,10 @@ def time_split(stepper: Stepper, batches: list, warmup: int) -> dict:
     aten = [e for e in events if e.key.startswith("aten::")]
     mm = sum(e.self_cpu_time_total for e in aten if e.key in MATMUL_OPS) / 1e6
     other = sum(e.self_cpu_time_total for e in events if e.key not in MATMUL_OPS) / 1e6
-    return {"matmul": mm / n, "other": other / n, "ops": sum(e.count for e in aten) / n, "steps": n}
+    # The largest non-product costs (the optimiser's step is a profiler range; its aten calls are counted apart).
+    top = sorted(((e.key, e.self_cpu_time_total / 1e6 / n, e.count / n) for e in events if e.key not in MATMUL_OPS),
+                 key=lambda t: -t[1])[:TOP_OPS]
+    return {"matmul": mm / n, "other": other / n, "ops": sum(e.count for e in aten) / n, "steps": n, "top": top}
 
 
 # ------------------------------------------------------------------------------------ (c)

@@ -34,6 +34,18 @@ def test_forward_shapes_and_loss(tiny_model, batch):
     assert tiny_model.config.feat_dim == FEAT_DIM and tiny_model.config.n_enc_layers == 2
 
 
+def test_forward_traces_as_one_graph(tiny_model, batch):
+    """torch.compile captures the whole forward, loss included, without a graph break (so a GPU user
+    can compile it); the input checks that read tensor values step aside while tracing."""
+    torch._dynamo.reset()
+    try:
+        explained = torch._dynamo.explain(lambda: tiny_model(**batch).loss)()
+    finally:
+        torch._dynamo.reset()
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, \
+        [r.reason for r in explained.break_reasons]
+
+
 def test_generate_greedy_and_beam(tiny_model, batch):
     args = {k: batch[k] for k in ("visual_feats", "input_ids", "attention_mask")}
     greedy = tiny_model.generate(**args, max_new_tokens=4)

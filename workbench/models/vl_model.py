@@ -47,6 +47,10 @@ from .families import Family, family_of, insertion_points, install_context_hooks
 from .sites import SitesMixin
 
 
+# torch.compile's "am I tracing" test (torch.compiler.is_compiling from torch 2.3; torch._dynamo's before).
+_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+
+
 @dataclass
 class VLConfig:
     """The shape of a :class:`VLModel` (the LM's own config stays in ``model.lm.config``).
@@ -283,7 +287,10 @@ class VLModel(SitesMixin, CheckpointMixin, nn.Module):
                                  f"{input_ids.dtype} {tuple(input_ids.shape)}")
             if input_ids.shape[0] != b:
                 raise ValueError(f"batch sizes differ: visual_feats has {b}, input_ids has {input_ids.shape[0]}")
-            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            # The range check reads the ids' values (a device sync, and a graph break under
+            # torch.compile); while compiling it is left to the embedding, which fails on a bad id too.
+            if (input_ids.numel() and not _compiling()
+                    and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size)):
                 raise ValueError(f"input_ids must be in [0, {self.config.vocab_size}), got "
                                  f"[{int(input_ids.min())}, {int(input_ids.max())}]")
             input_ids = input_ids.long()
