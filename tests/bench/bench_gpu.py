@@ -25,6 +25,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench_step import matmul_gflops, sync  # this folder: the scripts run as `python tests/bench/...`
 from workbench import methods
 from workbench.models.testing import tiny_vlmodel
 from workbench.train import RunConfig, run
@@ -45,26 +46,6 @@ def tiny_trainer(epochs: int = 3) -> None:
         t = r.timings
         print(f"  {method:<6} {t['samples_per_s']:8.0f} samples/s   "
               f"peak memory {t['peak_memory_mb']:7.1f} MiB")
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def matmul_rate(device: str, dtype: torch.dtype, n: int, reps: int = 10) -> float:
-    """The device's dense matmul rate in FLOP/s: the best of ``reps`` n x n products (after a warm-up)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for i in range(reps + 2):
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        if i >= 2:
-            best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
 
 
 def base_sized(method: str, setup: str, batch: int, steps: int, device: str, shape: dict,
@@ -157,7 +138,8 @@ def main(argv=None):
     if device == "cuda":
         tiny_trainer()
     n = args.matmul_n or (8192 if device == "cuda" else 512)
-    rate = {"fp32": matmul_rate(device, torch.float32, n), "bf16": matmul_rate(device, torch.bfloat16, n)}
+    rate = {name: 1e9 * matmul_gflops(n, dtype, 10, device)
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     print(f"\ndense matmul rate (n = {n}): fp32 {rate['fp32'] / 1e12:.1f} TFLOP/s, bf16 {rate['bf16'] / 1e12:.1f} "
           "TFLOP/s (model FLOP utilisation is measured against the setup's compute dtype)")
     print(f"\n{args.shape} shape: {shape['layers']} + {shape['layers']} layers, d_model {shape['d_model']}, "

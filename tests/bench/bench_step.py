@@ -61,17 +61,25 @@ PINNED_CPU_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
 
 
 # ------------------------------------------------------------------------------------ (a) matmul
-def matmul_gflops(n: int, dtype: torch.dtype, reps: int) -> float:
-    """Best-of-``reps`` GFLOP/s of an ``n x n`` by ``n x n`` matmul (2 n^3 FLOPs)."""
+def sync(device: str = "cpu") -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so that a timer reads what it ran."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_gflops(n: int, dtype: torch.dtype, reps: int, device: str = "cpu") -> float:
+    """Best-of-``reps`` GFLOP/s of an ``n x n`` by ``n x n`` matmul (2 n^3 FLOPs) on ``device``."""
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(dtype)
-    b = torch.randn(n, n, generator=g).to(dtype)
-    out = torch.empty(n, n, dtype=dtype)
+    a = torch.randn(n, n, generator=g).to(device, dtype)
+    b = torch.randn(n, n, generator=g).to(device, dtype)
+    out = torch.empty(n, n, dtype=dtype, device=device)
     torch.mm(a, b, out=out)  # warm-up
+    sync(device)
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
         torch.mm(a, b, out=out)
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best / 1e9
 

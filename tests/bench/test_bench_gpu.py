@@ -1,13 +1,18 @@
 """bench_gpu.py's measuring code, smoke-run on the CPU so that it still works when a GPU is lent."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
+HERE = Path(__file__).parent
+
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_gpu", Path(__file__).with_name("bench_gpu.py"))
+    if str(HERE) not in sys.path:  # bench_gpu imports bench_step from its folder, as when run as a script
+        sys.path.insert(0, str(HERE))
+    spec = importlib.util.spec_from_file_location("bench_gpu", HERE / "bench_gpu.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
