@@ -130,8 +130,11 @@ def start_lab(root: Path, notebooks, timeout: float = 120.0) -> Lab:
         if m:
             token = m.group(1)
             lab = Lab(proc, f"http://localhost:{port}", token, root, log)
-            if lab.get("/api/status") == 200:
-                return lab
+            try:
+                if lab.get("/api/status") == 200:
+                    return lab
+            except urllib.error.URLError:
+                pass  # printed its URL but not accepting yet (seen once on a busy machine): ask again
         time.sleep(0.5)
     proc.kill()
     raise RuntimeError(f"JupyterLab did not start within {timeout:.0f} s (token seen: {token is not None}):\n"
