@@ -75,9 +75,7 @@ def base_sized(method: str, setup: str, batch: int, steps: int, device: str, sha
             def fwd():
                 return forward(feats, ids, mask, labels=labels)
 
-            out = fwd()
-            extra = handle.training_losses(out, fwd)  # AdaMix's consistency loss runs a second forward
-            return out.loss + sum(extra.values(), torch.zeros((), device=device))
+            return handle.loss(fwd)  # AdaMix's consistency loss runs a second forward
 
     def step():
         loss().backward()

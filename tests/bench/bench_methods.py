@@ -70,12 +70,7 @@ class Trainee:
         def forward():
             return self.model(feats, ids, mask, labels=labels)
 
-        out = forward()
-        loss = out.loss
-        extra = self.handle.training_losses(out, forward)
-        if extra:
-            loss = loss + sum(extra.values())
-        loss.backward()
+        self.handle.loss(forward).backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t0

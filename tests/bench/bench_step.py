@@ -163,9 +163,7 @@ class Stepper:
             def forward(b=b):
                 return self.model(b.feats, b.prompt_ids, b.prompt_mask, labels=b.labels, visual_mask=b.visual_mask)
 
-            out = forward()
-            extra = self.handle.training_losses(out, forward)
-            return out.loss + sum(extra.values(), torch.zeros(()))
+            return self.handle.loss(forward)
 
     def step(self, b) -> float:
         with self.patch():

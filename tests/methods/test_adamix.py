@@ -280,6 +280,26 @@ def test_consistency_loss_in_training(family, tiny_model, tiny_batch):
     assert handle.extra_losses() == {}  # no second pass there
 
 
+def test_handle_loss_is_task_loss_plus_training_losses(tiny_model, tiny_batch):
+    """``handle.loss(forward)`` (what the trainer minimises) = the first pass's task loss + the
+    consistency term over both passes, computed from the same random draws."""
+    model = tiny_model("t5")
+    batch = tiny_batch(model, n=3)
+    handle = methods.apply(model, "adamix")
+    _perturb(handle)
+    model.train()
+    outs = []
+    forward = _capturing_forward(model, batch, outs)
+    torch.manual_seed(0)
+    loss = handle.loss(forward)
+    assert len(outs) == 2
+    torch.manual_seed(0)
+    out = forward()
+    expected = out.loss + handle.training_losses(out, forward)["consistency"]
+    assert loss.dim() == 0 and torch.equal(loss, expected)
+    assert loss > outs[0].loss  # the consistency term is counted, not dropped
+
+
 def test_no_second_pass_in_eval_or_when_disabled(tiny_model, tiny_batch):
     model = tiny_model("t5")
     batch = tiny_batch(model)

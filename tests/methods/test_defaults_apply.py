@@ -42,9 +42,7 @@ def _train_step(model, handle, batch) -> torch.Tensor:
     def forward():
         return model(**batch)
 
-    out = forward()
-    extra = handle.training_losses(out, forward)
-    loss = out.loss + sum(extra.values(), torch.zeros(()))
+    loss = handle.loss(forward)
     loss.backward()
     return loss
 

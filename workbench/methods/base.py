@@ -18,6 +18,8 @@ handle. The trainer only talks to the handle:
 * ``training_losses(out, forward)`` -- losses the method adds to the task loss of a training
   forward, as a dict; by default its ``extra_losses()`` (MixPHM, PETAL); a method that needs a
   second pass over the same batch (AdaMix's consistency) calls ``forward()``;
+* ``loss(forward)`` -- the loss one training batch minimises: ``forward()``'s task loss plus
+  those losses (what the trainer and the benchmarks call);
 * ``state_dict()`` / ``load_state_dict()`` -- the method's own weights (for the run store);
 * training vs eval behaviour follows ``model.train()`` / ``model.eval()`` as usual in torch.
 """
@@ -197,6 +199,15 @@ class MethodHandle:
         model again (a fresh draw of anything stochastic). The default is :meth:`extra_losses`.
         """
         return self.extra_losses()
+
+    def loss(self, forward: Callable) -> torch.Tensor:
+        """The loss one training batch minimises: ``forward()``'s task loss plus :meth:`training_losses`.
+
+        ``forward()`` runs the batch through the model (it may be called again, e.g. by AdaMix).
+        """
+        out = forward()
+        extra = self.training_losses(out, forward)
+        return out.loss + sum(extra.values(), torch.zeros((), device=out.loss.device))
 
     def extra_losses(self) -> dict[str, torch.Tensor]:
         """Losses added to the task loss after a forward pass (none by default)."""

@@ -534,9 +534,7 @@ def _train(cfg: RunConfig, store: RunStore, run_hash: str, payload: dict) -> Run
                     def forward(b=b):
                         return model(b.feats, b.prompt_ids, b.prompt_mask, labels=b.labels, visual_mask=b.visual_mask)
 
-                    out = forward()
-                    extra = handle.training_losses(out, forward)
-                    loss = out.loss + sum(extra.values(), torch.zeros((), device=device))
+                    loss = handle.loss(forward)
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(step, float(loss.detach()), cfg.hash)
                 (loss / cfg.grad_accum).backward()
