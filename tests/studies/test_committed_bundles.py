@@ -37,21 +37,40 @@ MAX_WALL_S = float(os.environ.get("WORKBENCH_VERIFY_MAX_S", "120"))
 NAME = "tiny-verify"
 
 
+@pytest.mark.parametrize("name", bundles(RESULTS))
+def test_committed_bundle_reproduces_on_this_machine(name):
+    report = verify_study(name, sample=SAMPLE, seed=0, root=RESULTS, max_wall_s=MAX_WALL_S)
+    print(report.summary())
+    report.raise_if_failed()
+
+
+# ------------------------------------------------------------------ the machinery on a tiny bundle
 @pytest.fixture
-def tiny_bundle(tiny_backbone, tmp_path, monkeypatch):
-    """A two-run study run and exported into tmp_path/results; yields (results root, run hashes)."""
+def tiny_bundle_of(tiny_backbone, tmp_path, monkeypatch):
+    """A factory: ``(seeds) -> (results root, run hashes)`` runs a tiny one-cell study over ``seeds``
+    and exports it into tmp_path/results."""
     monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
     base = RunConfig(backbone=str(tiny_backbone), task="shapes-vqa", n_shots=16, seed=13, method="lora",
                      max_steps=6, eval_every=2, patience=3, batch_size=8, pool_size=64, test_size=24, quiet=True,
                      task_options={"n_scenes": 40})
-    study = register_study(Study(NAME, "two tiny runs", grids=lambda: grid(base, seed=[13, 21])))
-    try:
+
+    def make(seeds):
+        study = register_study(Study(NAME, f"{len(seeds)} tiny runs", grids=lambda: grid(base, seed=list(seeds))))
         run_study(NAME, store=tmp_path / "runs", results=tmp_path / "results", progress=False)
         report = export_study(NAME, store=tmp_path / "runs", root=tmp_path / "results")
         assert report.complete
-        yield tmp_path / "results", study.hashes()
+        return tmp_path / "results", study.hashes()
+
+    try:
+        yield make
     finally:
         unregister_study(NAME)
+
+
+@pytest.fixture
+def tiny_bundle(tiny_bundle_of):
+    """A two-run study run and exported into tmp_path/results; yields (results root, run hashes)."""
+    return tiny_bundle_of([13, 21])
 
 
 def tamper_metric(root, run_hash, delta):
@@ -60,6 +79,15 @@ def tamper_metric(root, run_hash, delta):
     bundle = RunStore(root / NAME)
     records = bundle.read(run_hash)
     records["metrics"]["test"]["overall"] += delta
+    bundle.write(run_hash, records)
+    return records["metrics"]["test"]["overall"] - delta
+
+
+def tamper_first_loss(root, run_hash, factor):
+    """Re-publish a bundle run with its first evaluation's training loss scaled by ``factor``."""
+    bundle = RunStore(root / NAME)
+    records = bundle.read(run_hash)
+    records["history"][0]["loss"] *= factor
     bundle.write(run_hash, records)
 
 
@@ -153,3 +181,56 @@ def test_the_gallery_bundle_holds_the_current_hash_of_every_method_at_n64():
     assert not missing, (f"the gallery bundle lacks the current runs of {missing}: a method's defaults changed "
                          "(retrain with `python -m workbench.studies run gallery` and export) or a new option "
                          "needs MethodConfig.HASH_NEUTRAL")
+
+
+# -------------------------------------------------------------------------- on another machine
+def test_another_machine_checks_the_first_evaluation(tiny_bundle):
+    """On another machine the headline metrics may part after the first evaluations, but the first
+    evaluation's training loss must agree within EARLY_RTOL: a larger difference is another computation."""
+    from workbench.studies.bundle import EARLY_RTOL
+
+    root, hashes = tiny_bundle
+    set_recorded_machine(root, None)
+    tamper_first_loss(root, hashes[0], 1 + EARLY_RTOL / 10)  # float noise: metrics equal, history not
+    tamper_first_loss(root, hashes[1], 1 + 5 * EARLY_RTOL)
+    report = verify_study(NAME, runs=hashes, root=root)
+    near, far = report.checks
+    assert near.mode == far.mode == "tolerance"
+    assert near.status == "match" and near.ok and not near.differences
+    assert far.status == "mismatch" and not far.ok
+    assert "history[0].loss" in far.differences[0] and "training computes something else" in far.differences[0]
+    with pytest.raises(VerificationError, match="MISMATCH"):
+        report.raise_if_failed()
+
+
+def test_a_run_that_parts_from_the_bundle_on_another_machine_is_judged_by_its_cell(tiny_bundle_of):
+    """Outside the tolerance, a re-run on another machine reproduces the bundle ("diverged") when it
+    lies within the 95 % prediction interval of another seed of its cell, and not otherwise."""
+    root, hashes = tiny_bundle_of([13, 21, 42])
+    set_recorded_machine(root, None)
+    checked, a, b = hashes
+    # The re-trained value is the run's true one (this machine trained the bundle).
+    true = tamper_metric(root, checked, 0.05)  # own value 0.05 off: outside the tolerance 0.02
+    tamper_metric(root, a, true - 0.1 - tamper_metric(root, a, 0.0))
+    tamper_metric(root, b, true + 0.15 - tamper_metric(root, b, 0.0))
+    (check,) = verify_study(NAME, runs=checked, root=root).checks
+    # mean true + 0.033, std 0.126, half-width t(0.975, 2) * std * sqrt(4 / 3) = 0.63: inside
+    assert check.status == "diverged" and check.ok, check
+    assert "within the 95 % interval of another seed of the cell" in check.differences[0]
+    report = verify_study(NAME, runs=checked, root=root)
+    assert report.ok and "1 diverged" in report.summary()
+
+    # A tight cell far from the re-run: outside its interval, so the bundle is not reproduced.
+    tamper_metric(root, checked, 0.25)  # own: true + 0.30
+    tamper_metric(root, a, true + 0.31 - tamper_metric(root, a, 0.0))
+    tamper_metric(root, b, true + 0.29 - tamper_metric(root, b, 0.0))
+    (check,) = verify_study(NAME, runs=checked, root=root).checks
+    assert check.status == "mismatch" and "outside the 95 % interval" in check.differences[0]
+
+
+def test_fewer_than_three_seeds_cannot_excuse_a_difference(tiny_bundle):
+    root, hashes = tiny_bundle
+    set_recorded_machine(root, None)
+    tamper_metric(root, hashes[0], 0.05)
+    (check,) = verify_study(NAME, runs=hashes[0], root=root).checks
+    assert check.status == "mismatch" and "fewer than 3 seeds" in check.differences[0]

@@ -55,6 +55,7 @@ from pathlib import Path
 
 from ..train import DamagedRunError, DamagedRunWarning, RunConfig, RunStore, load_run
 from ..train.store import DONE
+from ..train.sweeps import t_quantile
 from ..utils import MKL_PATH_KEYS, PINNED_CPU_ENV, atomic_write, cpu_model, mkl_code_path, pick_device, repo_root
 from .study import PROVENANCE_DIR, Study, get_study
 
@@ -75,6 +76,11 @@ FINGERPRINT = ("torch", "cpu_capability", "threads", "device", "env", "cpu_model
 # differs, per task metric: accuracies in [0, 1]; CIDEr-D on its own scale (docs/studies.md).
 TOLERANCE = {"vqa": 0.02, "exact": 0.02, "cider": 0.05}
 HEADLINE = ("test", "test_last", "dev_best")
+# On another machine, the relative difference the first evaluation's training loss (the mean over
+# the first eval_every steps) may show. Measured between an AMD EPYC and an Intel Xeon, both pinned
+# to AVX2, over 15 bundle runs of 14 methods: at most 1.2e-5, and 3.0e-3 for FourierFT (its FFT);
+# a change to what training computes moves it by far more (docs/studies.md).
+EARLY_RTOL = 1e-2
 
 
 def results_root() -> Path:
@@ -804,9 +810,12 @@ class RunCheck:
     """One re-trained run of :func:`verify_study`.
 
     ``mode``: ``"exact"`` (the recorded machine fingerprint matches: every metric and the whole
-    history must be equal) or ``"tolerance"``; ``status``: ``"match"``, ``"mismatch"``, ``"stale"``
-    (the current code computes another hash for the run's config: the bundle is out of date) or
-    ``"error"`` (re-training raised).
+    history must be equal) or ``"tolerance"`` (another machine); ``status``: ``"match"``,
+    ``"mismatch"``, ``"diverged"`` (another machine only: the run agrees with the bundle at its
+    first evaluation, and a headline metric outside the tolerance lies within the 95 % prediction
+    interval of another seed of its cell: training amplified the machines' last-bit differences
+    into another trajectory, as it can; counted as reproduced), ``"stale"`` (the current code computes another hash for the run's
+    config: the bundle is out of date) or ``"error"`` (re-training raised).
     """
 
     run: str
@@ -822,7 +831,7 @@ class RunCheck:
 
     @property
     def ok(self) -> bool:
-        return self.status == "match"
+        return self.status in ("match", "diverged")
 
     def __str__(self) -> str:
         mode = "exact" if self.mode == "exact" else f"within {self.tolerance:g}" if self.tolerance is not None else self.mode
@@ -852,6 +861,10 @@ class VerifyReport:
     def summary(self) -> str:
         n_ok = sum(c.ok for c in self.checks)
         head = f"study {self.name} ({self.bundle}): {n_ok} of {len(self.checks)} re-trained runs reproduce the bundle"
+        n_div = sum(c.status == "diverged" for c in self.checks)
+        if n_div:
+            head += (f" ({n_div} diverged: the same at the first evaluation, then outside the tolerance but "
+                     "where another seed of the cell would lie; docs/studies.md)")
         return "\n".join([head] + ["  " + str(c) for c in self.checks])
 
     __str__ = summary
@@ -875,6 +888,52 @@ def _headline(metrics: dict) -> dict:
     for k in HEADLINE:
         v = metrics.get(k)
         out[k] = float(v["overall"]) if isinstance(v, dict) else (float(v) if v is not None else None)
+    return out
+
+
+def _early_differences(bundle: list, new: list) -> list[str]:
+    """Why the first evaluations of two histories are not the same computation on two machines
+    (empty when they are): another step, or a training loss more than :data:`EARLY_RTOL` apart."""
+    if not bundle or not new:
+        return [f"history: {len(bundle)} evaluations (bundle) vs {len(new)} (re-trained)"] if bundle or new else []
+    a, b = bundle[0], new[0]
+    if a.get("step") != b.get("step"):
+        return [f"history[0].step: {a.get('step')!r} (bundle) vs {b.get('step')!r} (re-trained)"]
+    la, lb = a.get("loss"), b.get("loss")
+    if not (isinstance(la, (int, float)) and isinstance(lb, (int, float))):
+        return [f"history[0].loss: {la!r} (bundle) vs {lb!r} (re-trained)"]
+    rel = abs(la - lb) / max(abs(la), 1e-12)
+    if not rel <= EARLY_RTOL:
+        return [f"history[0].loss (step {a['step']}): {la!r} (bundle) vs {lb!r} (re-trained): relative "
+                f"difference {rel:.1e} > {EARLY_RTOL:g}, more than another CPU's float noise grows to: "
+                "training computes something else"]
+    return []
+
+
+def _seed_interval(store: StudyStore, cfg: RunConfig) -> dict:
+    """``{metric: (low, high, n)}``: the 95 % prediction interval of one more seed of the run's cell
+    (the bundle's runs of the same config but for the seed, the run itself included): mean +-
+    t(0.975, n - 1) * std * sqrt(1 + 1 / n) over their headline metrics. Empty below 3 seeds."""
+    key = {**cfg.to_dict(), "seed": None, "quiet": None}
+    values: dict[str, list] = {k: [] for k in HEADLINE}
+    for h in sorted(store._bundle_runs):
+        try:
+            records = store.bundle.read(h)
+        except Exception:  # noqa: BLE001 - a run that cannot be read is not a peer
+            continue
+        if {**records["config"], "seed": None, "quiet": None} != key:
+            continue
+        for k, v in _headline(records["metrics"]).items():
+            if v is not None:
+                values[k].append(v)
+    out = {}
+    for k, v in values.items():
+        n = len(v)
+        if n >= 3:
+            mean = sum(v) / n
+            sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1))
+            half = t_quantile(0.975, n - 1) * sd * math.sqrt(1 + 1 / n)
+            out[k] = (mean - half, mean + half, n)
     return out
 
 
@@ -932,10 +991,14 @@ def verify_study(name: str | Study, sample: int | None = 2, seed: int = 0, root:
     trained from scratch into a temporary store, with the torch thread count the bundle records for
     it (``match_threads``); then, when the run's recorded machine fingerprint (torch version, ATen
     CPU capability, threads, device type, the pinning variables :data:`PINNING_ENV`) equals this machine's and
-    the device is the CPU, every metric and the whole training history must be *equal*; otherwise
-    (another machine, a run without a machine record, a GPU) the headline metrics
-    (test, test_last, dev_best) must agree within ``tolerance`` (default: the study's, else
-    :data:`TOLERANCE` for the task's metric: 0.02 absolute on accuracies; docs/studies.md says why).
+    the device is the CPU, every metric and the whole training history must be *equal*. Otherwise
+    (another machine, a run without a machine record, a GPU) the first evaluation's training loss
+    must agree within :data:`EARLY_RTOL` (relative), and the headline metrics (test, test_last,
+    dev_best) within ``tolerance`` (default: the study's, else :data:`TOLERANCE` for the task's
+    metric: 0.02 absolute on accuracies) or, failing that, lie within the 95 % prediction interval
+    of another seed of the run's cell (status ``"diverged"``, counted as reproduced: on another CPU
+    a run's trajectory can part from the bundle's after its first evaluations). docs/studies.md
+    says why.
 
     Args:
         name: the study (its bundle must exist; the study need not be registered).
@@ -1014,11 +1077,28 @@ def verify_study(name: str | Study, sample: int | None = 2, seed: int = 0, root:
         if mode == "exact":
             _diff(records["metrics"], new["metrics"], "metrics", diffs)
             _diff(records["history"], new["history"], "history", diffs)
+            status = "mismatch" if diffs else "match"
         else:
-            for k in HEADLINE:
-                if a[k] is None or b[k] is None or not abs(a[k] - b[k]) <= tol + 1e-12:
-                    diffs.append(f"metrics.{k}: {a[k]!r} (bundle) vs {b[k]!r} (re-trained), tolerance {tol:g}")
-        checks.append(RunCheck(h, label, mode, "mismatch" if diffs else "match", tol if mode == "tolerance" else None,
+            # Another machine: the same computation shows in the first evaluation; after it, training can
+            # amplify last-bit differences into another trajectory (docs/studies.md), so a headline metric
+            # outside the tolerance still reproduces the bundle when it lies where the cell's seeds lie.
+            diffs = _early_differences(records["history"], new["history"])
+            status = "mismatch" if diffs else "match"
+            far = [] if diffs else [k for k in HEADLINE
+                                    if a[k] is None or b[k] is None or not abs(a[k] - b[k]) <= tol + 1e-12]
+            seeds = _seed_interval(store, cfg) if far else {}
+            for k in far:
+                line = f"metrics.{k}: {a[k]!r} (bundle) vs {b[k]!r} (re-trained), tolerance {tol:g}"
+                lo, hi, n = seeds.get(k, (None, None, 0))
+                if b[k] is not None and lo is not None and lo - tol - 1e-12 <= b[k] <= hi + tol + 1e-12:
+                    line += f"; within the 95 % interval of another seed of the cell [{lo:.4g}, {hi:.4g}] (n={n})"
+                    status = "diverged" if status == "match" else status
+                else:
+                    line += (f"; outside the 95 % interval of another seed of the cell [{lo:.4g}, {hi:.4g}] (n={n})"
+                             if lo is not None else "; the bundle holds fewer than 3 seeds of this cell to compare with")
+                    status = "mismatch"
+                diffs.append(line)
+        checks.append(RunCheck(h, label, mode, status, tol if mode == "tolerance" else None,
                                diffs, machine_diff, a, b, time.perf_counter() - t0))
     return VerifyReport(store.name, store.bundle.root, checks, current_machine())
 
