@@ -5,6 +5,7 @@
     python tests/bench/bench_convergence.py --methods lora,full --seeds 13,21,42 --workers 2
     python tests/bench/bench_convergence.py --no-train  # report what is already trained
     python tests/bench/bench_convergence.py --shots 16 --seeds 13,21,42,87,100,1,2,3,4,5 --workers 2  # ten seeds
+    python tests/bench/bench_convergence.py --methods lora --lr 1.5e-3 --seeds ... # B and 2B at another lr
 
 For the methods of the four papers (full, lora, houlsby, pfeiffer, compacter, adamix, mixphm,
 vlpet, petal, prompt, prefix, parallel) on shapes-vqa, each at N = 16 and N = 64 over the
@@ -20,6 +21,9 @@ above 0 (more steps help), "over-trained" when it lies below 0, else "undecided"
 cannot tell a shift of 2 points from the checkpoint-selection noise). Also the mean wall time of
 an N = 64 protocol run (target < 60 s on a 2-core CPU).
 
+``--lr LR`` trains B and 2B at that learning rate instead of each method's default (does a lower
+rate remove a budget limit?) and adds, per cell, B at LR against B at the default, paired over seeds.
+
 Protocol runs (B) that a committed study bundle holds (``results/*``: the gallery holds every
 method at seeds 13, 21, 42, the MixPHM study seven of them at all five) are read from it, as the
 notebooks read them; everything else is trained into the default run store (``runs/`` or
@@ -34,6 +38,7 @@ import time
 import numpy as np
 import pandas as pd
 
+from workbench.methods import get_config
 from workbench.studies import list_studies, load_study
 from workbench.studies.bundle import PROVENANCE_FILE, results_root
 from workbench.train import RunConfig, RunStore, compare, sweep
@@ -47,12 +52,12 @@ SHOTS = (16, 64)
 TARGET = 0.02
 
 
-def configs(methods, shots, seeds, doubled=True):
+def configs(methods, shots, seeds, doubled=True, lr=None):
     out = []
     for method in methods:
         for n in shots:
             for seed in seeds:
-                base = RunConfig(task="shapes-vqa", method=method, n_shots=n, seed=seed, quiet=True)
+                base = RunConfig(task="shapes-vqa", method=method, n_shots=n, seed=seed, quiet=True, lr=lr)
                 out.append(base)
                 if doubled:
                     max_steps, _ = protocol_budget(n, base.batch_size)
@@ -103,11 +108,18 @@ def main():
     ap.add_argument("--workers", type=int, default=1, help="processes (1: in this process, 2 threads)")
     ap.add_argument("--no-train", action="store_true",
                     help="train nothing: report the runs the bundles and the run store already hold")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="train B and 2B at this learning rate instead of each method's default, and "
+                         "compare B with the default's B")
     args = ap.parse_args()
+    if args.lr is not None and not args.lr > 0:
+        ap.error(f"--lr must be a positive learning rate, got {args.lr}")
     methods = args.methods.split(",")
     seeds = tuple(int(s) for s in args.seeds.split(","))
     shots = (64,) if args.quick else tuple(int(n) for n in args.shots.split(","))
-    cfgs = configs(methods, shots, seeds[:1] if args.quick else seeds, doubled=not args.quick)
+    cfgs = configs(methods, shots, seeds[:1] if args.quick else seeds, doubled=not args.quick, lr=args.lr)
+    if args.lr is not None:  # the default's B, to compare with
+        cfgs += configs(methods, shots, seeds[:1] if args.quick else seeds, doubled=False)
     t0 = time.perf_counter()
     frames, left = from_bundles(cfgs)
     if left and args.no_train:
@@ -123,6 +135,10 @@ def main():
         print(f"FAILED {r.method} N={r.n_shots} seed={r.seed}: {r.error}")
     df = df[df.status != "failed"].copy()
     df["budget"] = np.where(df.max_steps.isna(), "B", "2B")
+    reference = None
+    if args.lr is not None:
+        at_lr = df.lr.notna()  # the default's runs leave lr unset
+        reference, df = df[~at_lr], df[at_lr]
 
     first = seeds[:TARGET_SEEDS]
     print(f"\ntest accuracy; B: the protocol, 2B: max_steps and patience x 2. Target: |2B - B| < {TARGET} "
@@ -166,6 +182,17 @@ def main():
         print(f"target met (|2B - B| < {TARGET} over {len(first)} seeds): {met} of {cells} cells; largest |2B - B| "
               f"{worst:.3f}; over {len(seeds)} seeds: {met5} of {cells}")
         print(f"{len(seeds)}-seed verdicts: " + ", ".join(f"{k} {v}" for k, v in sorted(tally.items())))
+    if reference is not None and not args.quick:
+        print(f"\nB at lr {args.lr:g} against B at the method's default learning rate, paired over seeds:")
+        for method in methods:
+            for n in shots:
+                both = pd.concat([df[(df.method == method) & (df.n_shots == n) & (df.budget == "B")].assign(arm="lr"),
+                                  reference[(reference.method == method) & (reference.n_shots == n)].assign(arm="default")])
+                c = compare(both, {"arm": "lr"}, {"arm": "default"}, by="n_shots", pair_on="seed")
+                if len(c) and c["n"].iloc[0] > 1:
+                    r = c.iloc[0]
+                    print(f"{method:>10} {n:>4} | default lr {get_config(method).lr:g}: "
+                          f"{r.mean_diff:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}] p {r.p:.2f} ({int(r.n)} pairs)")
 
 
 def _paired(sel: pd.DataFrame) -> dict:

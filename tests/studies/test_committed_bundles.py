@@ -197,6 +197,7 @@ def test_another_machine_checks_the_first_evaluation(tiny_bundle):
     near, far = report.checks
     assert near.mode == far.mode == "tolerance"
     assert near.status == "match" and near.ok and not near.differences
+    assert near.first_loss_rel == pytest.approx(EARLY_RTOL / 10, rel=1e-3) and "apart (relative" in str(near)
     assert far.status == "mismatch" and not far.ok
     assert "history[0].loss" in far.differences[0] and "training computes something else" in far.differences[0]
     with pytest.raises(VerificationError, match="MISMATCH"):

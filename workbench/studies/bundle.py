@@ -78,7 +78,7 @@ TOLERANCE = {"vqa": 0.02, "exact": 0.02, "cider": 0.05}
 HEADLINE = ("test", "test_last", "dev_best")
 # On another machine, the relative difference the first evaluation's training loss (the mean over
 # the first eval_every steps) may show. Measured between an AMD EPYC and an Intel Xeon, both pinned
-# to AVX2, over 15 bundle runs of 14 methods: at most 1.2e-5, and 3.0e-3 for FourierFT (its FFT);
+# to AVX2, over 15 bundle runs of 13 methods: at most 1.2e-5, and 3.0e-3 for FourierFT (its FFT);
 # a change to what training computes moves it by far more (docs/studies.md).
 EARLY_RTOL = 1e-2
 
@@ -828,6 +828,7 @@ class RunCheck:
     bundle: dict = field(default_factory=dict)
     retrained: dict = field(default_factory=dict)
     wall_s: float = 0.0
+    first_loss_rel: float | None = None  # another machine: how far the first evaluation's losses are apart
 
     @property
     def ok(self) -> bool:
@@ -838,6 +839,8 @@ class RunCheck:
         line = f"{self.run} {self.label}: {self.status.upper()} ({mode}; {self.wall_s:.1f} s)"
         if self.mode != "exact" and self.machine_differences:
             line += "\n      machine: " + "; ".join(self.machine_differences)
+        if self.first_loss_rel is not None:
+            line += f"\n      first evaluation's training loss: {self.first_loss_rel:.1e} apart (relative; bound {EARLY_RTOL:g})"
         for d in self.differences[:8]:
             line += f"\n      {d}"
         if len(self.differences) > 8:
@@ -874,7 +877,8 @@ class VerifyReport:
         import pandas as pd
 
         return pd.DataFrame([{"run": c.run, "label": c.label, "mode": c.mode, "status": c.status, "ok": c.ok,
-                              "tolerance": c.tolerance, **{f"bundle/{k}": v for k, v in c.bundle.items()},
+                              "tolerance": c.tolerance, "first_loss_rel": c.first_loss_rel,
+                              **{f"bundle/{k}": v for k, v in c.bundle.items()},
                               **{f"retrained/{k}": v for k, v in c.retrained.items()}, "wall_s": c.wall_s}
                              for c in self.checks])
 
@@ -891,23 +895,24 @@ def _headline(metrics: dict) -> dict:
     return out
 
 
-def _early_differences(bundle: list, new: list) -> list[str]:
-    """Why the first evaluations of two histories are not the same computation on two machines
-    (empty when they are): another step, or a training loss more than :data:`EARLY_RTOL` apart."""
+def _early_differences(bundle: list, new: list) -> tuple[list[str], float | None]:
+    """``(why the first evaluations of two histories are not the same computation on two machines,
+    their losses' relative difference)``: the list is empty when they are the same, and a reason
+    is another step or training losses more than :data:`EARLY_RTOL` apart."""
     if not bundle or not new:
-        return [f"history: {len(bundle)} evaluations (bundle) vs {len(new)} (re-trained)"] if bundle or new else []
+        return [f"history: {len(bundle)} evaluations (bundle) vs {len(new)} (re-trained)"], None
     a, b = bundle[0], new[0]
     if a.get("step") != b.get("step"):
-        return [f"history[0].step: {a.get('step')!r} (bundle) vs {b.get('step')!r} (re-trained)"]
+        return [f"history[0].step: {a.get('step')!r} (bundle) vs {b.get('step')!r} (re-trained)"], None
     la, lb = a.get("loss"), b.get("loss")
     if not (isinstance(la, (int, float)) and isinstance(lb, (int, float))):
-        return [f"history[0].loss: {la!r} (bundle) vs {lb!r} (re-trained)"]
+        return [f"history[0].loss: {la!r} (bundle) vs {lb!r} (re-trained)"], None
     rel = abs(la - lb) / max(abs(la), 1e-12)
     if not rel <= EARLY_RTOL:
         return [f"history[0].loss (step {a['step']}): {la!r} (bundle) vs {lb!r} (re-trained): relative "
                 f"difference {rel:.1e} > {EARLY_RTOL:g}, more than another CPU's float noise grows to: "
-                "training computes something else"]
-    return []
+                "training computes something else"], rel
+    return [], rel
 
 
 def _seed_interval(store: StudyStore, cfg: RunConfig) -> dict:
@@ -1073,6 +1078,7 @@ def verify_study(name: str | Study, sample: int | None = 2, seed: int = 0, root:
                                        _headline(records["metrics"]), {}, time.perf_counter() - t0))
                 continue
         diffs: list[str] = []
+        first_rel = None
         a, b = _headline(records["metrics"]), _headline(new["metrics"])
         if mode == "exact":
             _diff(records["metrics"], new["metrics"], "metrics", diffs)
@@ -1082,7 +1088,7 @@ def verify_study(name: str | Study, sample: int | None = 2, seed: int = 0, root:
             # Another machine: the same computation shows in the first evaluation; after it, training can
             # amplify last-bit differences into another trajectory (docs/studies.md), so a headline metric
             # outside the tolerance still reproduces the bundle when it lies where the cell's seeds lie.
-            diffs = _early_differences(records["history"], new["history"])
+            diffs, first_rel = _early_differences(records["history"], new["history"])
             status = "mismatch" if diffs else "match"
             far = [] if diffs else [k for k in HEADLINE
                                     if a[k] is None or b[k] is None or not abs(a[k] - b[k]) <= tol + 1e-12]
@@ -1099,7 +1105,8 @@ def verify_study(name: str | Study, sample: int | None = 2, seed: int = 0, root:
                     status = "mismatch"
                 diffs.append(line)
         checks.append(RunCheck(h, label, mode, status, tol if mode == "tolerance" else None,
-                               diffs, machine_diff, a, b, time.perf_counter() - t0))
+                               diffs, machine_diff, a, b, time.perf_counter() - t0,
+                               first_rel))
     return VerifyReport(store.name, store.bundle.root, checks, current_machine())
 
 
