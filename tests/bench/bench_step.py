@@ -199,14 +199,28 @@ def round_robin(steppers: dict, batches: list, warmup: int) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------ local patches
 @contextlib.contextmanager
-def fused_adamw():
-    """``torch.optim.AdamW(..., fused=True)`` for optimisers built inside (optim.py builds the default)."""
+def adamw_with(**forced):
+    """``torch.optim.AdamW`` built inside with ``forced`` options over optim.py's own."""
     original = torch.optim.AdamW
-    torch.optim.AdamW = functools.partial(original, fused=True)
+
+    def make(*args, **kwargs):
+        return original(*args, **{**kwargs, **forced})
+
+    torch.optim.AdamW = make
     try:
         yield
     finally:
         torch.optim.AdamW = original
+
+
+def fused_adamw():
+    """``torch.optim.AdamW(..., fused=True)`` (another kernel, other floats)."""
+    return adamw_with(fused=True, foreach=False)
+
+
+def single_tensor_adamw():
+    """torch's CPU default, the per-parameter loop (optim.py asks for the multi-tensor one: the same floats)."""
+    return adamw_with(foreach=False)
 
 
 def _rand_dropout(input, p=0.5, training=True, inplace=False):
@@ -254,6 +268,7 @@ def combine(*managers):
 # ------------------------------------------------------------------------------------ (b)
 FP32 = "fp32: the trainer's step"
 CANDIDATES = {  # label -> Stepper options: local monkeypatches of files the step depends on
+    "fp32, single-tensor AdamW (before)": dict(patch=single_tensor_adamw),
     "fp32 + fused AdamW (optim.py)": dict(patch=fused_adamw),
     "fp32 + torch.rand dropout (model)": dict(patch=rand_dropout),
     "fp32 + both": dict(patch=combine(fused_adamw, rand_dropout)),

@@ -74,7 +74,11 @@ def build_optimizer(named_params, lr: float, total_steps: int, *, warmup_steps: 
         raise ValueError(f"need lr > 0, total_steps >= 1 and warmup_steps >= 1; got lr={lr}, "
                          f"total_steps={total_steps}, warmup_steps={warmup_steps}")
     groups = param_groups(named_params, lr, weight_decay, no_decay, lr_scale)
-    opt = torch.optim.AdamW(groups, lr=lr, eps=eps)
+    # The multi-tensor AdamW (torch's default on CUDA). On the CPU its foreach ops run tensor by tensor
+    # with the kernels of the default single-tensor loop, so the floats are the same
+    # (tests/train/test_optim.py; re-trained full, LoRA, MixPHM, PETAL and AdaMix runs matched their
+    # stored histories exactly); it saves some Python per step (about 1 % of vlt5-tiny's full step).
+    opt = torch.optim.AdamW(groups, lr=lr, eps=eps, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: lr_factor(step, total_steps, warmup_steps, decay, floor))
     return opt, sched
