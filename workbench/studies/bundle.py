@@ -813,9 +813,10 @@ class RunCheck:
     history must be equal) or ``"tolerance"`` (another machine); ``status``: ``"match"``,
     ``"mismatch"``, ``"diverged"`` (another machine only: the run agrees with the bundle at its
     first evaluation, and a headline metric outside the tolerance lies within the 95 % prediction
-    interval of another seed of its cell: training amplified the machines' last-bit differences
-    into another trajectory, as it can; counted as reproduced), ``"stale"`` (the current code computes another hash for the run's
-    config: the bundle is out of date) or ``"error"`` (re-training raised).
+    interval of another seed of its cell, widened by the tolerance: training amplified the
+    machines' last-bit differences into another trajectory, as it can; counted as reproduced),
+    ``"stale"`` (the current code computes another hash for the run's config: the bundle is out of
+    date) or ``"error"`` (re-training raised).
     """
 
     run: str
