@@ -257,15 +257,21 @@ def _capturing_forward(model, batch, store):
     return forward
 
 
-@pytest.mark.parametrize("family", ["t5", "bart"])
-def test_consistency_loss_in_training(family, tiny_model, tiny_batch):
+def _training_adamix(tiny_model, tiny_batch, family="t5"):
+    """(handle, forward, outs): perturbed AdaMix in training mode on a 3-sample batch; ``forward()``
+    appends each output to ``outs``."""
     model = tiny_model(family)
     batch = tiny_batch(model, n=3)
     handle = methods.apply(model, "adamix")
     _perturb(handle)
     model.train()
     outs = []
-    forward = _capturing_forward(model, batch, outs)
+    return handle, _capturing_forward(model, batch, outs), outs
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_consistency_loss_in_training(family, tiny_model, tiny_batch):
+    handle, forward, outs = _training_adamix(tiny_model, tiny_batch, family)
     torch.manual_seed(0)
     out = forward()
     losses = handle.training_losses(out, forward)
@@ -283,13 +289,7 @@ def test_consistency_loss_in_training(family, tiny_model, tiny_batch):
 def test_handle_loss_is_task_loss_plus_training_losses(tiny_model, tiny_batch):
     """``handle.loss(forward)`` (what the trainer minimises) = the first pass's task loss + the
     consistency term over both passes, computed from the same random draws."""
-    model = tiny_model("t5")
-    batch = tiny_batch(model, n=3)
-    handle = methods.apply(model, "adamix")
-    _perturb(handle)
-    model.train()
-    outs = []
-    forward = _capturing_forward(model, batch, outs)
+    handle, forward, outs = _training_adamix(tiny_model, tiny_batch)
     torch.manual_seed(0)
     loss = handle.loss(forward)
     assert len(outs) == 2
