@@ -117,9 +117,10 @@ def main():
     methods = args.methods.split(",")
     seeds = tuple(int(s) for s in args.seeds.split(","))
     shots = (64,) if args.quick else tuple(int(n) for n in args.shots.split(","))
-    cfgs = configs(methods, shots, seeds[:1] if args.quick else seeds, doubled=not args.quick, lr=args.lr)
+    run_seeds = seeds[:1] if args.quick else seeds
+    cfgs = configs(methods, shots, run_seeds, doubled=not args.quick, lr=args.lr)
     if args.lr is not None:  # the default's B, to compare with
-        cfgs += configs(methods, shots, seeds[:1] if args.quick else seeds, doubled=False)
+        cfgs += configs(methods, shots, run_seeds, doubled=False)
     t0 = time.perf_counter()
     frames, left = from_bundles(cfgs)
     if left and args.no_train:
