@@ -12,12 +12,13 @@ def test_grid():
     assert len(cfgs) == (3 * 4 * 2 + 4 + 4) * 3  # LoRA also at default x 3, the parallel adapter / 30
     assert {(c.task, c.n_shots, c.pool_size) for c in cfgs} == {("shapes-vqa", 1000, 10_000)}
     assert {c.method for c in cfgs} == set(study.METHODS)
-    for c in cfgs:  # default / 3 and / 10 and the extensions, never the default (the empirical bundle's runs)
+    shared = empirical.shared_lr
+    for c in cfgs:  # shared / 3 and / 10 and the extensions, never the shared lr (the empirical bundle's runs)
         ratios = [1 / d for d in study.LR_DIVISORS] + list(study.LR_EXTENSIONS.get(c.method, ()))
-        assert min(abs(c.lr / c.default_lr() - f) for f in ratios) < 1e-9
-    assert sum(c.lr > c.default_lr() for c in cfgs) == 4 * 3 and {c.method for c in cfgs if c.lr > c.default_lr()} \
-        == {"lora"}
-    assert {c.method for c in cfgs if c.lr < c.default_lr() / 10 * 0.99} == {"parallel"}
+        assert min(abs(c.lr / shared(c.method) - f) for f in ratios) < 1e-9
+    assert sum(c.lr > shared(c.method) for c in cfgs) == 4 * 3 \
+        and {c.method for c in cfgs if c.lr > shared(c.method)} == {"lora"}
+    assert {c.method for c in cfgs if c.lr < shared(c.method) / 10 * 0.99} == {"parallel"}
     assert not {c.hash for c in cfgs} & set(get_study("empirical").hashes())
     assert [c.seed for c in cfgs[:32]] == [13] * 32  # whole seeds first
 

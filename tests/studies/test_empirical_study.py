@@ -43,7 +43,8 @@ def test_table_and_monotonicity(tiny_backbone, tmp_path):
         for n in (16, 32):
             run(RunConfig(backbone=str(tiny_backbone), task="shapes-vqa", method="lora", method_config={"r": size},
                           n_shots=n, max_steps=4, eval_every=4, batch_size=8, pool_size=64, test_size=16,
-                          quiet=True, task_options={"n_scenes": 40}), store=tmp_path)
+                          quiet=True, task_options={"n_scenes": 40}, lr=study.SHARED_LR.get("lora")),
+                store=tmp_path)
     t = study.grid_table(tmp_path)
     assert len(t) == 4 and set(t["size"]) == {1, 16} and (t["trainable"] > 0).all()
     m = study.monotonicity(tmp_path)  # from real stored runs: both axes, each over the 4 runs
@@ -273,8 +274,8 @@ def test_results_keep_only_the_grid(monkeypatch):
     import workbench.train as train
 
     rows = pd.DataFrame([
-        {"run": "a", "task": "shapes-vqa", "method": "lora", "method_config": {"r": 4}},
-        {"run": "b", "task": "shapes-vqa", "method": "lora", "method_config": {}},          # default rank 8
+        {"run": "a", "task": "shapes-vqa", "method": "lora", "method_config": {"r": 4}, "lr": study.shared_lr("lora")},
+        {"run": "b", "task": "shapes-vqa", "method": "lora", "method_config": {}, "lr": study.shared_lr("lora")},  # rank 8
         {"run": "c", "task": "shapes-vqa", "method": "full", "method_config": {}},
         {"run": "d", "task": "coco-caption", "method": "prompt", "method_config": {"length": 8}},
         {"run": "e", "task": "shapes-vqa", "method": "houlsby", "method_config": {"bottleneck": 16}},
@@ -285,20 +286,31 @@ def test_results_keep_only_the_grid(monkeypatch):
     assert list(df["composition"]) == ["layer", "embedding"]
 
 
-def test_results_keep_the_default_learning_rate(monkeypatch):
-    """The lr check's runs (empirical_lr) share the store: only a method's default lr is a grid cell."""
+def test_results_keep_the_shared_learning_rate(monkeypatch):
+    """The lr check's runs (empirical_lr) share the store: only the lr the study's runs of a method
+    share (its default, or SHARED_LR while a changed default's runs are not re-trained) is a grid cell."""
     import workbench.train as train
 
+    shared = study.shared_lr("lora", {"r": 4})
     rows = pd.DataFrame([
-        {"run": "a", "task": "shapes-vqa", "method": "lora", "method_config": {"r": 4}, "lr": None},
-        {"run": "b", "task": "shapes-vqa", "method": "lora", "method_config": {"r": 4}, "lr": 0.001},
-        {"run": "c", "task": "shapes-vqa", "method": "lora", "method_config": {"r": 4}, "lr": 0.003},  # the default
+        {"run": "a", "task": "shapes-vqa", "method": "lora", "method_config": {"r": 4}, "lr": None},  # the default
+        {"run": "b", "task": "shapes-vqa", "method": "lora", "method_config": {"r": 4}, "lr": shared / 3},
+        {"run": "c", "task": "shapes-vqa", "method": "lora", "method_config": {"r": 4}, "lr": shared},
         {"run": "d", "task": "shapes-vqa", "method": "parallel", "method_config": {"bottleneck": 8}, "lr": np.nan},
     ])
     monkeypatch.setattr(train, "load_results", lambda store: rows)
     store = train.RunStore.__new__(train.RunStore)
-    assert list(study._results(store)["run"]) == ["a", "c", "d"]
-    assert list(study._results(store, default_lr_only=False)["run"]) == ["a", "b", "c", "d"]
+    at_default = shared == train.RunConfig(method="lora").default_lr()
+    assert list(study._results(store)["run"]) == (["a"] if at_default else []) + ["c", "d"]
+    got = study._results(store, default_lr_only=False)
+    assert list(got["run"]) == ["a", "b", "c", "d"]
+    assert got["lr"].iloc[0] == train.RunConfig(method="lora").default_lr() and got["lr"].iloc[2] == shared
+
+
+def test_the_grid_spells_out_a_shared_lr():
+    for cfg in study.empirical_configs()[:200:7]:
+        assert cfg.lr == study.SHARED_LR.get(cfg.method)
+        assert cfg.replace(lr=None).hash == cfg.hash or cfg.method in study.SHARED_LR
 
 
 def test_verdicts_at_one_n_say_a_slope_needs_two(monkeypatch):

@@ -287,3 +287,22 @@ def test_a_failed_feature_cache_write_leaves_nothing(encoder, tmp_path, monkeypa
     with pytest.warns(RuntimeWarning, match="could not write the feature cache"):
         feats = visual.extract_features(encoder, images, cache_dir=tmp_path, key="t", quiet=True)
     assert feats.shape[0] == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_a_run_from_before_a_default_lr_changed_is_the_run_at_that_lr(tmp_path):
+    # A run whose config.json leaves lr to the method's default, written while that default was
+    # another value: its identity record holds the lr it trained at, which the hash covers.
+    store = RunStore(tmp_path)
+    cfg = RunConfig(backbone="/nonexistent/ckpt", method="lora")
+    earlier = cfg.replace(lr=cfg.default_lr() * 2)
+    h, recs = records()
+    recs = {**recs, "config": cfg.to_dict(), "identity": {"hash": earlier.hash, "payload": earlier.hash_payload()}}
+    store.write(earlier.hash, recs)
+    loaded = load_run(earlier.hash, store)
+    assert loaded.config.lr == earlier.lr and loaded.config.hash == earlier.hash
+    assert load_results(store)["lr"].tolist() == [earlier.lr]
+    assert cfg.hash != earlier.hash  # the default-lr config names a new run: it is trained, not reused
+    # another edited field is still damage
+    store.write(h, {**recs, "config": {**cfg.to_dict(), "seed": 99}})
+    with pytest.raises(DamagedRunError, match="does not match the run's hash"):
+        load_run(h, store)

@@ -64,7 +64,8 @@ class LoraConfig(MethodConfig):
     alpha: float | None = None  # None: alpha = r (scale 1)
     dropout: float = 0.0
     targets: tuple = ("q", "v")  # projection short names at every attention insertion point
-    lr: float = 3e-3  # tuned on vlt5-tiny (docs/methods.md, "Default learning rates")
+    # tuned on vlt5-tiny, then halved: 3e-3 left N = 16 budget-limited (docs/methods.md, "Default learning rates")
+    lr: float = 1.5e-3
 
     def validate(self):
         super().validate()

@@ -54,6 +54,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..train import DamagedRunError, DamagedRunWarning, RunConfig, RunStore, load_run
+from ..train.loop import config_of
 from ..train.store import DONE
 from ..train.sweeps import t_quantile
 from ..utils import MKL_PATH_KEYS, PINNED_CPU_ENV, atomic_write, cpu_model, mkl_code_path, pick_device, repo_root
@@ -927,7 +928,11 @@ def _seed_interval(store: StudyStore, cfg: RunConfig) -> dict:
             records = store.bundle.read(h)
         except Exception:  # noqa: BLE001 - a run that cannot be read is not a peer
             continue
-        if {**records["config"], "seed": None, "quiet": None} != key:
+        try:
+            peer = config_of(records).to_dict()
+        except (TypeError, ValueError):
+            continue
+        if {**peer, "seed": None, "quiet": None} != key:
             continue
         for k, v in _headline(records["metrics"]).items():
             if v is not None:
@@ -1046,7 +1051,7 @@ def verify_study(name: str | Study, sample: int | None = 2, seed: int = 0, root:
     checks = []
     for h in chosen:
         records = store.bundle.read(h)
-        cfg = RunConfig.from_dict(records["config"])
+        cfg = config_of(records)
         label = f"{cfg.method} N={cfg.n_shots} seed={cfg.seed}"
         recorded = store.machine_of(h)
         tol = _tolerance_for(cfg, study, tolerance)

@@ -21,7 +21,7 @@ from dataclasses import replace
 import numpy as np
 
 from ..train import RunConfig
-from .empirical import SIZES, STUDY_SEEDS, _results, config, spearman_interval
+from .empirical import SIZES, STUDY_SEEDS, _results, config, shared_lr, spearman_interval
 from .study import Study, register_study
 
 NAME = "empirical-lr"
@@ -45,8 +45,9 @@ def lr_configs() -> list[RunConfig]:
         for method in METHODS:
             for size in SIZES[method][1]:
                 base = config(TASK, method, size, N_SHOTS, seed)
-                out += [replace(base, lr=base.default_lr() / d) for d in LR_DIVISORS]
-                out += [replace(base, lr=base.default_lr() * f) for f in LR_EXTENSIONS.get(method, ())]
+                lr = shared_lr(method)
+                out += [replace(base, lr=lr / d) for d in LR_DIVISORS]
+                out += [replace(base, lr=lr * f) for f in LR_EXTENSIONS.get(method, ())]
     return out
 
 
@@ -87,7 +88,7 @@ def _lr_table(df):
     t = (df.groupby(["method", "size", "lr", "default_lr"])
          .agg(dev=("dev_best", "mean"), test=("test_acc", "mean"), test_std=("test_acc", "std"),
               seeds=("seed", "nunique")).reset_index())
-    default = {m: RunConfig(method=m).default_lr() for m in t["method"].unique()}
+    default = {m: shared_lr(m) for m in t["method"].unique()}
     # default / lr: 1 the default, 3 and 10 below it, 1/3 above it (rounded so that it reads as a key)
     t["lr_divisor"] = [round(default[m] / lr, 4) for m, lr in zip(t["method"], t["lr"])]
     t["chosen"] = False

@@ -631,7 +631,7 @@ def load_run(run_hash: str, store: RunStore | str | None = None) -> RunResult:
         if name not in rec:
             raise DamagedRunError(path, f"{name}.json", "the file is missing")
     try:
-        cfg = RunConfig.from_dict(rec["config"])
+        cfg = config_of(rec)
     except (TypeError, ValueError) as e:
         raise DamagedRunError(path, "config.json", f"not a valid RunConfig ({e})") from None
     _check_identity(cfg, rec.get("identity"), run_hash, path)
@@ -746,6 +746,26 @@ def restore_run(run: RunResult | str, store: RunStore | str | None = None, weigh
         handle.load_state_dict(state)
     model.eval()
     return RestoredRun(result, model, handle, train, dev_split, test, weights)
+
+
+def config_of(rec: dict) -> RunConfig:
+    """The config a stored run was trained with: its ``config.json``, and, where that leaves the
+    learning rate to the method's default and the default has changed since (LoRA's went from 3e-3
+    to 1.5e-3), the learning rate its identity record resolved. Such a run is not damaged: it is the
+    run at that spelled-out learning rate, under the hash it always had.
+
+    Raises TypeError / ValueError for a record that is not a valid RunConfig."""
+    cfg = RunConfig.from_dict(rec["config"])
+    payload = (rec.get("identity") or {}).get("payload") if isinstance(rec.get("identity"), dict) else None
+    trained = payload.get("lr") if isinstance(payload, dict) else None
+    if cfg.lr is None and isinstance(trained, (int, float)) and not isinstance(trained, bool):
+        try:
+            default = cfg.default_lr()
+        except Exception:  # noqa: BLE001 - e.g. a method that no longer exists: _check_identity says so
+            return cfg
+        if default is not None and trained != default:
+            cfg = cfg.replace(lr=float(trained))
+    return cfg
 
 
 def _check_identity(cfg: RunConfig, identity, run_hash: str, path) -> None:
