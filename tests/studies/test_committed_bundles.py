@@ -133,6 +133,21 @@ def test_a_tampered_metric_is_detected(tiny_bundle):
     assert "not recorded" in check.machine_differences[0]
 
 
+def test_a_metric_recorded_only_since_the_run_was_written_is_not_a_mismatch(tiny_bundle):
+    root, hashes = tiny_bundle
+    bundle = RunStore(root / NAME)
+    records = bundle.read(hashes[0])
+    key = next(k for k in records["metrics"] if k not in ("test", "test_last", "dev_best"))
+    del records["metrics"][key]  # as a run written before the trainer recorded `key`
+    bundle.write(hashes[0], records)
+    (check,) = verify_study(NAME, runs=hashes[0], root=root).checks
+    assert check.mode == "exact" and check.status == "match" and check.unrecorded == [key]
+    assert f"not compared: {key}" in str(check)
+    tamper_metric(root, hashes[0], 0.01)  # everything both hold is still compared
+    (check,) = verify_study(NAME, runs=hashes[0], root=root).checks
+    assert check.status == "mismatch"
+
+
 def test_a_small_drift_passes_only_within_tolerance(tiny_bundle):
     root, hashes = tiny_bundle
     tamper_metric(root, hashes[0], 0.01)

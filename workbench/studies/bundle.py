@@ -831,6 +831,7 @@ class RunCheck:
     retrained: dict = field(default_factory=dict)
     wall_s: float = 0.0
     first_loss_rel: float | None = None  # another machine: how far the first evaluation's losses are apart
+    unrecorded: list = field(default_factory=list)  # metrics the trainer records now, absent from the bundle's run
 
     @property
     def ok(self) -> bool:
@@ -843,6 +844,9 @@ class RunCheck:
             line += "\n      machine: " + "; ".join(self.machine_differences)
         if self.first_loss_rel is not None:
             line += f"\n      first evaluation's training loss: {self.first_loss_rel:.1e} apart (relative; bound {EARLY_RTOL:g})"
+        if self.unrecorded:
+            line += (f"\n      not compared: {', '.join(self.unrecorded)} (the bundle's run was written before the "
+                     "trainer recorded it)")
         for d in self.differences[:8]:
             line += f"\n      {d}"
         if len(self.differences) > 8:
@@ -1086,8 +1090,13 @@ def verify_study(name: str | Study, sample: int | None = 2, seed: int = 0, root:
         diffs: list[str] = []
         first_rel = None
         a, b = _headline(records["metrics"]), _headline(new["metrics"])
+        unrecorded = []
         if mode == "exact":
-            _diff(records["metrics"], new["metrics"], "metrics", diffs)
+            # A metric the trainer began to record after the run was written (e.g. method_stats) is not
+            # a difference of the computation: everything both records hold is compared.
+            unrecorded = sorted(k for k in new["metrics"] if k not in records["metrics"])
+            _diff(records["metrics"], {k: v for k, v in new["metrics"].items() if k not in unrecorded}, "metrics",
+                  diffs)
             _diff(records["history"], new["history"], "history", diffs)
             status = "mismatch" if diffs else "match"
         else:
@@ -1112,7 +1121,7 @@ def verify_study(name: str | Study, sample: int | None = 2, seed: int = 0, root:
                 diffs.append(line)
         checks.append(RunCheck(h, label, mode, status, tol if mode == "tolerance" else None,
                                diffs, machine_diff, a, b, time.perf_counter() - t0,
-                               first_rel))
+                               first_rel, unrecorded))
     return VerifyReport(store.name, store.bundle.root, checks, current_machine())
 
 
