@@ -139,6 +139,7 @@ cheap = study.ablation_config("num_experts", 4, seed=13, n_shots=16)
 if store.is_finished(cheap.hash):
     report = verify_study("mixphm", runs=[cheap.hash])
     print(report.summary())
+    report.raise_if_failed()
 else:
     print("the bundle does not hold MixPHM N=16 seed 13 yet: nothing to verify")
 
