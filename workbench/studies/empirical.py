@@ -45,8 +45,8 @@ SIZES = {
 # The learning rate a method's runs share where it is not the method's current default. LoRA's
 # default went from 3e-3 to 1.5e-3 (docs/methods.md, "Default learning rates"); this study's 120
 # LoRA runs (about 8 CPU-hours) were trained at 3e-3, so the study keeps 3e-3 spelled out until they
-# are re-trained at the new default (README, "When a default changes"): its bundle stays whole and
-# its findings are the ones measured.
+# are re-trained at the new default (docs/studies.md, "When a default changes"): its bundle stays
+# whole and its findings are the ones measured.
 SHARED_LR = {"lora": 3e-3}
 WEIGHTS_N = (16, 64, 1000)  # the N whose seed-13 middle-size runs keep their weights in the bundle
 COMPOSITION = {"prompt": "embedding", "prefix": "embedding", "lora": "layer", "houlsby": "layer",
