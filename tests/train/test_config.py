@@ -85,7 +85,8 @@ def test_numpy_scalars_and_paths_become_plain_values_with_the_same_hash():
 # ------------------------------------------------------------------------------ the hash
 def test_hashes_without_a_features_option_are_unchanged():
     # pinned (also in test_real_tasks.py): covering data files must not rename existing runs
-    assert RunConfig(backbone=NO_CKPT).hash == "29b675e775eb"
+    assert RunConfig(backbone=NO_CKPT).hash == "205dc82aeecd"  # LoRA at lr 1.5e-3
+    assert RunConfig(backbone=NO_CKPT, lr=3e-3).hash == "29b675e775eb"  # its earlier default, spelled out: the old run
     assert "features_fingerprint" not in RunConfig(backbone=NO_CKPT).hash_payload()
 
 
