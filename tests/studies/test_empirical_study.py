@@ -12,7 +12,8 @@ from workbench.train import RunConfig, run
 def test_grid():
     s = get_study("empirical")
     cfgs = s.configs()
-    assert len(cfgs) == 5 * 4 * 5 * 2 * 3
+    assert len(cfgs) == 5 * 4 * 5 * 2 * 3 + len(study.retrain_configs())
+    cfgs = cfgs[:5 * 4 * 5 * 2 * 3]  # the grid the analyses read
     assert {c.pool_size for c in cfgs} == {10_000} and {c.task for c in cfgs} == set(study.TASKS)
     assert study.config("shapes-vqa", "lora", 16, 64).method_config == {"r": 16}
     # methods x tasks x middle sizes x N, but prefix tuning at one size and N (its checkpoints are large)
@@ -305,6 +306,17 @@ def test_results_keep_the_shared_learning_rate(monkeypatch):
     got = study._results(store, default_lr_only=False)
     assert list(got["run"]) == ["a", "b", "c", "d"]
     assert got["lr"].iloc[0] == train.RunConfig(method="lora").default_lr() and got["lr"].iloc[2] == shared
+    assert list(got["retrain"]) == [not at_default, False, False, False]  # a retrain_configs() run
+
+
+def test_the_retrain_configs_are_the_pinned_cells_at_the_current_default():
+    cfgs = study.retrain_configs()
+    cells = [c for c in study.empirical_configs() if c.method in study.SHARED_LR and c.lr is not None]
+    assert len(cfgs) == len(cells) == 4 * 2 * 5 * 3 * len(study.SHARED_LR)
+    assert all(c.lr is None and c.method in study.SHARED_LR for c in cfgs)
+    assert {c.replace(lr=study.SHARED_LR[c.method]).hash for c in cfgs} == {c.hash for c in cells}
+    assert [c.n_shots for c in cfgs] == sorted(c.n_shots for c in cfgs)  # the cheapest first
+    assert study.empirical_configs()[-len(cfgs):] == cfgs if cfgs else True
 
 
 def test_the_grid_spells_out_a_shared_lr():

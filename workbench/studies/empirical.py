@@ -72,8 +72,19 @@ def shared_lr(method: str, method_config: dict | None = None) -> float | None:
 
 
 def empirical_configs() -> list[RunConfig]:
+    """The grid the analyses read, then :func:`retrain_configs`."""
     return [config(t, m, s, n, seed) for t in TASKS for m in SIZES for s in SIZES[m][1] for n in N_SHOTS
-            for seed in STUDY_SEEDS]
+            for seed in STUDY_SEEDS] + retrain_configs()
+
+
+def retrain_configs() -> list[RunConfig]:
+    """The runs of a method held at :data:`SHARED_LR`, at the method's current default instead: the
+    re-training that lifts the pin (cheapest N first, so a partial bundle has them). The analyses do
+    not read them until the pin is lifted; they are in the grid so that they resume and are exported
+    across sittings."""
+    cells = [config(t, m, s, n, seed) for t in TASKS for m in SIZES if m in SHARED_LR for s in SIZES[m][1]
+             for n in N_SHOTS for seed in STUDY_SEEDS]
+    return sorted((c.replace(lr=None) for c in cells), key=lambda c: c.n_shots)
 
 
 def keep_weights(cfg: RunConfig) -> bool:
@@ -136,7 +147,8 @@ def _results(store, default_lr_only: bool = True):
     shared = np.array([shared_lr(m, mc) for m, mc in zip(df["method"], df["method_config"])], dtype=float)
     lr = np.where(np.isfinite(raw), raw, default)
     unpinned = ~df["method"].isin(list(SHARED_LR)).to_numpy(bool)
-    df = df.assign(lr=lr, default_lr=(~np.isfinite(raw) & unpinned) | np.isclose(lr, shared, rtol=1e-9, atol=0))
+    df = df.assign(lr=lr, default_lr=(~np.isfinite(raw) & unpinned) | np.isclose(lr, shared, rtol=1e-9, atol=0),
+                   retrain=~np.isfinite(raw) & ~unpinned)  # a retrain_configs() run
     if default_lr_only:
         df = df[df["default_lr"].to_numpy(bool)]
     df = df.assign(size=[size_of(m, mc or {}) for m, mc in zip(df["method"], df["method_config"])],
@@ -426,7 +438,7 @@ def representation_shift(store, cells=None, max_samples: int = 256):
     df = _results(store, default_lr_only=False)  # a tuned run at another lr is looked into as well
     if df.empty:
         return pd.DataFrame()
-    df = df[df["seed"] == 13]
+    df = df[(df["seed"] == 13) & ~df["retrain"].to_numpy(bool)]
     rows = []
     for _, row in df.iterrows():
         key = (row["task"], row["method"], row["size"], row["n_shots"])
