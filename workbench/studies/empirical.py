@@ -71,10 +71,14 @@ def shared_lr(method: str, method_config: dict | None = None) -> float | None:
     return SHARED_LR.get(method) or RunConfig(method=method, method_config=method_config or {}).default_lr()
 
 
+def _analysed_configs() -> list[RunConfig]:
+    return [config(t, m, s, n, seed) for t in TASKS for m in SIZES for s in SIZES[m][1] for n in N_SHOTS
+            for seed in STUDY_SEEDS]
+
+
 def empirical_configs() -> list[RunConfig]:
     """The grid the analyses read, then :func:`retrain_configs`."""
-    return [config(t, m, s, n, seed) for t in TASKS for m in SIZES for s in SIZES[m][1] for n in N_SHOTS
-            for seed in STUDY_SEEDS] + retrain_configs()
+    return _analysed_configs() + retrain_configs()
 
 
 def retrain_configs() -> list[RunConfig]:
@@ -82,9 +86,8 @@ def retrain_configs() -> list[RunConfig]:
     re-training that lifts the pin (cheapest N first, so a partial bundle has them). The analyses do
     not read them until the pin is lifted; they are in the grid so that they resume and are exported
     across sittings."""
-    cells = [config(t, m, s, n, seed) for t in TASKS for m in SIZES if m in SHARED_LR for s in SIZES[m][1]
-             for n in N_SHOTS for seed in STUDY_SEEDS]
-    return sorted((c.replace(lr=None) for c in cells), key=lambda c: c.n_shots)
+    return sorted((c.replace(lr=None) for c in _analysed_configs() if c.method in SHARED_LR),
+                  key=lambda c: c.n_shots)
 
 
 def keep_weights(cfg: RunConfig) -> bool:
@@ -144,9 +147,9 @@ def _results(store, default_lr_only: bool = True):
     # (lr None is the method's current default, which need not be the study's shared lr: SHARED_LR)
     default = np.array([RunConfig(method=m, method_config=mc or {}).default_lr()
                         for m, mc in zip(df["method"], df["method_config"])], dtype=float)
-    shared = np.array([shared_lr(m, mc) for m, mc in zip(df["method"], df["method_config"])], dtype=float)
-    lr = np.where(np.isfinite(raw), raw, default)
     unpinned = ~df["method"].isin(list(SHARED_LR)).to_numpy(bool)
+    shared = np.where(unpinned, default, df["method"].map(SHARED_LR).to_numpy(dtype=float, na_value=np.nan))
+    lr = np.where(np.isfinite(raw), raw, default)
     df = df.assign(lr=lr, default_lr=(~np.isfinite(raw) & unpinned) | np.isclose(lr, shared, rtol=1e-9, atol=0),
                    retrain=~np.isfinite(raw) & ~unpinned)  # a retrain_configs() run
     if default_lr_only:

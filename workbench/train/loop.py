@@ -756,7 +756,7 @@ def config_of(rec: dict) -> RunConfig:
 
     Raises TypeError / ValueError for a record that is not a valid RunConfig."""
     cfg = RunConfig.from_dict(rec["config"])
-    payload = (rec.get("identity") or {}).get("payload") if isinstance(rec.get("identity"), dict) else None
+    payload = rec["identity"].get("payload") if isinstance(rec.get("identity"), dict) else None
     trained = payload.get("lr") if isinstance(payload, dict) else None
     if cfg.lr is None and isinstance(trained, (int, float)) and not isinstance(trained, bool):
         try:
