@@ -197,6 +197,31 @@ def test_partial_bundle_is_exported_and_completed_later(env):
     assert "method.safetensors" not in run_files(env.bundle / env.base.hash)
 
 
+def test_export_takes_a_run_another_studys_bundle_holds(env):
+    """Studies share runs by hash: a grid run that neither the store nor the study's own bundle
+    holds, but another study's committed bundle does, is exported from there with its provenance."""
+    run_study(NAME, progress=False)
+    export_study(NAME)
+    shutil.rmtree(env.store)  # a fresh checkout: only the committed bundle is left
+    other = "tiny-other"
+    register_study(Study(other, "seeds 13 and 42", grids=lambda: grid(env.base, seed=[13, 42])))
+    try:
+        h = env.base.hash
+        report = export_study(other)
+        assert report.shared == [h] and report.runs == 1 and report.missing == [env.base.replace(seed=42).hash]
+        assert not report.added and "1 from other studies' bundles" in str(report)
+        prov = json.loads((env.results / other / "provenance.json").read_text())
+        src = json.loads((env.bundle / "provenance.json").read_text())
+        assert prov["runs"][h]["trained"] == src["runs"][h]["trained"] is not None
+        assert prov["machines"][prov["runs"][h]["machine"]] == src["machines"][src["runs"][h]["machine"]]
+        assert "method.safetensors" not in run_files(env.results / other / h)  # this study keeps no weights
+        assert load_study(other).is_finished(h)
+        again = export_study(other)
+        assert again.kept == [h] and not again.shared  # its own run now
+    finally:
+        unregister_study(other)
+
+
 def test_export_without_any_run_says_what_to_do(env):
     with pytest.raises(ValueError, match="no run of its grid .* is in the store"):
         export_study(NAME)

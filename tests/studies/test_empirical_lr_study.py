@@ -9,18 +9,23 @@ from workbench.studies import empirical_lr as study
 
 def test_grid():
     cfgs = get_study("empirical-lr").configs()
-    assert len(cfgs) == (3 * 4 * 2 + 4 + 4) * 3  # LoRA also at default x 3, the parallel adapter / 30
+    extra = sum(study.base_lr(m) != empirical.shared_lr(m) for m in study.METHODS) * 4  # a base that is not shared
+    # LoRA also at its base x 3, the parallel adapter / 30
+    assert len(cfgs) == (3 * 4 * 2 + 4 + 4 + extra) * 3 == (108 if extra else 96)
     assert {(c.task, c.n_shots, c.pool_size) for c in cfgs} == {("shapes-vqa", 1000, 10_000)}
     assert {c.method for c in cfgs} == set(study.METHODS)
-    shared = empirical.shared_lr
-    for c in cfgs:  # shared / 3 and / 10 and the extensions, never the shared lr (the empirical bundle's runs)
-        ratios = [1 / d for d in study.LR_DIVISORS] + list(study.LR_EXTENSIONS.get(c.method, ()))
-        assert min(abs(c.lr / shared(c.method) - f) for f in ratios) < 1e-9
-    assert sum(c.lr > shared(c.method) for c in cfgs) == 4 * 3 \
-        and {c.method for c in cfgs if c.lr > shared(c.method)} == {"lora"}
-    assert {c.method for c in cfgs if c.lr < shared(c.method) / 10 * 0.99} == {"parallel"}
+    base, shared = study.base_lr, empirical.shared_lr
+    for c in cfgs:  # base / 3 and / 10, the extensions and the base, never the shared lr (the empirical bundle's)
+        ratios = [1 / d for d in study.LR_DIVISORS] + list(study.LR_EXTENSIONS.get(c.method, ())) + [1.0]
+        assert min(abs(c.lr / base(c.method) - f) for f in ratios) < 1e-9
+        assert abs(c.lr - shared(c.method)) > 1e-12
+    lora = sorted({round(c.lr, 12) for c in cfgs if c.method == "lora"})
+    trained_at = [3e-4, 1e-3, 3e-3, 9e-3] if extra else [3e-4, 1e-3, 9e-3]  # the lrs its runs trained at
+    assert np.allclose(lora, trained_at, rtol=1e-9, atol=0)
+    assert {c.method for c in cfgs if c.lr > base(c.method) * 1.01} == {"lora"}
+    assert {c.method for c in cfgs if c.lr < base(c.method) / 10 * 0.99} == {"parallel"}
     assert not {c.hash for c in cfgs} & set(get_study("empirical").hashes())
-    assert [c.seed for c in cfgs[:32]] == [13] * 32  # whole seeds first
+    assert [c.seed for c in cfgs[:len(cfgs) // 3]] == [13] * (len(cfgs) // 3)  # whole seeds first
 
 
 def _planted():

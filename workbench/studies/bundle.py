@@ -421,6 +421,7 @@ class ExportReport:
     removed: list = field(default_factory=list)
     dropped: list = field(default_factory=list)
     missing: list = field(default_factory=list)
+    shared: list = field(default_factory=list)  # taken from another study's bundle
     weights: int = 0
     size_bytes: int = 0
 
@@ -434,6 +435,8 @@ class ExportReport:
             f"(partial: {len(self.missing)} missing; complete it with `python -m workbench.studies run {self.name}` "
             "and export again)")
         parts = [f"{len(self.added)} added", f"{len(self.updated)} updated", f"{len(self.kept)} kept"]
+        if self.shared:
+            parts.append(f"{len(self.shared)} from other studies' bundles")
         if self.removed:
             parts.append(f"{len(self.removed)} removed (no longer in the study's grid)")
         if self.dropped:
@@ -515,6 +518,8 @@ def export_study(name: str | Study, store: RunStore | str | os.PathLike | None =
     Every run of the study's grid that ``store`` or the existing bundle holds whole is in the
     bundle afterwards: config, identity, metrics, history, params, timings; method weights for the
     runs ``study.keep_weights(cfg)`` selects, predictions for ``study.keep_predictions(cfg)``.
+    A grid run that neither holds but another study's bundle under ``root`` does (studies share
+    runs by hash) is taken from there, with its provenance (``report.shared``), not trained again.
     Runs already in the bundle are kept as they are (with their provenance); runs of an older grid
     are removed; a damaged bundle run is replaced from the store, or dropped (and reported) when the
     store does not hold it. A partial export is fine: ``study.json`` records the whole grid, the
@@ -542,12 +547,14 @@ def export_study(name: str | Study, store: RunStore | str | os.PathLike | None =
         _tidy(bundle)
 
         # Decide first, so that nothing is written when there is nothing to export.
+        others = [RunStore(bundle_dir(n, root)) for n in bundles(root) if n != study.name]
         plan = {}
         for h, cfg in by_hash.items():
             in_b, b_err = _whole(bundle, h)
             in_s, _ = _whole(src, h)
-            plan[h] = (in_b, b_err, in_s)
-        if not any(in_b or in_s for in_b, _, in_s in plan.values()):
+            other = None if in_b or in_s else next((o for o in others if _whole(o, h)[0]), None)
+            plan[h] = (in_b, b_err, in_s, other)
+        if not any(in_b or in_s or other for in_b, _, in_s, other in plan.values()):
             raise ValueError(f"study {study.name!r}: no run of its grid ({len(by_hash)} runs) is in the store "
                              f"{src.root} or in the bundle {target}; run `python -m workbench.studies run "
                              f"{study.name}` first (or pass the store it was run into)")
@@ -564,15 +571,19 @@ def export_study(name: str | Study, store: RunStore | str | os.PathLike | None =
                 machines.append(machine)
             return machines.index(machine)
 
-        def old_entry(h):
-            entry = dict(old_runs.get(h) or {})
+        def old_entry(h, prov=None):
+            runs_, machines_ = (old_runs, old_machines) if prov is None else (
+                prov.get("runs") if isinstance(prov.get("runs"), dict) else {},
+                prov.get("machines") if isinstance(prov.get("machines"), list) else [])
+            entry = dict(runs_.get(h) or {})
             idx = entry.get("machine")
-            machine = old_machines[idx] if isinstance(idx, int) and 0 <= idx < len(old_machines) else None
+            machine = machines_[idx] if isinstance(idx, int) and 0 <= idx < len(machines_) else None
             return entry, machine
 
         report = ExportReport(study.name, target, len(by_hash), 0)
+        other_prov: dict = {}  # another bundle's provenance.json, read once
         for h, cfg in by_hash.items():
-            in_b, b_err, in_s = plan[h]
+            in_b, b_err, in_s, other = plan[h]
             want_w, want_p = bool(study.keep_weights(cfg)), bool(study.keep_predictions(cfg))
             source = None
             if in_b:
@@ -589,6 +600,9 @@ def export_study(name: str | Study, store: RunStore | str | os.PathLike | None =
             elif in_s:
                 source = src
                 (report.updated if b_err is not None else report.added).append(h)
+            elif other is not None:
+                source = other
+                report.shared.append(h)
             else:
                 if b_err is not None:
                     RunStore._discard(bundle.path(h))
@@ -603,8 +617,13 @@ def export_study(name: str | Study, store: RunStore | str | os.PathLike | None =
                 machine = run_machine(src.read(h)["timings"], record)
                 entry = {"trained": record.get("trained"), "commit": record.get("commit"),
                          "dirty": record.get("dirty"), "executor": record.get("executor")}
-            else:
-                entry, machine = old_entry(h)
+            else:  # this bundle's own entry, or the other bundle's
+                prov = None
+                if source is not None and source is not bundle:
+                    if source.root not in other_prov:
+                        other_prov[source.root] = _read_json(source.root / PROVENANCE_FILE, source.root) or {}
+                    prov = other_prov[source.root]
+                entry, machine = old_entry(h, prov)
                 entry.pop("machine", None)
             timings = bundle.read(h)["timings"]
             entry.update(machine=machine_index(machine), wall_s=timings.get("wall_s"), device=timings.get("device"))
