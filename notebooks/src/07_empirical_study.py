@@ -14,9 +14,9 @@
 # × 4 sizes (prompt and prefix length 2 … 128, LoRA rank 1 … 64, adapter bottleneck 2 … 128) × N ∈
 # {16, 64, 250, 1000, 4000} × both tasks × 3 seeds, pools of 10,000 examples; captions scored with
 # CIDEr-D, VQA with accuracy. Its LoRA runs train at 3e-3 (`study.SHARED_LR`), LoRA's default before
-# it was halved to 1.5e-3; the same 120 cells at the new default are being re-trained
-# (`study.retrain_configs()`, in the bundle as they finish, so the completeness line counts 720),
-# and the analyses read them once all are in.
+# it was halved to 1.5e-3; the same 120 cells at the new default have been re-trained
+# (`study.retrain_configs()`, in the bundle, so the completeness line counts 720), and the
+# analyses move to them when the pin is lifted.
 
 # %%
 %matplotlib inline
