@@ -559,8 +559,6 @@ def export_study(name: str | Study, store: RunStore | str | os.PathLike | None =
                              f"{src.root} or in the bundle {target}; run `python -m workbench.studies run "
                              f"{study.name}` first (or pass the store it was run into)")
 
-        old_runs = old_prov.get("runs", {}) if isinstance(old_prov.get("runs"), dict) else {}
-        old_machines = old_prov.get("machines", []) if isinstance(old_prov.get("machines"), list) else []
         machines: list[dict] = []
         runs_prov: dict[str, dict] = {}
 
@@ -571,14 +569,13 @@ def export_study(name: str | Study, store: RunStore | str | os.PathLike | None =
                 machines.append(machine)
             return machines.index(machine)
 
-        def old_entry(h, prov=None):
-            runs_, machines_ = (old_runs, old_machines) if prov is None else (
-                prov.get("runs") if isinstance(prov.get("runs"), dict) else {},
-                prov.get("machines") if isinstance(prov.get("machines"), list) else [])
-            entry = dict(runs_.get(h) or {})
+        def entry_in(prov: dict, h):
+            """Run ``h``'s entry in a bundle's provenance (``provenance.json``) and its machine."""
+            runs = prov.get("runs") if isinstance(prov.get("runs"), dict) else {}
+            known = prov.get("machines") if isinstance(prov.get("machines"), list) else []
+            entry = dict(runs.get(h) or {})
             idx = entry.get("machine")
-            machine = machines_[idx] if isinstance(idx, int) and 0 <= idx < len(machines_) else None
-            return entry, machine
+            return entry, known[idx] if isinstance(idx, int) and 0 <= idx < len(known) else None
 
         report = ExportReport(study.name, target, len(by_hash), 0)
         other_prov: dict = {}  # another bundle's provenance.json, read once
@@ -617,13 +614,13 @@ def export_study(name: str | Study, store: RunStore | str | os.PathLike | None =
                 machine = run_machine(src.read(h)["timings"], record)
                 entry = {"trained": record.get("trained"), "commit": record.get("commit"),
                          "dirty": record.get("dirty"), "executor": record.get("executor")}
-            else:  # this bundle's own entry, or the other bundle's
-                prov = None
+            else:  # carried over: this bundle's entry, or the other bundle's it came from
+                prov = old_prov
                 if source is not None and source is not bundle:
                     if source.root not in other_prov:
                         other_prov[source.root] = _read_json(source.root / PROVENANCE_FILE, source.root) or {}
                     prov = other_prov[source.root]
-                entry, machine = old_entry(h, prov)
+                entry, machine = entry_in(prov, h)
                 entry.pop("machine", None)
             timings = bundle.read(h)["timings"]
             entry.update(machine=machine_index(machine), wall_s=timings.get("wall_s"), device=timings.get("device"))
