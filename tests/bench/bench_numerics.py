@@ -14,6 +14,10 @@ Each configuration trains the same seeded run (LoRA and full fine-tuning, shapes
   count: what it costs over pinned at 1 thread.
 
 Two machines give bit-identical runs when the pinned digests printed here agree (run it on both).
+Every digest is also looked up in ``numerics_reference.json`` (beside this script): the digests
+measured on the project's other machines, so that the printout says at once which of them this
+machine reproduces (``same as``); ``--record LABEL`` adds this machine's digests to that file
+under LABEL (a maintainer's step, after a run on a machine worth keeping as a reference).
 
     python tests/bench/bench_numerics.py --components     # about 1 minute
 
@@ -30,6 +34,9 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+REFERENCE = Path(__file__).with_name("numerics_reference.json")
 
 CHILD = r"""
 import hashlib, json, sys, tempfile
@@ -94,39 +101,91 @@ def child(method: str, mode: str, threads: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def components() -> None:
+def load_reference(path: Path = REFERENCE) -> dict:
+    """``{label: {"components": {mode: {stage: digest}}, "runs": {method: {"mode/threads": digest}}, ...}}``."""
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def same_as(reference: dict, section: str, group: str, key: str, digest: str) -> str:
+    """The reference machines whose ``reference[label][section][group][key]`` is ``digest`` ("-": none;
+    machines that did not measure it are not counted either way)."""
+    labels = [label for label, machine in reference.items()
+              if machine.get(section, {}).get(group, {}).get(key) == digest]
+    return ", ".join(labels) or "-"
+
+
+def record(label: str, section: str, digests: dict, machine: dict, path: Path = REFERENCE) -> None:
+    """Store this machine's ``digests`` under ``label`` (merged into what the file holds for it)."""
+    reference = load_reference(path)
+    entry = reference.setdefault(label, {})
+    entry.update({k: v for k, v in machine.items() if v is not None})
+    for group, values in digests.items():
+        entry.setdefault(section, {}).setdefault(group, {}).update(values)
+    path.write_text(json.dumps(reference, indent=1, sort_keys=True) + "\n")
+    print(f"recorded under {label!r} in {path.name}")
+
+
+def _label_arg(argv: list) -> str | None:
+    if "--record" not in argv:
+        return None
+    i = argv.index("--record")
+    if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+        raise SystemExit("--record needs a label for this machine, e.g. --record 'Intel Xeon (AVX-512, AMX)'")
+    return argv[i + 1]
+
+
+def components(label: str | None = None) -> None:
     """One digest per stage of a training step, pinned and portable (see the module docstring)."""
     rows = {}
     for mode in ("pinned", "portable"):
         out = subprocess.run([sys.executable, "-c", COMPONENTS, "1", mode], env=_env(mode, 1), capture_output=True,
                              text=True, check=True)
         rows[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"{'stage (1 thread)':<34} | {'pinned':<12} | {'portable':<12}")
+    reference = load_reference()
+    print(f"{'stage (1 thread)':<34} | {'pinned':<12} | {'portable':<12} | same as (pinned; portable)")
     for stage in rows["pinned"]["digests"]:
-        print(f"{stage:<34} | {rows['pinned']['digests'][stage]:<12} | {rows['portable']['digests'][stage]:<12}")
+        pinned, portable = rows["pinned"]["digests"][stage], rows["portable"]["digests"][stage]
+        print(f"{stage:<34} | {pinned:<12} | {portable:<12} | "
+              f"{same_as(reference, 'components', 'pinned', stage, pinned)}; "
+              f"{same_as(reference, 'components', 'portable', stage, portable)}")
     print(f"{'MKL branch in effect':<34} | {rows['pinned'].get('mkl_branch', '-'):<12} | "
           f"{rows['portable'].get('mkl_branch', '-'):<12}")
     from workbench.utils import cpu_model
 
     print(f"CPU: {cpu_model()}; MKL's own choice for it: {rows['pinned'].get('mkl_auto_branch', '-')}")
+    if label:
+        import torch
+
+        record(label, "components", {mode: rows[mode]["digests"] for mode in rows},
+               {"cpu_model": cpu_model(), "torch": torch.__version__,
+                "mkl_auto_branch": rows["pinned"].get("mkl_auto_branch")})
 
 
-def main():
-    print(f"{'method':>6} | {'numerics':>8} | {'threads':>7} | {'capability':>10} | {'step ms':>7} | digest")
+def main(label: str | None = None):
+    reference = load_reference()
+    print(f"{'method':>6} | {'numerics':>8} | {'threads':>7} | {'capability':>10} | {'step ms':>7} | {'digest':<16} | same as")
+    recorded = {}
     for method in ("lora", "full"):
         rows = []
         for mode, threads in MODES:
             r = child(method, mode, threads)
             rows.append((mode, threads, r))
+            key = f"{mode}/{threads}"
+            recorded.setdefault(method, {})[key] = r["digest"]
             print(f"{method:>6} | {mode:>8} | {threads:>7} | {r['numerics']['cpu_capability']:>10} | "
-                  f"{r['step_ms']:7.1f} | {r['digest']}")
+                  f"{r['step_ms']:7.1f} | {r['digest']:<16} | {same_as(reference, 'runs', method, key, r['digest'])}")
         (_, _, a), (_, _, b), (_, _, one), (_, _, native), (_, _, portable) = rows
         print(f"  {method}: pinned runs identical: {a['digest'] == b['digest']}; 1 thread = 2 threads: "
               f"{one['digest'] == a['digest']}; native = pinned: {native['digest'] == a['digest']}; "
               f"pinned / native step time: {min(a['step_ms'], b['step_ms']) / native['step_ms']:.2f}; "
               f"portable / pinned step time (1 thread): {portable['step_ms'] / one['step_ms']:.2f}")
-    print(f"CPU: {rows[0][2]['numerics']['cpu_model']}")
+    numerics = rows[0][2]["numerics"]
+    print(f"CPU: {numerics['cpu_model']}")
+    if label:
+        record(label, "runs", recorded, {"cpu_model": numerics["cpu_model"], "torch": numerics.get("torch"),
+                                         "mkl_auto_branch": numerics.get("mkl_auto_branch")})
 
 
 if __name__ == "__main__":
-    components() if "--components" in sys.argv[1:] else main()
+    _argv = sys.argv[1:]
+    (components if "--components" in _argv else main)(_label_arg(_argv))

@@ -15,7 +15,9 @@ Printed in one run:
     autocast on the CPU (``torch.autocast("cpu", dtype=torch.bfloat16)``; the trainer autocasts on
     CUDA only), and under candidate changes to files the step depends on, applied here as local
     monkeypatches (nothing on disk changes): fused AdamW (``workbench/train/optim.py``), dropout
-    masks drawn with ``torch.rand`` instead of ``bernoulli_`` (the model), one intra-op thread;
+    masks drawn with ``torch.rand`` instead of ``bernoulli_`` (the model), the same masks drawn as
+    ``torch.rand(float64) < 1 - p`` (bit-identical to ``bernoulli_`` on torch 2.13's CPU: the same floats),
+    one intra-op thread;
 (c) MixPHM's training step (official defaults; ``handle.bottleneck`` is d // 12 rounded up to a
     multiple of n = 4: 12 on vlt5-tiny) against a Pfeiffer adapter of the same bottleneck, as a
     ratio -- target <= 1.1; MixPHM without its two auxiliary losses (``w_red = w_mi = 0``: the PHM
@@ -234,6 +236,49 @@ def _rand_dropout(input, p=0.5, training=True, inplace=False):
     return input.mul_(mask) if inplace else input * mask
 
 
+def _rand64_dropout(input, p=0.5, training=True, inplace=False):
+    """``F.dropout`` with its own floats: torch's CPU ``bernoulli_(1 - p)`` draws one uniform double per
+    element from the default generator and keeps the element when it is below 1 - p, which is what
+    ``torch.rand(..., dtype=float64) < 1 - p`` draws (the same mask, and the generator left in the same
+    state; checked here on the first call). It skips ``bernoulli_``'s per-element branch, not the
+    generator's serial loop."""
+    if not training or p == 0 or inplace or input.device.type != "cpu":
+        return _F_DROPOUT(input, p, training, inplace)
+    noise = (torch.rand(input.shape, dtype=torch.float64) < 1.0 - p).to(input.dtype)
+    noise.div_(1.0 - p)
+    return input * noise
+
+
+_F_DROPOUT = torch.nn.functional.dropout
+
+
+def _same_masks() -> bool:
+    """Whether :func:`_rand64_dropout` gives ``F.dropout``'s floats and generator state on this torch and CPU."""
+    saved = torch.get_rng_state()
+    try:
+        x = torch.randn(16, 22, 128)
+        start = torch.get_rng_state()
+        a, after_a = _F_DROPOUT(x, 0.1, True), torch.get_rng_state()
+        torch.set_rng_state(start)
+        b, after_b = _rand64_dropout(x, 0.1, True), torch.get_rng_state()
+        return torch.equal(a, b) and torch.equal(after_a, after_b)
+    finally:
+        torch.set_rng_state(saved)
+
+
+@contextlib.contextmanager
+def rand64_dropout():
+    """``F.dropout`` drawing its mask with ``torch.rand`` in float64 (the same floats, see :func:`_rand64_dropout`)."""
+    if not _same_masks():
+        raise RuntimeError("torch.rand(float64) < 1 - p does not reproduce bernoulli_'s masks on this torch/CPU")
+    original = torch.nn.functional.dropout
+    torch.nn.functional.dropout = _rand64_dropout
+    try:
+        yield
+    finally:
+        torch.nn.functional.dropout = original
+
+
 @contextlib.contextmanager
 def rand_dropout():
     """``F.dropout`` drawing its mask with ``torch.rand`` (vectorised) instead of ``bernoulli_``."""
@@ -270,15 +315,29 @@ FP32 = "fp32: the trainer's step"
 CANDIDATES = {  # label -> Stepper options: local monkeypatches of files the step depends on
     "fp32, single-tensor AdamW (before)": dict(patch=single_tensor_adamw),
     "fp32 + fused AdamW (optim.py)": dict(patch=fused_adamw),
+    "fp32 + float64 rand masks (same floats)": dict(patch=rand64_dropout),
     "fp32 + torch.rand dropout (model)": dict(patch=rand_dropout),
     "fp32 + both": dict(patch=combine(fused_adamw, rand_dropout)),
     "fp32, 1 thread": dict(patch=functools.partial(threads, 1)),
 }
+# Not a candidate: the step with every dropout probability at 0 (no masks at all, attention's
+# included), the most any change to how masks are drawn could gain.
+NO_DROPOUT = "fp32, no dropout (a bound)"
+
+
+def without_dropout(stepper: "Stepper") -> "Stepper":
+    for m in stepper.model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        elif isinstance(getattr(m, "dropout", None), float):  # attention modules keep theirs as a float
+            m.dropout = 0.0
+    return stepper
 
 
 def bench_full(batches: list, warmup: int, peak32: float, peak16: float) -> None:
     setups = {FP32: dict(), **CANDIDATES}
     steppers = {label: Stepper("full", **kw) for label, kw in setups.items()}
+    steppers[NO_DROPOUT] = without_dropout(Stepper("full"))
     flops = steppers[FP32].flops(batches[0])
     med = round_robin(steppers, batches, warmup)
     # bf16 autocast on its own: without a native bf16 kernel (the AVX2-pinned numerics) a step takes
@@ -294,7 +353,7 @@ def bench_full(batches: list, warmup: int, peak32: float, peak16: float) -> None
     w = max(len(k) for k in med)
     print(f"    {'setup':<{w}} | {'step ms':>8} | {'GFLOP/s':>8} | {'of fp32 peak':>12} | {'of bf16 peak':>12} "
           f"| {'/ fp32':>6}")
-    for label in [FP32, "bf16 autocast", *CANDIDATES]:
+    for label in [FP32, "bf16 autocast", *CANDIDATES, NO_DROPOUT]:
         rate = flops / med[label] / 1e9
         of16 = f"{100 * rate / peak16:11.1f}%" if label == "bf16 autocast" else f"{'':>12}"
         print(f"    {label:<{w}} | {1e3 * med[label]:8.1f} | {rate:8.2f} | {100 * rate / peak32:11.1f}% | {of16} "
