@@ -55,3 +55,29 @@ def test_a_source_whose_bundle_is_missing_is_not_built(tmp_path):
     cells = json.loads(dst.read_text())["cells"]
     assert [c["cell_type"] for c in cells] == ["markdown", "code"]
     assert "needs" not in "".join("".join(c["source"]) for c in cells)
+
+
+def test_keep_outputs_keeps_unchanged_code_cells_outputs(tmp_path):
+    """``--keep-outputs``: a narrative edit keeps every unchanged code cell's outputs; an edited code
+    cell gets none (and the tool says so)."""
+    import subprocess
+
+    nbformat = pytest.importorskip("nbformat")
+    src = tmp_path / "99_x.py"
+    src.write_text("# %% [markdown]\n# # Title\n\n# %%\nx = 1\n\n# %%\ny = 2\n")
+    dst = tmp_path / "99_x.ipynb"
+    tool = [sys.executable, str(ROOT / "tools" / "make_notebook.py"), str(src), str(dst), "--keep-outputs"]
+    subprocess.run(tool, check=True)
+    nb = nbformat.read(dst, as_version=4)
+    for i, cell in enumerate(c for c in nb.cells if c.cell_type == "code"):
+        cell.outputs = [nbformat.v4.new_output("stream", text=f"out {i}\n")]
+        cell.execution_count = i + 1
+    nbformat.write(nb, dst)
+    src.write_text("# %% [markdown]\n# # A new title\n\n# %%\nx = 1\n\n# %% [markdown]\n# more\n\n# %%\ny = 3\n")
+    out = subprocess.run(tool, capture_output=True, text=True, check=True).stdout
+    assert "1 code cell(s) new or edited" in out
+    cells = nbformat.read(dst, as_version=4).cells
+    assert [c.cell_type for c in cells] == ["markdown", "code", "markdown", "code"]
+    assert cells[0].source == "# A new title"
+    assert cells[1].outputs[0]["text"] == "out 0\n" and cells[1].execution_count == 1
+    assert cells[3].source == "y = 3" and cells[3].outputs == []

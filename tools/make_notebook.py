@@ -7,7 +7,13 @@
 A source may name, above its first cell, a folder its notebook reads (``# needs: results/empirical``):
 while that folder does not exist the notebook is not built (it would fail without it), unless
 ``--force`` is given.
+
+``--keep-outputs`` rebuilds an executed notebook after an edit to its narrative: every code cell whose
+source is unchanged keeps its outputs from the notebook being replaced (cells are matched by their
+source, in order); a new or edited code cell has none, so run it (``make reproduce``) before committing.
 """
+
+from collections import defaultdict, deque
 
 import sys
 from pathlib import Path
@@ -51,10 +57,34 @@ def build(src: str) -> nbformat.NotebookNode:
     return nb
 
 
+def keep_outputs(new: nbformat.NotebookNode, old: nbformat.NotebookNode) -> int:
+    """Copy into ``new`` what ``old``'s cells with the same type and source hold (a code cell's outputs,
+    execution count and metadata; any cell's id, so that the diff shows only what changed), matched in
+    order; returns how many code cells of ``new`` got no outputs (new or edited ones)."""
+    before = defaultdict(deque)
+    for cell in old.cells:
+        before[(cell.cell_type, cell.source)].append(cell)
+    missing = 0
+    for cell in new.cells:
+        match = before[(cell.cell_type, cell.source)]
+        if not match:
+            missing += cell.cell_type == "code"
+            continue
+        done = match.popleft()
+        if "id" in done:
+            cell.id = done.id
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = done.get("outputs", []), done.get("execution_count")
+            cell.metadata = done.get("metadata", {})
+    new.metadata = {**old.metadata, **new.metadata}
+    return missing
+
+
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--force"]
+    flags = ("--force", "--keep-outputs")
+    args = [a for a in sys.argv[1:] if a not in flags]
     if len(args) != 2:
-        sys.exit("usage: make_notebook.py SOURCE.py NOTEBOOK.ipynb [--force]")
+        sys.exit("usage: make_notebook.py SOURCE.py NOTEBOOK.ipynb [--force] [--keep-outputs]")
     src, dst = args
     text = open(src).read()
     missing = [n for n in needs(text) if not (ROOT / n).exists()]
@@ -62,4 +92,9 @@ if __name__ == "__main__":
         print(f"{src}: not built: it needs {', '.join(missing)}, which does not exist yet "
               f"(train and export its study first; --force builds it anyway)")
         sys.exit(0)
-    nbformat.write(build(text), dst)
+    nb = build(text)
+    if "--keep-outputs" in sys.argv and Path(dst).is_file():
+        missing = keep_outputs(nb, nbformat.read(dst, as_version=4))
+        if missing:
+            print(f"{dst}: {missing} code cell(s) new or edited, without outputs: execute the notebook")
+    nbformat.write(nb, dst)

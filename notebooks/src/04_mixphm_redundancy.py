@@ -357,4 +357,9 @@ with pd.option_context("display.max_colwidth", 400):
 # ```
 #
 # and, for the inconclusive rows on this world, more seeds of the N = 64 ablation
-# (`--filter n_shots=64` after adding seeds to `ABLATION_SEEDS`).
+# (`--filter n_shots=64` after adding seeds to `ABLATION_SEEDS`). How many, if the means and spreads
+# of the three seeds held (`workbench.studies.seeds_to_settle`, an 80 % chance of an interval that
+# excludes zero): about 8 for the expert count (4 - 1 experts, -0.044 [-0.134, +0.046], against the
+# claim), about 5 for the regularisers' effect on redundancy with the frozen output (+0.05
+# [-0.02, +0.12], against the claim), and over 300 for their effect on task correlation (+0.01
+# [-0.15, +0.17]): no effect worth chasing there.

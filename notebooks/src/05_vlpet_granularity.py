@@ -172,3 +172,23 @@ panel.widget()
 # %%
 with pd.option_context("display.max_colwidth", 220):
     display(study.verdicts(store))
+
+# %% [markdown]
+# **What would settle it.** Four claims are decided on this world: the large gate is not the best
+# granularity, no granularity beats the ungated modules everywhere, VL-PET (large) falls behind full
+# fine-tuning from N = 500, and the designs do not improve Compacter. Two stay open. If their means
+# and spreads over three seeds held, `workbench.studies.seeds_to_settle` gives the seeds for an 80 %
+# chance of an interval that excludes zero:
+#
+# - the lightweight decoder against a full decoder adapter (+0.022 [-0.032, +0.076] at N = 64):
+#   about 10 seeds;
+# - VL-PET (large) against the VL-Adapter adapter, ahead at N = 64 (+0.114 [+0.079, +0.149]) but
+#   open at N = 16 (-0.034 [-0.238, +0.171]: about 48 seeds), 500 (+0.005: about 70) and 1000
+#   (-0.008 [-0.025, +0.009]: about 8, the sign against the claim). From N = 500 the two are level to
+#   within about 0.04, so more seeds could only turn that into a small difference either way.
+#
+# The granularity claims rest on gaps of under one point in the paper (large 79.18 against 78.14 to
+# 78.37), on BART-base and T5-base with the official r = 192, which exceeds vlt5-tiny's width: the
+# study on the paper's setting (`python -m workbench.studies run vlpet --backbone path/to/t5-base
+# --backbone-option feat_dim=2048 --task vqa-v2 ...`, the options as in notebook 04) is what could
+# confirm or refute them.

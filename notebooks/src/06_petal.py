@@ -179,3 +179,20 @@ panel.widget()
 # %%
 with pd.option_context("display.max_colwidth", 220):
     display(study.verdicts(store))
+
+# %% [markdown]
+# **What would settle it.** "PETAL beats full fine-tuning" is decided here (behind it at N = 1000,
+# level at few shots). The inconclusive rows, with the seeds that would give an 80 % chance of an
+# interval that excludes zero if the means and spreads of the three seeds held
+# (`workbench.studies.seeds_to_settle`):
+#
+# - PETAL against LoRA at few shots: +0.033 [-0.034, +0.100] at N = 16 (about 8 seeds) and
+#   +0.045 [-0.087, +0.177] at N = 64 (about 13);
+# - the instruction mixture, +0.069 [-0.065, +0.203] for the default over the mixture off: about 7;
+# - the information bottleneck, -0.008 [-0.049, +0.033]: about 36 seeds, for a mean this close to
+#   zero; on this world the bottleneck has no effect large enough to matter either way.
+#
+# The parameter share (4.42 % of vlt5-tiny's language model against the paper's 0.5 %) is not
+# comparable at all: PETAL's shared modes grow with the width d (U and V are d x R, R = 64) and its
+# per-matrix and expert parameters are small, while the backbone grows with d^2 times its depth, so
+# the share falls as the backbone grows; the 0.5 % is a statement about BLIP-2-sized models.

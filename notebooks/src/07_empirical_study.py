@@ -211,3 +211,18 @@ lr_check.size_trend(lr_store, main=store).round(3)
 # %%
 with pd.option_context("display.max_colwidth", 260):
     display(pd.concat([study.verdicts(store), lr_check.verdicts(lr_store, main=store)], ignore_index=True))
+
+# %% [markdown]
+# **What would settle it.** "Performance rises with parameter size" on VQA is not reproduced at one
+# learning rate per method and reproduced once each size has its own (the last row): the finding
+# holds, the shared defaults do not suit the largest sizes. Two findings stay inconclusive.
+#
+# - An interior size is best on captions: from N = 250 the four sizes of every method lie within
+#   about 0.15 CIDEr-D of each other, which three seeds cannot order; more seeds in those cells
+#   (`--filter n_shots=1000`, seeds added to the study's grid) are the test.
+# - Layer against embedding composition: on VQA layer composition wins (+0.310 [+0.269, +0.351]), on
+#   captions it is open (+0.137 [-0.066, +0.340], about 5 seeds for an 80 % chance of an interval that
+#   excludes zero if the mean and spread held: `workbench.studies.seeds_to_settle`), and prefix
+#   tuning, whose reparameterisation MLP trains 1.39 to 1.44 M parameters, has no layer configuration
+#   within 2x of it. Layer configurations of that size, or prefix tuning with `reparam=False` (the
+#   prefixes trained directly), would give it partners.

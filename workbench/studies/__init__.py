@@ -43,6 +43,7 @@ from .bundle import (
     verify,
     verify_study,
 )
+from ._common import seeds_to_settle, t_interval
 from .redundancy import BAND_COLUMNS, COLUMNS, MEASURES, TARGETS, redundancy_analysis
 from .study import (
     Study,
@@ -80,7 +81,9 @@ __all__ = [
     "results_root",
     "retarget",
     "run_study",
+    "seeds_to_settle",
     "study_status",
+    "t_interval",
     "unregister_study",
     "verify",
     "verify_study",
