@@ -113,3 +113,41 @@ def test_the_readme_mixphm_example(backbone_state, tmp_path, monkeypatch):
     loss = _train_step(model, handle, _batch(model))
     assert torch.isfinite(loss)
     assert all(p.grad is not None for _, p in handle.trainable_parameters())
+
+
+# The methods that compile in pieces (README, "The backbone"): AdaMix and MixPHM draw their expert as a
+# Python int in every forward (the official routing), PETAL checks its labels in its bottleneck loss,
+# and peft's DoRA, LoHa and LoKr break the graph inside peft. Every other method traces as one graph.
+COMPILES_IN_PIECES = {"adamix", "mixphm", "petal", "dora", "loha", "lokr"}
+
+
+@pytest.mark.parametrize("name", methods.list_methods())
+def test_which_methods_trace_as_one_graph(name, backbone_state):
+    torch.manual_seed(0)
+    model = _fresh(backbone_state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        handle = methods.apply(model, name)
+    model.train()
+    batch = _batch(model)
+    # fullgraph=True stops at the first graph break; the "eager" backend only traces (no code generation).
+    compiled = torch.compile(lambda: handle.loss(lambda: model(**batch)), fullgraph=True, backend="eager")
+    torch._dynamo.reset()
+    try:
+        compiled()
+        why = None
+    except torch._dynamo.exc.TorchDynamoException as e:
+        why = str(e).splitlines()[0]
+    finally:
+        torch._dynamo.reset()
+    if name in COMPILES_IN_PIECES:
+        assert why is not None, f"{name} now traces as one graph: update COMPILES_IN_PIECES and the README"
+    else:
+        assert why is None, (name, why)
+
+
+def test_the_readme_counts_the_methods_that_trace_as_one_graph():
+    text = " ".join(README.read_text().split())
+    pieces = len(COMPILES_IN_PIECES)
+    peft_methods = len(methods.list_methods()) - 1  # all but full fine-tuning
+    assert f"{peft_methods - pieces} of the {peft_methods} PEFT methods" in text
