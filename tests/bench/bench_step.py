@@ -252,7 +252,8 @@ def _rand64_dropout(input, p=0.5, training=True, inplace=False):
 _F_DROPOUT = torch.nn.functional.dropout
 
 
-def _same_masks() -> bool:
+@functools.lru_cache(maxsize=None)
+def _same_masks() -> bool:  # checked once: the patch is entered around every timed step
     """Whether :func:`_rand64_dropout` gives ``F.dropout``'s floats and generator state on this torch and CPU."""
     saved = torch.get_rng_state()
     try:
@@ -267,27 +268,26 @@ def _same_masks() -> bool:
 
 
 @contextlib.contextmanager
+def _dropout_as(fn):
+    """``torch.nn.functional.dropout`` replaced by ``fn`` inside (every nn.Dropout calls it)."""
+    original = torch.nn.functional.dropout
+    torch.nn.functional.dropout = fn
+    try:
+        yield
+    finally:
+        torch.nn.functional.dropout = original
+
+
 def rand64_dropout():
     """``F.dropout`` drawing its mask with ``torch.rand`` in float64 (the same floats, see :func:`_rand64_dropout`)."""
     if not _same_masks():
         raise RuntimeError("torch.rand(float64) < 1 - p does not reproduce bernoulli_'s masks on this torch/CPU")
-    original = torch.nn.functional.dropout
-    torch.nn.functional.dropout = _rand64_dropout
-    try:
-        yield
-    finally:
-        torch.nn.functional.dropout = original
+    return _dropout_as(_rand64_dropout)
 
 
-@contextlib.contextmanager
 def rand_dropout():
     """``F.dropout`` drawing its mask with ``torch.rand`` (vectorised) instead of ``bernoulli_``."""
-    original = torch.nn.functional.dropout
-    torch.nn.functional.dropout = _rand_dropout
-    try:
-        yield
-    finally:
-        torch.nn.functional.dropout = original
+    return _dropout_as(_rand_dropout)
 
 
 @contextlib.contextmanager

@@ -1,25 +1,10 @@
 """bench_gpu.py's measuring code, smoke-run on the CPU so that it still works when a GPU is lent."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-HERE = Path(__file__).parent
 
-
-def _load():
-    if str(HERE) not in sys.path:  # bench_gpu imports bench_step from its folder, as when run as a script
-        sys.path.insert(0, str(HERE))
-    spec = importlib.util.spec_from_file_location("bench_gpu", HERE / "bench_gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_smoke_on_cpu(capsys):
-    bench = _load()
+def test_smoke_on_cpu(capsys, load_bench):
+    bench = load_bench("bench_gpu")
     bench.main(["--device", "cpu", "--shape", "tiny", "--steps", "1", "--batch", "2", "--methods", "full",
                 "--matmul-n", "64"])
     out = capsys.readouterr().out
@@ -30,14 +15,14 @@ def test_smoke_on_cpu(capsys):
         assert steps_s > 0 and 0 < mfu < 1000, out
 
 
-def test_flops_are_counted_per_step():
-    bench = _load()
+def test_flops_are_counted_per_step(load_bench):
+    bench = load_bench("bench_gpu")
     shape = bench.SHAPES["tiny"]
     one = bench.base_sized("full", "fp32", 2, 1, "cpu", shape, warmup=0)
     two = bench.base_sized("full", "fp32", 4, 1, "cpu", shape, warmup=0)
     assert one["flops"] > 0 and two["flops"] == pytest.approx(2 * one["flops"], rel=0.01)
 
 
-def test_cuda_graphs_need_cuda():
+def test_cuda_graphs_need_cuda(load_bench):
     with pytest.raises(SystemExit):
-        _load().main(["--device", "cpu", "--shape", "tiny", "--cuda-graphs"])
+        load_bench("bench_gpu").main(["--device", "cpu", "--shape", "tiny", "--cuda-graphs"])

@@ -1,19 +1,8 @@
 """bench_numerics.py's reference lookup: which recorded machines a digest agrees with, and --record."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-HERE = Path(__file__).parent
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_numerics", HERE / "bench_numerics.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 REF = {
@@ -22,8 +11,8 @@ REF = {
 }
 
 
-def test_same_as_names_every_machine_with_that_digest_and_only_those():
-    bench = _load()
+def test_same_as_names_every_machine_with_that_digest_and_only_those(load_bench):
+    bench = load_bench("bench_numerics")
     assert bench.same_as(REF, "components", "portable", "gemm (MKL)", "aaa") == "Xeon, EPYC"
     assert bench.same_as(REF, "components", "pinned", "gemm (MKL)", "bbb") == "Xeon"
     assert bench.same_as(REF, "components", "pinned", "gemm (MKL)", "zzz") == "-"
@@ -31,8 +20,8 @@ def test_same_as_names_every_machine_with_that_digest_and_only_those():
     assert bench.same_as(REF, "runs", "full", "pinned/2", "ccc") == "-"  # not measured there: no claim
 
 
-def test_record_merges_into_the_machines_entry(tmp_path, capsys):
-    bench = _load()
+def test_record_merges_into_the_machines_entry(tmp_path, capsys, load_bench):
+    bench = load_bench("bench_numerics")
     path = tmp_path / "ref.json"
     path.write_text(json.dumps(REF))
     bench.record("EPYC", "runs", {"lora": {"portable/1": "ddd"}, "full": {"pinned/2": "eee"}},
@@ -44,8 +33,8 @@ def test_record_merges_into_the_machines_entry(tmp_path, capsys):
     assert got["Xeon"] == REF["Xeon"]
 
 
-def test_record_needs_a_label():
-    bench = _load()
+def test_record_needs_a_label(load_bench):
+    bench = load_bench("bench_numerics")
     assert bench._label_arg(["--components"]) is None
     assert bench._label_arg(["--record", "My CPU"]) == "My CPU"
     with pytest.raises(SystemExit, match="needs a label"):
@@ -54,8 +43,8 @@ def test_record_needs_a_label():
         bench._label_arg(["--record", "--components"])
 
 
-def test_the_committed_reference_file_reads():
-    bench = _load()
+def test_the_committed_reference_file_reads(load_bench):
+    bench = load_bench("bench_numerics")
     reference = bench.load_reference()
     assert reference, "tests/bench/numerics_reference.json is missing or empty"
     for label, machine in reference.items():

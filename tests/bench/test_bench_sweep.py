@@ -1,21 +1,9 @@
 """bench_sweep.py --gpu's code path, smoke-run on the CPU so that it works when a GPU is lent."""
 
-import importlib.util
-from pathlib import Path
 
-HERE = Path(__file__).parent
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_sweep", HERE / "bench_sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_gpu_sharing_smoke_on_cpu(capsys, tmp_path, monkeypatch):
+def test_gpu_sharing_smoke_on_cpu(capsys, tmp_path, monkeypatch, load_bench):
     monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
-    bench = _load()
+    bench = load_bench("bench_sweep")
     rows = bench.gpu_sharing(["--gpu", "--device", "cpu", "--runs", "2", "--steps", "2", "--share", "2",
                               "--no-ray"])
     out = capsys.readouterr().out
@@ -24,8 +12,8 @@ def test_gpu_sharing_smoke_on_cpu(capsys, tmp_path, monkeypatch):
     assert "2 runs (N = 16, 2 steps each) on CPU (smoke run)" in out and "target" in out
 
 
-def test_gpu_configs_cover_methods_then_seeds():
-    bench = _load()
+def test_gpu_configs_cover_methods_then_seeds(load_bench):
+    bench = load_bench("bench_sweep")
     configs = bench.gpu_configs(6, 10, "cpu")
     assert len(configs) == 6 and {c.device for c in configs} == {"cpu"}
     assert {c.method for c in configs} == {"lora", "houlsby", "compacter", "prompt"}
