@@ -217,9 +217,10 @@ with pd.option_context("display.max_colwidth", 260):
 # learning rate per method and reproduced once each size has its own (the last row): the finding
 # holds, the shared defaults do not suit the largest sizes. Two findings stay inconclusive.
 #
-# - An interior size is best on captions: from N = 250 the four sizes of every method lie within
-#   about 0.15 CIDEr-D of each other, which three seeds cannot order; more seeds in those cells
-#   (`--filter n_shots=1000`, seeds added to the study's grid) are the test.
+# - An interior size is best on captions: from N = 1000 the four sizes of every method lie within
+#   about 0.15 CIDEr-D of each other, which three seeds cannot order; more seeds in the cells from
+#   N = 250 on (seeds added to the study's grid, trained with `--filter n_shots=250,1000,4000`) are
+#   the test.
 # - Layer against embedding composition: on VQA layer composition wins (+0.310 [+0.269, +0.351]), on
 #   captions it is open (+0.137 [-0.066, +0.340], about 5 seeds for an 80 % chance of an interval that
 #   excludes zero if the mean and spread held: `workbench.studies.seeds_to_settle`), and prefix
