@@ -13,9 +13,8 @@ source is unchanged keeps its outputs from the notebook being replaced (cells ar
 source, in order); a new or edited code cell has none, so run it (``make reproduce``) before committing.
 """
 
-from collections import defaultdict, deque
-
 import sys
+from collections import defaultdict, deque
 from pathlib import Path
 
 import nbformat

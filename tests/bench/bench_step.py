@@ -236,11 +236,14 @@ def _rand_dropout(input, p=0.5, training=True, inplace=False):
     return input.mul_(mask) if inplace else input * mask
 
 
+_F_DROPOUT = torch.nn.functional.dropout  # torch's own, whatever is patched in later
+
+
 def _rand64_dropout(input, p=0.5, training=True, inplace=False):
     """``F.dropout`` with its own floats: torch's CPU ``bernoulli_(1 - p)`` draws one uniform double per
     element from the default generator and keeps the element when it is below 1 - p, which is what
     ``torch.rand(..., dtype=float64) < 1 - p`` draws (the same mask, and the generator left in the same
-    state; checked here on the first call). It skips ``bernoulli_``'s per-element branch, not the
+    state; :func:`rand64_dropout` checks that once). It skips ``bernoulli_``'s per-element branch, not the
     generator's serial loop."""
     if not training or p == 0 or inplace or input.device.type != "cpu":
         return _F_DROPOUT(input, p, training, inplace)
@@ -248,8 +251,6 @@ def _rand64_dropout(input, p=0.5, training=True, inplace=False):
     noise.div_(1.0 - p)
     return input * noise
 
-
-_F_DROPOUT = torch.nn.functional.dropout
 
 
 @functools.lru_cache(maxsize=None)

@@ -10,8 +10,8 @@ ray). Printed: wall time, runs per hour, and the speed-up over ``local``.
 
     python tests/bench/bench_sweep.py --gpu    # on a CUDA machine: runs sharing one GPU
 
-measures what sharing one GPU between runs buys (the issue's target: at least 6x the runs per hour of
-running them one after the other on the same GPU). ``--runs`` configurations (16: 4 methods x 4 seeds
+measures what sharing one GPU between runs buys (target: at least 6x the runs per hour of running
+them one after the other on the same GPU). ``--runs`` configurations (16: 4 methods x 4 seeds
 at N = 16, 100 steps) are swept sequentially on the GPU (``"local"``), then with K runs at a time on
 it for each K of ``--share`` (4, 8): as K spawned worker processes (``"processes"``, no Ray needed)
 and, where ray is installed, as Ray tasks with ``num_gpus=1/K`` (fractional GPUs; the CPU cores are
