@@ -183,6 +183,22 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run the block at ``n`` torch threads (``None``: as they are), restored after; yields the count
+    in force. A CPU run's floats depend on it (docs/reproducibility.md)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n and n != before:
+        set_threads(int(n))
+    try:
+        yield torch.get_num_threads()
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 def pick_device(device: str | None = None):
     """Return ``torch.device(device)`` or, when None, CUDA if available else CPU."""
     import torch

@@ -133,6 +133,23 @@ def test_processes_executor_gives_the_local_metrics(tiny, tmp_path):
     _same_runs(local, RunStore(tmp_path / "local"), procs, RunStore(tmp_path / "procs"))
 
 
+def test_local_executor_runs_at_the_threads_asked_for(tiny, tmp_path):
+    """``threads`` holds for the local executor too (it was ignored: a local 1-thread sweep trained
+    at the process's count, other floats than the bundles' 1-thread runs), and is restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    df = sweep([tiny], store=tmp_path / "s", threads=want, progress=False)
+    assert df["status"].tolist() == ["done"]
+    assert load_run(df["run"].iloc[0], tmp_path / "s").timings["numerics"]["threads"] == want
+    assert torch.get_num_threads() == before
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="threads must be a positive int"):
+            sweep([tiny], store=tmp_path / "t", threads=bad, progress=False)
+    assert not (tmp_path / "t").exists()
+
+
 # The Ray executor: tests/train/test_sweep_ray.py.
 
 

@@ -57,7 +57,16 @@ from ..train import DamagedRunError, DamagedRunWarning, RunConfig, RunStore, loa
 from ..train.loop import config_of
 from ..train.store import DONE
 from ..train.sweeps import t_quantile
-from ..utils import MKL_PATH_KEYS, PINNED_CPU_ENV, atomic_write, cpu_model, mkl_code_path, pick_device, repo_root
+from ..utils import (
+    MKL_PATH_KEYS,
+    PINNED_CPU_ENV,
+    atomic_write,
+    cpu_model,
+    mkl_code_path,
+    pick_device,
+    repo_root,
+    torch_threads,
+)
 from .study import PROVENANCE_DIR, Study, get_study
 
 BUNDLE_FORMAT = 1
@@ -988,20 +997,6 @@ def _diff(a, b, path: str, out: list, limit: int = 50) -> None:
         out.append(f"{path}: {a!r} (bundle) vs {b!r} (re-trained)")
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int | None):
-    import torch
-
-    before = torch.get_num_threads()
-    if n and n != before:
-        torch.set_num_threads(int(n))
-    try:
-        yield torch.get_num_threads()
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
-
-
 def _tolerance_for(cfg: RunConfig, study: Study | None, tolerance: float | None) -> float:
     if tolerance is not None:
         return float(tolerance)
@@ -1087,7 +1082,7 @@ def verify_study(name: str | Study, sample: int | None = 2, seed: int = 0, root:
             checks.append(RunCheck(h, label, "exact", "stale", differences=[why]))
             continue
         threads = recorded.get("threads") if (recorded and match_threads) else None
-        with _torch_threads(threads) as used, tempfile.TemporaryDirectory(prefix="workbench-verify-") as tmp:
+        with torch_threads(threads) as used, tempfile.TemporaryDirectory(prefix="workbench-verify-") as tmp:
             here = current_machine(used, cfg.device)
             machine_diff = machine_differences(recorded, here)
             if not machine_diff and not here["device"].startswith("cpu"):

@@ -331,7 +331,7 @@ def run_study(name: str | Study, executor: str = "local", store: RunStore | str 
         limit: train at most this many of the configs still to do (in grid order), so that a long
             study can be spread over sessions: each call resumes where the store stands.
         workers / threads: the process pool's size and torch threads per worker (``"processes"``;
-            ``threads`` also sets each Ray task's threads). Local runs use this process's threads.
+            ``threads`` also sets each Ray task's threads, and the local executor's for the sweep).
         progress: the sweep's progress bar.
         ray_options / num_cpus / num_gpus / ray_address: for ``executor="ray"``, as
             :func:`~workbench.train.sweep` takes them.
@@ -349,7 +349,6 @@ def run_study(name: str | Study, executor: str = "local", store: RunStore | str 
     from ..train import sweep
     from .bundle import (
         StudyStore,
-        _torch_threads,
         bundle_dir,
         current_machine,
         git_commit,
@@ -402,9 +401,8 @@ def run_study(name: str | Study, executor: str = "local", store: RunStore | str 
         rec = training_record(None if remote else current_machine(used_threads, device), executor, code)
         atomic_write(overlay.root / PROVENANCE_DIR / f"{h}.json", json.dumps(rec, indent=2, sort_keys=True))
 
-    with _torch_threads(threads if executor == "local" else None):
-        df = sweep(chosen, executor=executor, store=layered, workers=workers, progress=progress,
-                   threads=threads if executor != "local" else None, on_run=record, **ray_args)
+    df = sweep(chosen, executor=executor, store=layered, workers=workers, progress=progress, threads=threads,
+               on_run=record, **ray_args)
     df.attrs["grid"] = len(grid_hashes)
     df.attrs["finished"] = sum(layered.is_finished(h) for h in grid_hashes)
     return df

@@ -24,9 +24,10 @@ import tempfile
 from dataclasses import fields
 from pathlib import Path
 
+from ..utils import torch_threads
 from .config import RunConfig
-from .store import RunStore
 from .loop import metric_columns
+from .store import RunStore
 
 EXECUTORS = ("local", "processes", "ray")
 STATUSES = ("done", "reused", "failed")
@@ -288,8 +289,11 @@ def sweep(configs, executor: str = "local", store: RunStore | str | os.PathLike 
         workers: pool size for ``"processes"`` (default: ``min(#configs to train, cores)``).
         progress: a tqdm bar over runs (with done / reused / failed counts).
         raise_on_error: re-raise the first failure instead of recording it and going on.
-        threads: torch threads per worker (``"processes"``) or per Ray task (default: the task's
-            ``num_cpus`` rounded down, at least 1).
+        threads: torch threads per run: this process's own while the sweep runs (``"local"``,
+            restored after; default: unchanged), per worker (``"processes"``; default
+            ``cores // workers``) or per Ray task (default: the task's ``num_cpus`` rounded down, at
+            least 1). The floats of a CPU run depend on it: a run trained at 1 thread reproduces
+            only at 1 thread (docs/reproducibility.md).
         num_cpus: CPUs each Ray task reserves (default 1; a fraction or 0 is allowed).
         num_gpus: GPUs each Ray task reserves (default 0). A fraction shares one device:
             ``num_gpus=0.25`` runs four configs at a time on each GPU (Ray only counts; the runs
@@ -326,7 +330,7 @@ def sweep(configs, executor: str = "local", store: RunStore | str | os.PathLike 
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from .loop import run, stored_run
+    from .loop import stored_run
 
     if executor not in EXECUTORS:
         raise ValueError(f"sweep: executor must be one of {list(EXECUTORS)}, got {executor!r}")
@@ -336,6 +340,8 @@ def sweep(configs, executor: str = "local", store: RunStore | str | os.PathLike 
     bad = [type(c).__name__ for c in configs if not isinstance(c, RunConfig)]
     if bad:
         raise TypeError(f"sweep: configs must be RunConfigs, got {bad[0]}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"sweep: threads must be a positive int (torch threads per run) or None, got {threads!r}")
     ray = None
     resources = _check_ray_args(executor, num_cpus, num_gpus, ray_address, ray_options)
     if executor == "ray":
@@ -386,15 +392,10 @@ def sweep(configs, executor: str = "local", store: RunStore | str | os.PathLike 
 
     try:
         if executor == "local":
-            for h, idx in todo.items():
-                try:
-                    result = run(configs[idx[0]], store=store)
-                except Exception as e:
-                    if raise_on_error:
-                        raise
-                    settle(h, "failed", None, _error_text(e))
-                else:
-                    settle(h, "reused" if result.reused else "done", result, None)
+            # Honoured here too (it once was not: a local 1-thread sweep trained at the process's
+            # count, other floats than the bundles' 1-thread runs).
+            with torch_threads(threads):
+                _sweep_local(configs, todo, store, raise_on_error, settle)
         elif executor == "processes" and todo:
             _sweep_processes(configs, todo, store, workers, threads, raise_on_error, settle)
         elif executor == "ray" and todo:
@@ -403,6 +404,20 @@ def sweep(configs, executor: str = "local", store: RunStore | str | os.PathLike 
     finally:
         bar.close()
     return pd.DataFrame(rows)
+
+
+def _sweep_local(configs, todo, store, raise_on_error, settle):
+    from .loop import run
+
+    for h, idx in todo.items():
+        try:
+            result = run(configs[idx[0]], store=store)
+        except Exception as e:
+            if raise_on_error:
+                raise
+            settle(h, "failed", None, _error_text(e))
+        else:
+            settle(h, "reused" if result.reused else "done", result, None)
 
 
 def _sweep_processes(configs, todo, store, workers, threads, raise_on_error, settle):
