@@ -14,19 +14,19 @@ def test_grids():
     assert len(table) == 8 * 6 * 5
     assert {c.method for c in table} == set(study.TABLE_METHODS)
     abl = study.ablation_configs()
-    # the official setting of every axis is the table's run (same hash): 15 distinct settings x 3 seeds
-    assert len({c.hash for c in abl}) == 15 * 3
+    # the official setting of every axis is the table's run (same hash): 15 distinct settings x 5 seeds
+    assert len({c.hash for c in abl}) == 15 * 5
     assert study.ablation_config("num_experts", 4).hash == RunConfig(task="shapes-vqa", method="mixphm",
                                                                      quiet=True).hash
     assert study.ablation_config("regularisers", "none").method_config == {"w_red": 0.0, "w_mi": 0.0}
     assert study.ablation_config("reg_weight", 0.5).method_config == {"w_red": 0.5, "w_mi": 0.5}
-    assert len(s.configs()) == 240 + 14 * 3
+    assert len(s.configs()) == 240 + 14 * 5
     kept = [c for c in s.configs() if s.keep_weights(c)]
-    # 6 table methods (not full) at seed 13, mixphm with/without regularisers on 3 seeds, and the
+    # 6 table methods (not full) at seed 13, mixphm with/without regularisers on 5 seeds, and the
     # other 13 ablation settings at seed 13
     assert sorted((c.method, c.seed, bool(c.method_config)) for c in kept) == sorted(
         [(m, 13, False) for m in study.PEFT_METHODS if m != "mixphm"]
-        + [("mixphm", s_, False) for s_ in (13, 21, 42)] + [("mixphm", s_, True) for s_ in (13, 21, 42)]
+        + [("mixphm", s_, False) for s_ in study.TABLE_SEEDS] + [("mixphm", s_, True) for s_ in study.TABLE_SEEDS]
         + [("mixphm", 13, True)] * 13)
     with pytest.raises(ValueError, match="unknown ablation axis"):
         study.ablation_config("experts", 2)

@@ -10,9 +10,12 @@ from workbench.train import RunConfig, run
 
 def test_grids_and_labels():
     s = get_study("petal")
-    assert len(study.few_shot_configs()) == 4 * 3 * 3
-    # 17 settings besides the default (whose runs are the few-shot grid's at N = 64)
-    assert len(s.configs()) == 36 + 17 * 3
+    assert len(study.few_shot_configs()) == 4 * 3 * 5
+    # 17 settings besides the default (whose runs are the few-shot grid's at N = 64); the two the
+    # verdicts read over five seeds, the rest over three
+    assert len(s.configs()) == 60 + 17 * 3 + 2 * 2
+    assert [study.ablation_seeds(a, v) for a, v in study.CLAIM_ABLATIONS] == [study.FEW_SHOT_SEEDS] * 2
+    assert study.ablation_seeds("experts K", 2) == study.STUDY_SEEDS == (13, 21, 42)
     assert study.ablation_config("threshold", "frozen").method_config == {"learn_threshold": False}
     assert study.ablation_config("rank (Tucker)", 64).method_config == {"form": "tucker"}
     assert study.ablation_config("rank (CP)", 64).hash == RunConfig(task="shapes-vqa", method="petal", quiet=True).hash
