@@ -131,7 +131,7 @@ def test_filters_select_configs(env):
 # ------------------------------------------------------------------------------------- round trip
 def test_export_then_load_study_reuses_the_bundle_without_training(env):
     df = run_study(NAME, progress=False)
-    assert df["status"].tolist() == ["done", "done"] and df.attrs == {"grid": 2, "finished": 2}
+    assert df["status"].tolist() == ["done", "done"] and df.attrs == {"grid": 2, "finished": 2, "elsewhere": 0}
     report = export_study(NAME)
     assert report.complete and report.runs == 2 and len(report.added) == 2 and report.weights == 1
     assert "exported 2 of 2 runs" in str(report) and "(complete)" in str(report)
@@ -206,9 +206,11 @@ def test_export_takes_a_run_another_studys_bundle_holds(env):
     other = "tiny-other"
     register_study(Study(other, "seeds 13 and 42", grids=lambda: grid(env.base, seed=[13, 42])))
     try:
-        h = env.base.hash
+        h, h42 = env.base.hash, env.base.replace(seed=42).hash
+        status = study_status(other)
+        assert status.elsewhere == 1 and status.in_either == 1 and "1 more in other studies' bundles" in str(status)
         report = export_study(other)
-        assert report.shared == [h] and report.runs == 1 and report.missing == [env.base.replace(seed=42).hash]
+        assert report.shared == [h] and report.runs == 1 and report.missing == [h42]
         assert not report.added and "1 from other studies' bundles" in str(report)
         prov = json.loads((env.results / other / "provenance.json").read_text())
         src = json.loads((env.bundle / "provenance.json").read_text())
@@ -218,6 +220,27 @@ def test_export_takes_a_run_another_studys_bundle_holds(env):
         assert load_study(other).is_finished(h)
         again = export_study(other)
         assert again.kept == [h] and not again.shared  # its own run now
+    finally:
+        unregister_study(other)
+
+
+def test_run_study_does_not_train_a_run_another_studys_bundle_holds(env):
+    """run_study trains only what no bundle holds: a grid run in another study's committed bundle is
+    left to export (it once trained it again: 12 of the PETAL study's runs were the MixPHM study's)."""
+    run_study(NAME, progress=False)
+    export_study(NAME)
+    shutil.rmtree(env.store)
+    other = "tiny-other"
+    register_study(Study(other, "seeds 13 and 42", grids=lambda: grid(env.base, seed=[13, 42])))
+    try:
+        h, h42 = env.base.hash, env.base.replace(seed=42).hash
+        df = run_study(other, progress=False)
+        assert df["run"].tolist() == [h42] and df["status"].tolist() == ["done"]
+        assert df.attrs == {"grid": 2, "finished": 2, "elsewhere": 1}
+        assert not (env.store / h).exists()
+        assert study_status(other).in_either == 2
+        report = export_study(other)
+        assert report.complete and report.shared == [h] and report.added == [h42]
     finally:
         unregister_study(other)
 

@@ -133,9 +133,11 @@ def main(argv=None) -> int:
                            task_options=_options(args.task_option, "--task-option"),
                            changes=_options(args.set, "--set"))
             counts = df["status"].value_counts().to_dict() if len(df) else {}
+            shared = df.attrs.get("elsewhere", 0)
             print(f"study {args.name}: {counts.get('done', 0)} trained, {counts.get('reused', 0)} reused, "
-                  f"{counts.get('failed', 0)} failed; {df.attrs['finished']} of {df.attrs['grid']} grid runs "
-                  "finished (store + bundle)")
+                  f"{counts.get('failed', 0)} failed"
+                  + (f", {shared} in other studies' bundles (export takes them from there)" if shared else "")
+                  + f"; {df.attrs['finished']} of {df.attrs['grid']} grid runs finished")
             failed = df[df["status"] == "failed"] if len(df) else df
             for _, row in failed.iterrows():
                 print(f"  failed: {row['method']} N={row['n_shots']} seed={row['seed']}: {row['error']}",

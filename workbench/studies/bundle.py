@@ -474,6 +474,23 @@ def _whole(store: RunStore, run_hash: str):
     return True, None
 
 
+def held_elsewhere(name: str, hashes, root: str | os.PathLike | None = None) -> dict[str, RunStore]:
+    """Which of ``hashes`` another study's committed bundle under ``root`` holds whole (studies share
+    runs by hash): ``{hash: that bundle}``. :func:`export_study` takes such a run from there, so
+    :func:`~workbench.studies.run_study` does not train it and :func:`study_status` does not count
+    it as to do."""
+    hashes = list(dict.fromkeys(hashes))
+    if not hashes:
+        return {}
+    others = [RunStore(bundle_dir(n, root)) for n in bundles(root) if n != name]
+    out = {}
+    for h in hashes:
+        where = next((o for o in others if _whole(o, h)[0]), None)
+        if where is not None:
+            out[h] = where
+    return out
+
+
 def _files(store: RunStore, run_hash: str) -> set[str]:
     path = store.locate(run_hash)
     return {p.name for p in path.iterdir()} if path is not None else set()
@@ -556,13 +573,13 @@ def export_study(name: str | Study, store: RunStore | str | os.PathLike | None =
         _tidy(bundle)
 
         # Decide first, so that nothing is written when there is nothing to export.
-        others = [RunStore(bundle_dir(n, root)) for n in bundles(root) if n != study.name]
         plan = {}
-        for h, cfg in by_hash.items():
+        for h in by_hash:
             in_b, b_err = _whole(bundle, h)
             in_s, _ = _whole(src, h)
-            other = None if in_b or in_s else next((o for o in others if _whole(o, h)[0]), None)
-            plan[h] = (in_b, b_err, in_s, other)
+            plan[h] = (in_b, b_err, in_s)
+        held = held_elsewhere(study.name, [h for h, (in_b, _, in_s) in plan.items() if not (in_b or in_s)], root)
+        plan = {h: (*v, held.get(h)) for h, v in plan.items()}
         if not any(in_b or in_s or other for in_b, _, in_s, other in plan.values()):
             raise ValueError(f"study {study.name!r}: no run of its grid ({len(by_hash)} runs) is in the store "
                              f"{src.root} or in the bundle {target}; run `python -m workbench.studies run "
@@ -710,6 +727,7 @@ class StudyStatus:
     damaged: int = 0
     bundle_wall_s: float | None = None  # the bundle's runs' summed wall time (provenance.json)
     left_s: float | None = None  # estimated run time of the runs still to do (estimate_left)
+    elsewhere: int = 0  # grid runs neither holds that other studies' bundles do (exported from there)
 
     def __str__(self) -> str:
         lines = [f"study {self.name}: {self.description}", f"  grid:   {self.grid} runs",
@@ -727,6 +745,8 @@ class StudyStatus:
                              "(the sum of its runs' wall times; divide by the workers that ran them)")
         else:
             lines.append(f"  bundle: none at {self.bundle}")
+        if self.elsewhere:
+            lines.append(f"  shared: {self.elsewhere} more in other studies' bundles (export takes them from there)")
         todo = self.grid - self.in_either
         lines.append(f"  to do:  {todo} runs" + (f" (python -m workbench.studies run {self.name})" if todo else
                                                    "" if self.in_bundle == self.grid else
@@ -813,9 +833,12 @@ def study_status(name: str | Study, store: RunStore | str | os.PathLike | None =
         wall = float(json.loads((path / "provenance.json").read_text())["wall_s"])
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no or an older provenance: the line is left out
+    unheld = [h for h in hashes if not (layered is not None and layered._from_bundle(h)) and src.locate(h) is None]
+    held = held_elsewhere(study.name, unheld, root)
     todo, finished = [], []
     for h, cfg in configs.items():
-        where = layered.bundle.locate(h) if layered is not None and layered._from_bundle(h) else src.locate(h)
+        where = (layered.bundle.locate(h) if layered is not None and layered._from_bundle(h)
+                 else held[h].locate(h) if h in held else src.locate(h))
         if where is None:
             todo.append(cfg)
             continue
@@ -823,7 +846,7 @@ def study_status(name: str | Study, store: RunStore | str | os.PathLike | None =
             finished.append((cfg, json.loads((where / "timings.json").read_text())))
     left = estimate_left(todo, finished) if todo else None
     return StudyStatus(study.name, study.description, len(hashes), src.root, in_store, path, path.is_dir(),
-                       in_bundle, len(hashes) - len(todo), outdated, damaged, wall, left)
+                       in_bundle, len(hashes) - len(todo), outdated, damaged, wall, left, len(held))
 
 
 # ------------------------------------------------------------------------------------------ verify

@@ -341,8 +341,10 @@ def run_study(name: str | Study, executor: str = "local", store: RunStore | str 
 
     Returns:
         The :func:`~workbench.train.sweep` DataFrame of the configs run now (``status`` done /
-        reused / failed); its ``attrs["grid"]`` is the grid's size and ``attrs["finished"]`` how many
-        of the grid's runs the store and the bundle hold after the sweep.
+        reused / failed); its ``attrs["grid"]`` is the grid's size, ``attrs["finished"]`` how many
+        of the grid's runs the store, the bundle and other studies' bundles hold after the sweep, and
+        ``attrs["elsewhere"]`` how many of those only other studies' bundles hold (the grid runs
+        studies share by hash: not trained again, :func:`export_study` takes them from there).
     """
     import torch
 
@@ -351,6 +353,7 @@ def run_study(name: str | Study, executor: str = "local", store: RunStore | str 
         StudyStore,
         bundle_dir,
         current_machine,
+        held_elsewhere,
         git_commit,
         training_record,
     )
@@ -373,6 +376,11 @@ def run_study(name: str | Study, executor: str = "local", store: RunStore | str 
         hash_of = {id(c): c.hash for c in configs}
         grid_hashes = set(hash_of.values())
     todo = [c for c in configs if not layered.is_finished(hash_of[id(c)])]
+    # A run another study's bundle holds is exported from there (studies share runs by hash): not trained.
+    elsewhere = held_elsewhere(study.name, [hash_of[id(c)] for c in todo], results)
+    if elsewhere:
+        configs = [c for c in configs if hash_of[id(c)] not in elsewhere]
+        todo = [c for c in todo if hash_of[id(c)] not in elsewhere]
     chosen = todo[:limit] if limit is not None else configs
     ray_args = {k: v for k, v in (("ray_options", ray_options), ("num_cpus", num_cpus), ("num_gpus", num_gpus),
                                   ("ray_address", ray_address)) if v is not None}
@@ -404,7 +412,8 @@ def run_study(name: str | Study, executor: str = "local", store: RunStore | str 
     df = sweep(chosen, executor=executor, store=layered, workers=workers, progress=progress, threads=threads,
                on_run=record, **ray_args)
     df.attrs["grid"] = len(grid_hashes)
-    df.attrs["finished"] = sum(layered.is_finished(h) for h in grid_hashes)
+    df.attrs["finished"] = sum(layered.is_finished(h) or h in elsewhere for h in grid_hashes)
+    df.attrs["elsewhere"] = len(elsewhere)
     return df
 
 
