@@ -46,8 +46,10 @@ print(f"the vlpet bundle: {store.completeness}")
 # %% [markdown]
 # ## 1 · Granularity against cost
 #
-# Test accuracy (mean ± std over the seeds 13, 21, 42) of VL-PET at each granularity and of the
-# baselines, at N ∈ {16, 64, 500, 1000}, with the trainable share of the language model. VL-PET runs
+# Test accuracy (mean ± std over the seeds 13, 21, 42, the paper's three; VL-PET large, full
+# fine-tuning and the VL-Adapter adapter over the protocol's five, 87 and 100 as well, for the claim
+# three seeds left open) of VL-PET at each granularity and of the baselines, at N ∈ {16, 64, 500,
+# 1000}, with the trainable share of the language model (`n` is the seeds). VL-PET runs
 # at its T5 values (r 192 split over 4 heads, gate rank 192, scale 0.3, lr 3e-4, zero-initialised
 # up-projections) — the paper's own numbers are BART-base multi-task averages (full fine-tuning 77.33,
 # large 79.18, middleX 78.37, middleY 78.23, small 78.14, VL-Adapter 76.93, LoRA 76.60, Compacter
@@ -108,7 +110,8 @@ else:
 #
 # VL-PET large with its modules in the encoder only, the decoder's value adapter only, and with a
 # full decoder (VL-Adapter's adapter after every decoder sub-layer, as the official code builds it
-# without `--no_decoder_adapter`) instead of the value adapter, at N = 64 over three seeds.
+# without `--no_decoder_adapter`) instead of the value adapter, at N = 64 over three seeds; the
+# default design and the full decoder, whose comparison three seeds left open, over five.
 
 # %%
 study.designs(store).round(3)
@@ -176,16 +179,21 @@ with pd.option_context("display.max_colwidth", 220):
 # %% [markdown]
 # **What would settle it.** Four claims are decided on this world: the large gate is not the best
 # granularity, no granularity beats the ungated modules everywhere, VL-PET (large) falls behind full
-# fine-tuning from N = 500, and the designs do not improve Compacter. Two stay open. If their means
-# and spreads over three seeds held, `workbench.studies.seeds_to_settle` gives the seeds for an 80 %
-# chance of an interval that excludes zero:
+# fine-tuning from N = 500, and the designs do not improve Compacter. Two stayed open on three seeds,
+# and their runs went to the protocol's five (VL-PET large, full fine-tuning and the adapter at every
+# N; the full-decoder design). They are still open. With two more seeds the means shrank, so the
+# `workbench.studies.seeds_to_settle` estimates (an 80 % chance of an interval that excludes zero,
+# if the mean and spread held) grew:
 #
-# - the lightweight decoder against a full decoder adapter (+0.022 [-0.032, +0.076] at N = 64):
-#   about 10 seeds;
-# - VL-PET (large) against the VL-Adapter adapter, ahead at N = 64 (+0.114 [+0.079, +0.149]) but
-#   open at N = 16 (-0.034 [-0.238, +0.171]: about 48 seeds), 500 (+0.005: about 70) and 1000
-#   (-0.008 [-0.025, +0.009]: about 8, the sign against the claim). From N = 500 the two are level to
-#   within about 0.04, so more seeds could only turn that into a small difference either way.
+# - the lightweight decoder against a full decoder adapter: +0.022 [-0.032, +0.076] on three seeds
+#   (about 10 seeds to settle), +0.011 [-0.017, +0.039] on five (about 35). Read as the paper means
+#   it, "no worse with fewer parameters", the five seeds already bound the deficit at 1.7 points.
+#   A non-inferiority test with a margin stated in advance would decide it; the verdict rule here
+#   tests for a difference only;
+# - VL-PET (large) against the VL-Adapter adapter: ahead at N = 64 (+0.101 [+0.057, +0.145]), level
+#   at 16 (-0.018 [-0.099, +0.063]), 500 (+0.002 [-0.015, +0.020]) and 1000 (-0.003 [-0.018,
+#   +0.012]; about 8 seeds on three seeds' figures, about 130 now). From N = 500 the two are level to
+#   within two points, so more seeds could only turn that into a small difference either way.
 #
 # The granularity claims rest on gaps of under one point in the paper (large 79.18 against 78.14 to
 # 78.37), on BART-base and T5-base with the official r = 192, which exceeds vlt5-tiny's width: the

@@ -11,12 +11,17 @@ from workbench.train import RunConfig, run
 def test_grids():
     s = get_study("vlpet")
     cost = study.cost_configs()
-    assert len(cost) == (4 + 4) * 4 * 3
+    # 8 configurations x 4 N x 3 seeds, and VL-PET large, full fine-tuning and the adapter (the open
+    # claims' runs) on two more seeds
+    assert len(cost) == (4 + 4) * 4 * 3 + 3 * 4 * 2
+    five = {(c.method, c.n_shots) for c in cost if c.seed in (87, 100) and not c.method_config}
+    assert five == {(m, n) for m in ("vlpet", "full", "houlsby") for n in study.COST_N}
     assert study.vlpet_config("large").hash == RunConfig(task="shapes-vqa", method="vlpet", quiet=True).hash
     assert study.vlpet_config("small").method_config == {"granularity": "small"}
     # transfer: 4 methods x 3 N x 3 seeds; compacter and houlsby at N = 16, 64, 1000 are also cost runs
     # + no gate: 4 N x 3 seeds
-    assert len(s.configs()) == 96 + 9 + 36 - 2 * 3 * 3 + 4 * 3
+    # + designs: 3 x 3 seeds, the full decoder on 2 more
+    assert len(s.configs()) == 120 + 9 + 2 + 36 - 2 * 3 * 3 + 4 * 3
     assert len(study.no_gate_configs()) == 12
     assert {c.method_config["granularity"] for c in study.no_gate_configs()} == {"none"}
     kept = [c for c in s.configs() if s.keep_weights(c)]
