@@ -183,6 +183,14 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def check_threads(threads, what: str = "threads"):
+    """``threads`` if it is a positive int or None (a torch thread count, or "as they are");
+    ValueError naming ``what`` otherwise."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"{what} must be a positive int (torch threads per run) or None, got {threads!r}")
+    return threads
+
+
 @contextlib.contextmanager
 def torch_threads(n: int | None):
     """Run the block at ``n`` torch threads (``None``: as they are), restored after; yields the count

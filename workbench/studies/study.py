@@ -41,7 +41,7 @@ from pathlib import Path
 
 from ..registry import Registry
 from ..train import RunConfig, RunStore
-from ..utils import atomic_write
+from ..utils import atomic_write, check_threads
 
 STUDIES: Registry[Study] = Registry("study")
 # Subcommands of the CLI and words that would read ambiguously as a study name.
@@ -361,8 +361,7 @@ def run_study(name: str | Study, executor: str = "local", store: RunStore | str 
     study = get_study(name)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    check_threads(threads)
     overlay = store if isinstance(store, RunStore) and not isinstance(store, StudyStore) else \
         (store.overlay if isinstance(store, StudyStore) else RunStore(store))
     layered = StudyStore(bundle_dir(study.name, results), overlay, name=study.name, strict=False)

@@ -24,7 +24,7 @@ import tempfile
 from dataclasses import fields
 from pathlib import Path
 
-from ..utils import torch_threads
+from ..utils import check_threads, torch_threads
 from .config import RunConfig
 from .loop import metric_columns
 from .store import RunStore
@@ -340,8 +340,7 @@ def sweep(configs, executor: str = "local", store: RunStore | str | os.PathLike 
     bad = [type(c).__name__ for c in configs if not isinstance(c, RunConfig)]
     if bad:
         raise TypeError(f"sweep: configs must be RunConfigs, got {bad[0]}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"sweep: threads must be a positive int (torch threads per run) or None, got {threads!r}")
+    check_threads(threads, "sweep: threads")
     ray = None
     resources = _check_ray_args(executor, num_cpus, num_gpus, ray_address, ray_options)
     if executor == "ray":
