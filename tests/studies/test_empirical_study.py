@@ -12,7 +12,7 @@ from workbench.train import RunConfig, run
 def test_grid():
     s = get_study("empirical")
     cfgs = s.configs()
-    assert len(cfgs) == 5 * 4 * 5 * 2 * 3 + len(study.retrain_configs())
+    assert len(cfgs) == 5 * 4 * 5 * 2 * 3 + len(study.retrain_configs()) + len(study.claim_configs())
     cfgs = cfgs[:5 * 4 * 5 * 2 * 3]  # the grid the analyses read
     assert {c.pool_size for c in cfgs} == {10_000} and {c.task for c in cfgs} == set(study.TASKS)
     assert study.config("shapes-vqa", "lora", 16, 64).method_config == {"r": 16}
@@ -72,7 +72,7 @@ def test_monotonicity_of_a_group_depends_on_its_runs_alone(monkeypatch):
              "test_acc": 0.05 * np.log(n) + rng.normal(0, 0.05)}
             for m in ("lora", "prompt") for n in (16, 64, 250) for s in (1, 4, 16) for seed in (13, 21, 42)]
     df = pd.DataFrame(rows)
-    more = pd.DataFrame([{**r, "run": r["run"] + "-more", "seed": 87} for r in rows if r["method"] == "prompt"])
+    more = pd.DataFrame([{**r, "run": r["run"] + "-more", "n_shots": 1000} for r in rows if r["method"] == "prompt"])
     frames = {"one": df, "more": pd.concat([df, more]), "shuffled": df.sample(frac=1, random_state=3)}
     monkeypatch.setattr(study, "_results", lambda store: frames[store])
     lora = {k: study.monotonicity(k).query("method == 'lora'").reset_index(drop=True) for k in frames}
@@ -316,7 +316,58 @@ def test_the_retrain_configs_are_the_pinned_cells_at_the_current_default():
     assert all(c.lr is None and c.method in study.SHARED_LR for c in cfgs)
     assert {c.replace(lr=study.SHARED_LR[c.method]).hash for c in cfgs} == {c.hash for c in cells}
     assert [c.n_shots for c in cfgs] == sorted(c.n_shots for c in cfgs)  # the cheapest first
-    assert study.empirical_configs()[-len(cfgs):] == cfgs if cfgs else True
+    grid = study.empirical_configs()
+    assert grid[600:600 + len(cfgs)] == cfgs  # after the grid the analyses read, before the claim seeds
+
+
+def test_the_claim_configs_are_the_caption_pairs_at_the_extra_seeds():
+    cfgs = study.claim_configs()
+    assert len(cfgs) == len(study.CLAIM_CONFIGS) * len(study.N_SHOTS) * 2
+    assert {c.seed for c in cfgs} == set(study.CLAIM_SEEDS) - set(study.STUDY_SEEDS) == {87, 100}
+    assert {c.task for c in cfgs} == {"shapes-caption"}
+    assert [c.n_shots for c in cfgs] == sorted(c.n_shots for c in cfgs)  # whole N first, the cheapest first
+    assert {(c.method, study.size_of(c.method, c.method_config)) for c in cfgs} == set(study.CLAIM_CONFIGS)
+    assert study.empirical_configs()[-len(cfgs):] == cfgs
+    assert not {c.hash for c in cfgs} & {c.hash for c in study.empirical_configs()[:600]}
+
+
+def test_the_claim_configs_are_the_pairs_the_bundle_matches():
+    """If a default changed the trainable counts, the caption pairs would change: the extra seeds
+    must then follow them."""
+    from workbench.studies import load_study
+
+    comp = study.composition(load_study("empirical"))
+    comp = comp[comp["task"] == study.CLAIM_TASK]
+    pairs = {tuple(x.split()) for x in set(comp["embedding"]) | set(comp["layer"])}
+    assert {(m, int(s)) for m, s in pairs} == set(study.CLAIM_CONFIGS)
+
+
+def test_the_extra_seeds_enter_composition_alone(monkeypatch):
+    """Seeds beyond STUDY_SEEDS (the caption pairs' fourth and fifth) are read by the composition
+    test and by nothing else: the grid's other analyses compare cells on the same three seeds."""
+    df = _planted()
+    extra = df[df["method"].isin(["prompt", "houlsby"]) & (df["seed"] == 13)].assign(
+        seed=87, test_acc=lambda d: d["test_acc"] + 5 * (d["method"] == "houlsby"))
+    both = pd.concat([df, extra], ignore_index=True)
+    for frame, name in ((df, "three"), (both, "five")):
+        monkeypatch.setattr(study, "_results", lambda store, frame=frame: frame)
+        if name == "three":
+            table, slope, opt = study.grid_table(None), study.data_slope(None), study.size_optimum(None)
+            mono = study.monotonicity(None)
+        else:
+            pd.testing.assert_frame_equal(study.grid_table(None), table)
+            pd.testing.assert_frame_equal(study.data_slope(None), slope)
+            pd.testing.assert_frame_equal(study.size_optimum(None), opt)
+            pd.testing.assert_frame_equal(study.monotonicity(None), mono)
+    comp = study.composition(None)  # here every prompt and prefix configuration's partner is houlsby's
+    assert set(comp["layer"].str.split().str[0]) == {"houlsby"}
+    assert (comp["seeds"] == np.where(comp["embedding"].str.startswith("prompt"), 4, 3)).all()
+    effect = study.composition_effect(None).set_index("embedding_method")
+    assert effect.loc["prompt", "seeds"] == 4 and effect.loc["prefix", "seeds"] == 3
+    three = study.composition_effect(None, seeds=study.STUDY_SEEDS).set_index("embedding_method")
+    assert (three["seeds"] == 3).all() and (three["pairs"] == effect["pairs"]).all()
+    assert three.loc["prefix"].equals(effect.loc["prefix"])
+    assert effect.loc["prompt", "layer_minus_embedding"] > three.loc["prompt", "layer_minus_embedding"] + 1
 
 
 def test_the_grid_spells_out_a_shared_lr():
