@@ -348,17 +348,12 @@ def test_the_extra_seeds_enter_composition_alone(monkeypatch):
     df = _planted()
     extra = df[df["method"].isin(["prompt", "houlsby"]) & (df["seed"] == 13)].assign(
         seed=87, test_acc=lambda d: d["test_acc"] + 5 * (d["method"] == "houlsby"))
-    both = pd.concat([df, extra], ignore_index=True)
-    for frame, name in ((df, "three"), (both, "five")):
-        monkeypatch.setattr(study, "_results", lambda store, frame=frame: frame)
-        if name == "three":
-            table, slope, opt = study.grid_table(None), study.data_slope(None), study.size_optimum(None)
-            mono = study.monotonicity(None)
-        else:
-            pd.testing.assert_frame_equal(study.grid_table(None), table)
-            pd.testing.assert_frame_equal(study.data_slope(None), slope)
-            pd.testing.assert_frame_equal(study.size_optimum(None), opt)
-            pd.testing.assert_frame_equal(study.monotonicity(None), mono)
+    grid_analyses = (study.grid_table, study.data_slope, study.size_optimum, study.monotonicity)
+    monkeypatch.setattr(study, "_results", lambda store: df)
+    on_three = [f(None) for f in grid_analyses]
+    monkeypatch.setattr(study, "_results", lambda store: pd.concat([df, extra], ignore_index=True))
+    for f, expected in zip(grid_analyses, on_three):
+        pd.testing.assert_frame_equal(f(None), expected)
     comp = study.composition(None)  # here every prompt and prefix configuration's partner is houlsby's
     assert set(comp["layer"].str.split().str[0]) == {"houlsby"}
     assert (comp["seeds"] == np.where(comp["embedding"].str.startswith("prompt"), 4, 3)).all()

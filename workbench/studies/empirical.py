@@ -6,9 +6,9 @@ The grid: prompt tuning, prefix tuning, LoRA, the serial adapter (``houlsby``) a
 adapter (``parallel``), each at 4 parameter sizes spanning about two orders of magnitude (prompt and
 prefix length 2, 8, 32, 128; LoRA rank 1, 4, 16, 64; adapter bottleneck 2, 8, 32, 128), x N in
 {16, 64, 250, 1000, 4000} x both tasks x seeds 13, 21, 42 (600 runs), and the caption
-configurations the composition test pairs at seeds 87 and 100 as well (60 runs). The pools are enlarged to
-10,000 examples (``pool_size``) so that N = 4000 has its 4,000 dev examples; captioning is scored
-with CIDEr-D (the headline) and BLEU-4, VQA with accuracy.
+configurations the composition test pairs at seeds 87 and 100 as well (60 runs). The pools are
+enlarged to 10,000 examples (``pool_size``) so that N = 4000 has its 4,000 dev examples; captioning
+is scored with CIDEr-D (the headline) and BLEU-4, VQA with accuracy.
 
     python -m workbench.studies run empirical --executor processes --workers 2 --threads 1 --filter n_shots=16,64
 """
