@@ -238,11 +238,11 @@ with pd.option_context("display.max_colwidth", 260):
 #   captions three seeds left it open (+0.137 [-0.066, +0.340] over 20 pairs; about 5 seeds for an
 #   80 % chance of an interval that excludes zero if the mean and spread held:
 #   `workbench.studies.seeds_to_settle`). The pairs' configurations went to five seeds, and over the
-#   16 pairs at N ≤ 1000 layer composition wins there too (+0.171 [+0.068, +0.275]). The bundle's
-#   12 missing runs are those pairs at N = 4000 on seeds 87 and 100 (`python -m workbench.studies
-#   run empirical --filter n_shots=4000`, about an hour on 2 cores). On three seeds the N = 4000
-#   differences lie near zero but for prompt length 128 (+0.119), so the mean over all 20 pairs
-#   will be smaller: the test reads them once they are in. Prefix
+#   20 pairs layer composition wins there too (+0.141 [+0.057, +0.225]), as the estimate predicted.
+#   The lead shrinks as N grows: at N = 4000 prompt lengths 8 and 32 beat the parallel adapter they
+#   are paired with (§ 3's pair table), and the mean stays positive through LoRA rank 4 against
+#   prompt length 128. Whether layer composition still leads beyond N = 4000 on captions is the
+#   open part; larger N on the same pairs would test it. Prefix
 #   tuning, whose reparameterisation MLP trains 1.39 to 1.44 M parameters, has no layer configuration
 #   within 2x of it. Layer configurations of that size, or prefix tuning with `reparam=False` (the
 #   prefixes trained directly), would give it partners.
