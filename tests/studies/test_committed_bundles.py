@@ -250,3 +250,31 @@ def test_fewer_than_three_seeds_cannot_excuse_a_difference(tiny_bundle):
     tamper_metric(root, hashes[0], 0.05)
     (check,) = verify_study(NAME, runs=hashes[0], root=root).checks
     assert check.status == "mismatch" and "fewer than 3 seeds" in check.differences[0]
+
+
+# ------------------------------------------------------------------ the README's reproduction table
+def _readme_reproduction_rows() -> dict[str, tuple[int, str]]:
+    text = (RESULTS.parent / "README.md").read_text()
+    table = text[text.index("| study | runs | run time |"):].split("\n\n")[0]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = (int(cells[1].replace(",", "")), cells[2])
+    return rows
+
+
+def test_readme_reproduction_table_matches_the_bundles():
+    """The README's table of what reproducing each study costs is read off the committed bundles:
+    every bundle is listed, with its number of runs and its summed wall time (provenance.json)."""
+    rows = _readme_reproduction_rows()
+    assert sorted(rows) == sorted(bundles(RESULTS))
+    distinct = {}
+    for name, (runs, hours) in rows.items():
+        bundle = RESULTS / name
+        held = [p for p in bundle.iterdir() if (p / "DONE").is_file()]
+        wall = json.loads((bundle / "provenance.json").read_text())["wall_s"]
+        assert (len(held), hours) == (runs, f"{wall / 3600:.1f} h"), name
+        for p in held:
+            distinct[p.name] = json.loads((p / "timings.json").read_text())["wall_s"]
+    text = (RESULTS.parent / "README.md").read_text()
+    assert f"are {len(distinct):,} distinct runs and {sum(distinct.values()) / 3600:.1f} hours" in " ".join(text.split())
