@@ -69,7 +69,7 @@ def kron_sum(rule: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     [(a b), i] x [i, (c d)], then the axes reordered (no Python loop).
     """
     n, p, q = blocks.shape
-    m = rule.reshape(n, n * n).t() @ blocks.reshape(n, p * q)  # [(a b), (c d)]
+    m = torch.mm(rule.reshape(n, n * n).t(), blocks.reshape(n, p * q))  # [(a b), (c d)]
     return m.view(n, n, p, q).permute(0, 2, 1, 3).reshape(n * p, n * q)
 
 
@@ -228,18 +228,25 @@ class PHMLinear(nn.Module):
             return container[key]
         return self.phm_rule
 
+    @staticmethod
+    def _expert(t: torch.Tensor, expert: int) -> torch.Tensor:
+        # A layer with one expert drops the dimension by a view: its backward is a view too, where a
+        # select's allocates a zero gradient for the whole tensor and copies into it (same values).
+        return t.squeeze(0) if t.shape[0] == 1 and expert == 0 else t[expert]
+
     def blocks(self, expert: int = 0) -> torch.Tensor:
         """B [n, in/n, out/n] of one expert."""
         if self.rank is None:
-            return self.W[expert]
-        return self.S[expert] @ self.T[expert]
+            return self._expert(self.W, expert)
+        # bmm, not @: matmul would reach the same bmm through expand/reshape views (same values).
+        return torch.bmm(self._expert(self.S, expert), self._expert(self.T, expert))
 
     def weight(self, expert: int = 0) -> torch.Tensor:
         """The dense W [in, out] of one expert."""
         return kron_sum(self.rule, self.blocks(expert))
 
     def bias(self, expert: int = 0) -> torch.Tensor | None:
-        return None if self.b is None else self.b[expert]
+        return None if self.b is None else self._expert(self.b, expert)
 
     def merged(self, mode: str = "official") -> tuple[torch.Tensor, torch.Tensor | None]:
         """One (W, b) from the experts' uniform average (MixPHM's "expert soup").
@@ -291,7 +298,7 @@ class PHMLinear(nn.Module):
             w = w.to(dt)
             y = x2 @ w if b is None else torch.addmm(b, x2, w)
             return y.reshape(*lead, self.out_features)
-        s, t, rule = self.S[expert], self.T[expert], self.rule
+        s, t, rule = self._expert(self.S, expert), self._expert(self.T, expert), self.rule
         r, p, q = self.rank, self.in_features // n, self.out_features // n
         if path == "left":
             # L[(a c), (b i r)] = A[i, a, b] S_i[c, r];  y[N, b, d] = sum_{i r} (x L)[N, b, i, r] T_i[r, d]
