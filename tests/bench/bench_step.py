@@ -21,7 +21,8 @@ Printed in one run:
 (c) MixPHM's training step (official defaults; ``handle.bottleneck`` is d // 12 rounded up to a
     multiple of n = 4: 12 on vlt5-tiny) against a Pfeiffer adapter of the same bottleneck, as a
     ratio -- target <= 1.1; MixPHM without its two auxiliary losses (``w_red = w_mi = 0``: the PHM
-    layers alone) for comparison. Then two T5-base-shaped figures (d 768, m 64, 16 x 60 tokens,
+    layers alone) for comparison, and the aten operator calls of one step of each (what sets the
+    time of a step this small). Then two T5-base-shaped figures (d 768, m 64, 16 x 60 tokens,
     forward + backward): the PHM layer pair of a MixPHM module against two ``nn.Linear``, with the
     Kronecker product materialised (``path="dense"``) and as chosen by FLOP count (``path="auto"``,
     ``workbench/methods/_phm.py``); and the redundancy loss of a stack of 12 modules computed directly
@@ -187,6 +188,23 @@ class Stepper:
             self.loss(b).backward()
         self.opt.zero_grad(set_to_none=True)
         return counter.get_total_flops()
+
+
+def operator_calls(stepper: "Stepper", b) -> int:
+    """The aten operator calls of one training step on ``b`` (forward, backward, optimiser; views
+    included), counted by a ``TorchDispatchMode``; the step is taken, so call it after the timing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        stepper.step(b)
+    return Count.calls
 
 
 def round_robin(steppers: dict, batches: list, warmup: int) -> dict[str, float]:
@@ -411,16 +429,19 @@ def bench_mixphm(batches: list, warmup: int) -> None:
         f"pfeiffer (bottleneck {m})": Stepper("pfeiffer", bottleneck=m),
     }
     med = round_robin(steppers, batches, warmup)
+    ops = {k: operator_calls(s, batches[-1]) for k, s in steppers.items()}
     ref = med[f"pfeiffer (bottleneck {m})"]
     print(f"\n(c) MixPHM against a Pfeiffer adapter of the same bottleneck ({BACKBONE}, batch {BATCH}, "
           "the step of (b))")
     w = max(len(k) for k in steppers)
     best = {k: min(s.times) for k, s in steppers.items()}
-    print(f"    {'setup':<{w}} | {'step ms':>8} | {'/ pfeiffer':>10} | {'fastest step: ms':>16} | {'/ pfeiffer':>10}")
+    print(f"    {'setup':<{w}} | {'step ms':>8} | {'/ pfeiffer':>10} | {'fastest step: ms':>16} | {'/ pfeiffer':>10} | "
+          f"{'aten ops':>8}")
     for label in steppers:
         print(f"    {label:<{w}} | {1e3 * med[label]:8.1f} | {med[label] / ref:10.3f} | {1e3 * best[label]:16.1f} | "
-              f"{best[label] / best[f'pfeiffer (bottleneck {m})']:10.3f}")
+              f"{best[label] / best[f'pfeiffer (bottleneck {m})']:10.3f} | {ops[label]:8d}")
     print("    target: mixphm / pfeiffer <= 1.1 (the median steps; the fastest steps are less sensitive to machine load)")
+    print("    aten ops: the operator calls of one whole step, views included (a step this small is bound by them)")
 
 
 def _timed(runs: dict, reps: int, warmup: int) -> dict[str, float]:
