@@ -34,7 +34,8 @@ import pandas as pd
 
 from workbench.methods import list_methods
 from workbench.studies import get_study, load_study
-from workbench.train import NonFiniteLossError, RunConfig, accuracy_by_type, compare, load_results, run
+from workbench.studies.gallery import paired
+from workbench.train import NonFiniteLossError, RunConfig, accuracy_by_type, run
 from workbench.train.loop import load_splits
 from workbench.utils import seed_everything
 from workbench.viz.panels import GalleryPanel
@@ -177,14 +178,10 @@ plt.show()
 # %% [markdown]
 # The papers' claims are comparisons, so the study pairs runs by seed (the same 64 training
 # questions for both methods) and gives the mean difference with its 95 % t-interval and p-value
-# (`workbench.train.compare`; three seeds, so the intervals are wide):
+# (the study's `paired`, through `workbench.train.compare`; three seeds, so the intervals are wide):
 
 # %%
-runs64 = load_results(store)
-runs64 = runs64[runs64["n_shots"] == 64]
-pairs = [("mixphm", "full"), ("mixphm", "pfeiffer"), ("mixphm", "adamix"), ("vlpet", "full"), ("lora", "full"),
-         ("prefix", "prompt")]
-pd.concat({f"{a} - {b}": compare(runs64, a, b, by="n_shots") for a, b in pairs}).droplevel(1).round(3)
+paired(store, n_shots=64).round(3)
 
 # %% [markdown]
 # **From 64 examples down to 16, and up to 1,000.** The bundle holds every method at N = 16 and
@@ -211,9 +208,7 @@ fig.savefig(f"{FIGURES}/02_accuracy_vs_params_1000.png", dpi=100, bbox_inches="t
 plt.show()
 
 # %%
-runs1000 = load_results(store)
-runs1000 = runs1000[runs1000["n_shots"] == 1000]
-pd.concat({f"{a} - {b}": compare(runs1000, a, b, by="n_shots") for a, b in pairs}).droplevel(1).round(3)
+paired(store, n_shots=1000).round(3)
 
 # %% [markdown]
 # ## 5 · What the runs learned to say

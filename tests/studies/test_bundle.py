@@ -117,6 +117,23 @@ def test_gallery_is_every_method_at_three_n_and_three_seeds():
     assert len(shown) == len(list_methods()) + 4  # N = 64, and full / lora at N = 16 and 1000
 
 
+def test_gallery_paired_compares_each_pair_at_each_n():
+    """The gallery's ``paired`` analysis on its committed bundle: one row per pair and N, each the
+    pair's ``compare`` over seeds; ``n_shots`` keeps one N."""
+    from workbench.studies import gallery
+    from workbench.train import compare, load_results
+
+    store = load_study("gallery")
+    every = gallery.paired(store)
+    assert len(every) == len(gallery.PAIRS) * len(gallery.N_SHOTS)
+    at64 = gallery.paired(store, n_shots=64)
+    assert list(at64.index) == [f"{a} - {b}" for a, b in gallery.PAIRS] and set(at64["n_shots"]) == {64}
+    runs = load_results(store)
+    direct = compare(runs[runs["n_shots"] == 64], "lora", "full", by="n_shots").iloc[0]
+    assert at64.loc["lora - full"].equals(direct)
+    assert get_study("gallery").analyses["paired"] is gallery.paired
+
+
 def test_filters_select_configs(env):
     configs = env.study.configs()
     assert parse_filters(["seed=21", "method=lora,dora"]) == {"seed": [21], "method": ["lora", "dora"]}

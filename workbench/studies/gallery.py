@@ -63,6 +63,24 @@ def summary(store):
     return table
 
 
+# The papers' claims the gallery can speak to, as paired comparisons (method a - method b).
+PAIRS = (("mixphm", "full"), ("mixphm", "pfeiffer"), ("mixphm", "adamix"), ("vlpet", "full"), ("lora", "full"),
+         ("prefix", "prompt"))
+
+
+def paired(store, n_shots: int | None = None, pairs=PAIRS):
+    """Each pair's difference paired over seeds (:func:`~workbench.train.compare`: mean, 95 %
+    interval, p-value), one row per pair and N; ``n_shots`` keeps one N."""
+    import pandas as pd
+
+    from ..train import compare, load_results
+
+    df = load_results(store)
+    if n_shots is not None:
+        df = df[df["n_shots"] == n_shots]
+    return pd.concat({f"{a} - {b}": compare(df, a, b, by="n_shots") for a, b in pairs}).droplevel(1)
+
+
 STUDY = register_study(Study(
     NAME,
     "Every registered method on shapes-vqa (vlt5-tiny) at N = 16, 64, 1000 over seeds 13, 21, 42, "
@@ -70,5 +88,5 @@ STUDY = register_study(Study(
     grids=gallery_configs,
     keep_weights=keep_weights,
     keep_predictions=keep_predictions,
-    analyses={"summary": summary},
+    analyses={"summary": summary, "paired": paired},
 ))
