@@ -270,7 +270,7 @@ print(f"{len(above)} runs above the blind prior:", ", ".join(f"{run_label(r)} {r
 # 0.30 ± 0.05, DeLoRA and RandLoRA about 0.33, PETAL 0.31, AdaMix 0.30, LoRA 0.28 ± 0.05; VL-PET
 # (0.23 ± 0.11) varies most from seed to seed, and MixPHM (0.24) is again below full fine-tuning.
 # LoRA's default learning rate was halved (3e-3 to 1.5e-3) for this cell: at 3e-3 it scored
-# 0.21 ± 0.10 here and gained 7 points when its step budget was doubled (README, "Benchmarks"). The
+# 0.21 ± 0.10 here and gained 7 points when its step budget was doubled (README, "Benchmarks").
 # At **N = 1000** (section 4's third column, the second plot and its paired comparisons) full
 # fine-tuning leads every method (0.745 ± 0.015); GraLoRA and DeLoRA (0.72) are the closest, then
 # DoRA, LoRA and the Pfeiffer adapter (about 0.69). VL-PET, ahead of full fine-tuning at N = 64, is

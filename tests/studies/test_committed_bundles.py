@@ -253,9 +253,8 @@ def test_fewer_than_three_seeds_cannot_excuse_a_difference(tiny_bundle):
 
 
 # ------------------------------------------------------------------ the README's reproduction table
-def _readme_reproduction_rows() -> dict[str, tuple[int, str]]:
-    text = (RESULTS.parent / "README.md").read_text()
-    table = text[text.index("| study | runs | run time |"):].split("\n\n")[0]
+def _reproduction_rows(readme: str) -> dict[str, tuple[int, str]]:
+    table = readme[readme.index("| study | runs | run time |"):].split("\n\n")[0]
     rows = {}
     for line in table.splitlines()[2:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -266,7 +265,8 @@ def _readme_reproduction_rows() -> dict[str, tuple[int, str]]:
 def test_readme_reproduction_table_matches_the_bundles():
     """The README's table of what reproducing each study costs is read off the committed bundles:
     every bundle is listed, with its number of runs and its summed wall time (provenance.json)."""
-    rows = _readme_reproduction_rows()
+    readme = (RESULTS.parent / "README.md").read_text()
+    rows = _reproduction_rows(readme)
     assert sorted(rows) == sorted(bundles(RESULTS))
     distinct = {}
     for name, (runs, hours) in rows.items():
@@ -276,5 +276,4 @@ def test_readme_reproduction_table_matches_the_bundles():
         assert (len(held), hours) == (runs, f"{wall / 3600:.1f} h"), name
         for p in held:
             distinct[p.name] = json.loads((p / "timings.json").read_text())["wall_s"]
-    text = (RESULTS.parent / "README.md").read_text()
-    assert f"are {len(distinct):,} distinct runs and {sum(distinct.values()) / 3600:.1f} hours" in " ".join(text.split())
+    assert f"are {len(distinct):,} distinct runs and {sum(distinct.values()) / 3600:.1f} hours" in " ".join(readme.split())
